@@ -1,0 +1,1 @@
+"""Analysis package: reads the Parquet tables; never imports torch."""

@@ -1,0 +1,1 @@
+"""Models: Prompt-CAM and INTR."""
