@@ -1,0 +1,55 @@
+# Data stage: render the synthetic data set (when configured) and read the
+# data set into the manifest, parts and rejected tables.
+
+
+# Real data sets are read in place; only the synthetic one is rendered first
+# (defining the rule for it alone keeps it from ever writing into a real
+# data set's folder).
+if DATA_KIND == "synthetic":
+
+    rule synthesize:
+        output:
+            images_txt=synthetic_images_txt(),
+        params:
+            out=folder_of("images_txt"),
+            args=synthesize_args(),
+        log:
+            dataset_log("synthesize"),
+        benchmark:
+            dataset_benchmark("synthesize")
+        threads: synthesize_threads()
+        resources:
+            mem_mb=2000,
+            runtime=30,
+            cpus_per_task=cpus_from_threads,
+        conda:
+            "../../environment.yml"
+        shell:
+            "intr synthesize --out {params.out:q} {params.args}"
+            " --workers {threads} --quiet > {log:q} 2>&1"
+
+
+rule prepare:
+    input:
+        unpack(prepare_inputs),
+    output:
+        manifest="results/{dataset}/manifest.parquet",
+        parts="results/{dataset}/parts.parquet",
+        rejected="results/{dataset}/rejected.parquet",
+    params:
+        out=folder_of("manifest"),
+        args=prepare_args,
+    log:
+        "logs/{dataset}/prepare.log",
+    benchmark:
+        "logs/{dataset}/benchmarks/prepare.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        cpus_per_task=cpus_from_threads,
+    conda:
+        "../../environment.yml"
+    shell:
+        "intr prepare {params.args} --out {params.out:q}"
+        " --workers {threads} --quiet > {log:q} 2>&1"
