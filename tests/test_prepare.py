@@ -341,6 +341,23 @@ def test_synthetic_layout_gives_masks_traits_and_pairs(tmp_path):
     assert list(row.differing_parts) == ["crown", "beak"]
 
 
+def test_output_of_the_synthetic_generator_prepares_cleanly(tmp_path):
+    from intr.data.synthetic import SyntheticConfig, synthesize
+
+    config = SyntheticConfig.from_dict({"genera": 2, "species_per_genus": 2, "images_per_species": 6})
+    synthesize(config, tmp_path / "data", progress=False)
+    summary = prepare("synthetic", tmp_path / "data", tmp_path / "out")
+    assert (summary.inputs, summary.kept, summary.rejected, summary.classes) == (24, 24, 0, 4)
+    manifest = read_table(tmp_path / "out" / "manifest.parquet")
+    assert manifest["mask_path"].notna().all() and manifest["genus"].notna().all()
+    assert all((tmp_path / "data" / p).is_file() for p in manifest["mask_path"])
+    traits = read_table(tmp_path / "out" / "planted_traits.parquet")
+    assert set(traits["class_id"]) == {0, 1, 2, 3}
+    pairs = read_table(tmp_path / "out" / "lookalike_pairs.parquet")
+    assert (pairs["differing_parts"].map(len) == pairs["n_differing"]).all()
+    assert len(read_table(tmp_path / "out" / "parts.parquet")) > 0
+
+
 def test_cli_prepare_prints_the_count_line(tmp_path, capsys):
     root = write_cub(tmp_path / "CUB_200_2011", bad_and_odd_images())
     code = main(["prepare", "--kind", "cub", "--root", str(root), "--out", str(tmp_path / "out"),

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import warnings
+from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -29,6 +30,7 @@ from intr.tables import ParquetStreamWriter, write_table
 
 KINDS = ("cub", "imagefolder", "synthetic")
 DECODE_BATCH = 512
+# Every value rejected.parquet's reason column can take; no_class: an ImageFolder file outside any class folder.
 REJECT_REASONS = ("missing", "empty", "not_an_image", "truncated", "unreadable", "no_class")
 
 MANIFEST_SCHEMA = pa.schema([
@@ -299,23 +301,31 @@ def _decode_into(images: pd.DataFrame, root: Path, manifest: ParquetStreamWriter
         workers: decoding processes.
         progress: show a progress bar.
     """
-    decoded = decode_images([str(root / p) for p in images["path"]], workers, progress)
-    for start in range(0, len(images), DECODE_BATCH):
-        batch = images.iloc[start:start + DECODE_BATCH]
-        found = pd.DataFrame(list(islice(decoded, len(batch))), columns=DecodedImage._fields, index=batch.index)
-        ok = found["reason"].isna()
-        kept = batch[ok].assign(
-            width=found.loc[ok, "width"].astype("int32"),
-            height=found.loc[ok, "height"].astype("int32"),
-            mode=found.loc[ok, "mode"],
-        )
-        manifest.write(kept)
-        tally.kept += len(kept)
-        tally.kept_ids.append(kept["image_id"].to_numpy())
-        rejects = pd.DataFrame({"path": batch.loc[~ok, "path"], "reason": found.loc[~ok, "reason"],
-                                "detail": found.loc[~ok, "detail"]})
-        rejected.write(rejects)
-        tally.add_rejects(rejects)
+    # closing(): on an error the worker pool is shut down now, not at garbage collection.
+    with closing(decode_images([str(root / p) for p in images["path"]], workers, progress)) as decoded:
+        for start in range(0, len(images), DECODE_BATCH):
+            batch = images.iloc[start:start + DECODE_BATCH]
+            found = pd.DataFrame(list(islice(decoded, len(batch))), columns=DecodedImage._fields,
+                                 index=batch.index)
+            _write_batch(batch, found, manifest, rejected, tally)
+
+
+def _write_batch(batch: pd.DataFrame, found: pd.DataFrame, manifest: ParquetStreamWriter,
+                 rejected: ParquetStreamWriter, tally: _Tally) -> None:
+    """Send one batch's decoded images to the manifest and its failures to the rejected table."""
+    ok = found["reason"].isna()
+    kept = batch[ok].assign(
+        width=found.loc[ok, "width"].astype("int32"),
+        height=found.loc[ok, "height"].astype("int32"),
+        mode=found.loc[ok, "mode"],
+    )
+    manifest.write(kept)
+    tally.kept += len(kept)
+    tally.kept_ids.append(kept["image_id"].to_numpy())
+    rejects = pd.DataFrame({"path": batch.loc[~ok, "path"], "reason": found.loc[~ok, "reason"],
+                            "detail": found.loc[~ok, "detail"]})
+    rejected.write(rejects)
+    tally.add_rejects(rejects)
 
 
 def _remove_outputs(out: Path, names: tuple[str, ...]) -> None:

@@ -60,8 +60,8 @@ COLOURS: tuple[str, ...] = tuple(PALETTE)
 PATTERNS: tuple[str, ...] = ("solid", "striped", "spotted")
 # Which parts may carry a pattern other than solid.
 PATTERNED_PARTS: frozenset[str] = frozenset({"crown", "wing", "tail", "breast"})
-BILL_LENGTHS: dict[str, float] = {"shorter_than_head": 0.17, "about_the_same_as_head": 0.22,
-                                  "longer_than_head": 0.28}
+BILL_LENGTHS: dict[str, float] = {"shorter_than_head": 0.2, "about_the_same_as_head": 0.26,
+                                  "longer_than_head": 0.32}
 TAIL_SHAPES: tuple[str, ...] = ("squared_tail", "notched_tail", "pointed_tail")
 
 # CUB attribute stems per synthetic part (colour, pattern).
@@ -343,7 +343,7 @@ def draw_nuisance(rng: np.random.Generator) -> Nuisance:
     return Nuisance(
         flip=bool(rng.random() < 0.5),
         angle=float(rng.uniform(-0.35, 0.35)),
-        scale=float(rng.uniform(0.68, 0.84)),
+        scale=float(rng.uniform(0.64, 0.8)),
         shift=(float(rng.uniform(-0.07, 0.07)), float(rng.uniform(-0.07, 0.07))),
         background=(int(rng.integers(0, 1 << 16)), int(rng.integers(0, 1 << 16)),
                     int(rng.integers(0, 4)), int(rng.integers(0, 3))),
@@ -400,7 +400,7 @@ def _second_colour(colour: str) -> str:
 def _part_shapes(genus: Genus, u: np.ndarray, v: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """Canonical bird (facing +u, v down), painted back to front."""
     length = BILL_LENGTHS[genus.bill_length]
-    tail_end, tail_half = -0.54, 0.12
+    tail_end, tail_half = -0.5, 0.12
     if genus.tail_shape == "squared_tail":
         tail = [(-0.16, -0.07), (tail_end, -tail_half), (tail_end, tail_half), (-0.16, 0.07)]
     elif genus.tail_shape == "notched_tail":
@@ -412,7 +412,7 @@ def _part_shapes(genus: Genus, u: np.ndarray, v: np.ndarray) -> list[tuple[str, 
     body = _ellipse(u, v, 0.0, 0.02, 0.27, 0.16)
     legs = ((np.abs(u - 0.02) < 0.018) | (np.abs(u - 0.1) < 0.018)) & (v > 0.12) & (v < 0.33)
     head = _ellipse(u, v, 0.27, -0.14, 0.165, 0.165)
-    beak = _polygon(u, v, [(0.36, -0.215), (0.40 + length, -0.12), (0.36, -0.055)])
+    beak = _polygon(u, v, [(0.38, -0.25), (0.42 + length, -0.13), (0.38, -0.02)])
     return [
         ("legs", legs),
         ("tail", _polygon(u, v, tail)),
@@ -421,7 +421,7 @@ def _part_shapes(genus: Genus, u: np.ndarray, v: np.ndarray) -> list[tuple[str, 
         ("wing", _ellipse(u, v, -0.06, -0.01, 0.22, 0.1, angle=-0.18)),
         ("beak", beak & ~head),
         ("crown", head),
-        ("eye", _ellipse(u, v, 0.31, -0.16, 0.075, 0.075)),
+        ("eye", _ellipse(u, v, 0.31, -0.16, 0.1, 0.1)),
     ]
 
 
@@ -489,7 +489,7 @@ def render_bird(species: Species, nuisance: Nuisance, size: int) -> tuple[np.nda
     u, v = c * dx + s * dy, -s * dx + c * dy
     if nuisance.flip:
         u = -u
-    u = u + 0.02  # centre of the canonical bird's box
+    u = u + 0.1  # centre of the canonical bird's box
 
     mask = np.zeros((size, size), dtype=np.uint8)
     for part, shape in _part_shapes(species.genus, u, v):
@@ -499,7 +499,7 @@ def render_bird(species: Species, nuisance: Nuisance, size: int) -> tuple[np.nda
             second = shape & _pattern_mask(state.pattern, u, v, 0.085)
             img[second] = PALETTE[_second_colour(state.colour)]
         mask[shape] = PART_ID[part]
-    pupil = _ellipse(u, v, 0.315, -0.16, 0.032, 0.032)
+    pupil = _ellipse(u, v, 0.315, -0.16, 0.04, 0.04)
     img[pupil] = PALETTE["black"]
 
     if nuisance.occluder is not None:
