@@ -68,6 +68,26 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from intr.pretrain import load_recipe, pretrain
+
+    recipe = load_recipe(args.recipe)
+    if args.epochs is not None:
+        recipe["train"]["epochs"] = args.epochs
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = pretrain(Path(args.manifest), Path(args.root), Path(args.out), recipe,
+                      log_path=Path(args.log) if args.log else None, progress=not args.quiet)
+    from intr.models.backbones import sha256_of
+
+    print(f"pretrained backbone -> {args.out} (sha256 {sha256_of(args.out)}): "
+          f"train acc {result['train_acc']:.3f}, held-out acc {result['test_acc']:.3f}, "
+          f"{result['minutes']:.1f} min")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="intr",
@@ -120,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=int, default=1, help="decoding processes")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(func=_cmd_prepare)
+
+    pre = sub.add_parser(
+        "pretrain",
+        help="train the small backbone of the embedded default on the pretraining species",
+        description="Train the recipe's timm ViT from scratch on the synthetic pretraining set "
+        "(intr synthesize --set pretrain, then intr prepare) and save its weights without classifier.",
+    )
+    pre.add_argument("--manifest", required=True, help="manifest.parquet of the prepared pretraining set")
+    pre.add_argument("--root", required=True, help="root of the pretraining data set")
+    pre.add_argument("--out", required=True, help="output weights file (.pt)")
+    pre.add_argument("--recipe", help="recipe YAML (default: intr/configs/pretrain_synthetic_vit.yaml)")
+    pre.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    pre.add_argument("--log", help="optional pretrain_log.parquet")
+    pre.add_argument("--threads", type=int, help="torch CPU threads")
+    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    pre.set_defaults(func=_cmd_pretrain)
     return parser
 
 
