@@ -88,6 +88,36 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_section(path: str, method: str) -> dict:
+    section = _load_section(path, method)
+    for key in ("model", "train"):
+        if key not in section:
+            raise SystemExit(f"intr: {path}: section '{method}' needs a '{key}' key")
+    return section
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from intr.train import TrainingDiverged, train
+
+    section = _method_section(args.config, args.method)
+    options = dict(section["train"])
+    if args.epochs is not None:
+        options["epochs"] = args.epochs
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        result = train(args.method, section["model"], options, Path(args.manifest), Path(args.root),
+                       Path(args.out), image_size=int(section.get("image_size", 224)), progress=not args.quiet)
+    except (TrainingDiverged, ValueError, FileNotFoundError) as err:
+        print(f"intr train: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.method}: best val acc {result['best_val_acc']:.3f} at epoch {result['best_epoch']} "
+          f"-> {args.out}/model.pt")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="intr",
@@ -156,6 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--threads", type=int, help="torch CPU threads")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     pre.set_defaults(func=_cmd_pretrain)
+
+    tr = sub.add_parser(
+        "train",
+        help="train Prompt-CAM or INTR (resumable; torchrun for several GPUs)",
+        description="Train a method on the manifest's train split, validating on val. Rerunning the "
+        "same command resumes from the last epoch checkpoint. Several GPUs: "
+        "torchrun --nproc_per_node N -m intr.cli train ...",
+    )
+    tr.add_argument("--method", required=True, choices=["prompt_cam", "intr"])
+    tr.add_argument("--config", required=True, help="YAML config with a section named after the method "
+                    "(model: backbone..., train: optimiser..., image_size)")
+    tr.add_argument("--manifest", required=True, help="manifest.parquet from intr prepare")
+    tr.add_argument("--root", required=True, help="data set root")
+    tr.add_argument("--out", required=True, help="output folder (model.pt, train_log.parquet, checkpoints/)")
+    tr.add_argument("--epochs", type=int, help="override the config's epochs")
+    tr.add_argument("--threads", type=int, help="torch CPU threads")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
     return parser
 
 

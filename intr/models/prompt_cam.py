@@ -1,0 +1,194 @@
+"""Prompt-CAM (Chowdhury et al., CVPR 2025) on any timm VisionTransformer.
+
+A frozen ViT gets one learnable prompt per class at every block (VPT-deep:
+fresh prompts are inserted after the prefix tokens before each block and
+their outputs dropped after it, except after the last block).  Each class
+prompt's last-block output goes through the backbone's final norm and one
+shared ``Linear(D, 1)``: a logit per class.  The last block's attention of a
+class prompt over the patches, per head, is that class's trait map.
+
+How this departs from the official code: the last block computes only the
+class-prompt rows (nothing reads the patch rows after it), with fused
+attention; the explicit softmax is computed only for the prompt rows whose
+maps are asked for.  The timm backbone is used unpatched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+from intr.models.backbones import BackboneSpec, create_backbone
+
+
+@dataclass
+class BlurContext:
+    """What head ranking needs for one target query row, computed once.
+
+    ``normal[b, h]`` is head h's attention output of the target row,
+    ``blurred[b, h]`` the output when its pre-softmax logits are all zero
+    (uniform attention); ``finish`` turns per-head outputs (B, K, H, hd) of K
+    candidate blur sets into the target logit (B, K); ``logits`` are the
+    unblurred logits of all classes (B, C).
+    """
+
+    normal: torch.Tensor
+    blurred: torch.Tensor
+    finish: Callable[[torch.Tensor], torch.Tensor]
+    logits: torch.Tensor
+    target: torch.Tensor
+
+
+class PromptCAM(nn.Module):
+    """Class prompts on a frozen timm ViT.
+
+    Args:
+        backbone: a timm ``VisionTransformer`` (frozen here).
+        num_classes: number of classes, one prompt per class per block.
+    """
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int) -> None:
+        super().__init__()
+        if not isinstance(backbone, VisionTransformer):
+            raise TypeError(f"Prompt-CAM needs a timm VisionTransformer, got {type(backbone).__name__}")
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.num_classes = num_classes
+        self.num_prefix = backbone.num_prefix_tokens
+        dim, depth = backbone.embed_dim, len(backbone.blocks)
+        patch = backbone.patch_embed.patch_size
+        # VPT's initialisation: uniform with the fan-in of a patch projection.
+        bound = math.sqrt(6.0 / float(3 * patch[0] * patch[1] + dim))
+        self.class_prompts = nn.Parameter(torch.empty(depth, num_classes, dim).uniform_(-bound, bound))
+        self.presence_head = nn.Linear(dim, 1)
+
+    # The backbone never leaves eval mode: it is frozen, dropout off.
+    def train(self, mode: bool = True) -> "PromptCAM":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @property
+    def num_heads(self) -> int:
+        return self.backbone.blocks[-1].attn.num_heads
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.backbone.patch_embed.grid_size)
+
+    def _with_prompts(self, x: torch.Tensor, depth: int) -> torch.Tensor:
+        prompts = self.class_prompts[depth].to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([x[:, :self.num_prefix], prompts, x[:, self.num_prefix:]], dim=1)
+
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens entering the last block: (B, prefix + classes + patches, D)."""
+        bb = self.backbone
+        x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
+        c = self.num_classes
+        for depth, block in enumerate(bb.blocks[:-1]):
+            x = block(self._with_prompts(x, depth))
+            x = torch.cat([x[:, :self.num_prefix], x[:, self.num_prefix + c:]], dim=1)
+        return self._with_prompts(x, len(bb.blocks) - 1)
+
+    def _query_key_value(self, x: torch.Tensor, rows: torch.Tensor | slice):
+        """q for ``rows`` only, k and v for all tokens, per head: (B, H, R|N, hd)."""
+        attn = self.backbone.blocks[-1].attn
+        h = self.backbone.blocks[-1].norm1(x)
+        B, N, _ = h.shape
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        a = attn.attn_dim
+        hr = h[:, rows] if isinstance(rows, slice) else torch.gather(
+            h, 1, rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        q = F.linear(hr, weight[:a], None if bias is None else bias[:a])
+        kv = F.linear(h, weight[a:], None if bias is None else bias[a:])
+        q = attn.q_norm(q.view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2))
+        k, v = kv.view(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return q, attn.k_norm(k), v, hr
+
+    def _finish_rows(self, x_rows: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
+        """Rest of the last block for some rows, then norm and presence head.
+
+        Args:
+            x_rows: the rows' block input (..., D).
+            head_out: their attention output per head (..., H, hd).
+        """
+        block = self.backbone.blocks[-1]
+        attn = block.attn
+        o = attn.proj(attn.norm(head_out.flatten(-2)))
+        y = x_rows + block.ls1(o)
+        y = y + block.ls2(block.mlp(block.norm2(y)))
+        return self.presence_head(self.backbone.norm(y)).squeeze(-1)
+
+    def _class_rows(self) -> slice:
+        return slice(self.num_prefix, self.num_prefix + self.num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, C); fused attention everywhere."""
+        return self.forward_from_trunk(self.trunk(images))
+
+    def forward_from_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits from the tokens entering the last block (only the prompt rows are computed)."""
+        q, k, v, _ = self._query_key_value(x, self._class_rows())
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, C, hd)
+        return self._finish_rows(x[:, self._class_rows()], out.transpose(1, 2))
+
+    def forward_with_maps(self, images: torch.Tensor, classes: torch.Tensor,
+                          blur: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the last block's attention maps of some class prompts.
+
+        Args:
+            images: (B, 3, H, W).
+            classes: (B, R) class ids whose prompt rows' maps are wanted.
+            blur: optional (B, R, heads) bool: heads whose pre-softmax logits
+                are set to zero for that row (head-ranking's "blurring").
+
+        Returns:
+            logits (B, C) (blurred rows change their own class's logit) and
+            maps (B, R, heads, grid_h, grid_w) over the patches.
+        """
+        x = self.trunk(images)
+        rows = self._class_rows()
+        q, k, v, _ = self._query_key_value(x, rows)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, C, H, hd)
+        qs = torch.gather(q, 2, classes[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        logits = (qs * self.backbone.blocks[-1].attn.scale) @ k.transpose(-2, -1)  # (B, H, R, N)
+        if blur is not None:
+            logits = logits.masked_fill(blur.transpose(1, 2).unsqueeze(-1), 0.0)
+        weights = logits.softmax(dim=-1)
+        row_out = (weights @ v).transpose(1, 2)  # (B, R, H, hd)
+        out = out.scatter(1, classes[:, :, None, None].expand_as(row_out), row_out)
+        logits_all = self._finish_rows(x[:, rows], out)
+        patches = weights[..., self.num_prefix + self.num_classes:].transpose(1, 2)
+        return logits_all, patches.reshape(*patches.shape[:3], *self.grid_size)
+
+    def blur_context(self, images: torch.Tensor, target: torch.Tensor) -> BlurContext:
+        """Everything head ranking needs for the ``target`` class prompt, computed once."""
+        x = self.trunk(images)
+        logits = self.forward_from_trunk(x)
+        row = (target + self.num_prefix).view(-1, 1)
+        q, k, v, _ = self._query_key_value(x, row)
+        scores = (q * self.backbone.blocks[-1].attn.scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+        normal = (scores.softmax(-1) @ v).squeeze(2)  # (B, H, hd)
+        blurred = v.mean(dim=2)  # softmax of all-zero logits: uniform over every key
+        x_row = torch.gather(x, 1, row.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, 1, D)
+
+        def finish(head_out: torch.Tensor) -> torch.Tensor:
+            return self._finish_rows(x_row.expand(-1, head_out.shape[1], -1), head_out)
+
+        return BlurContext(normal, blurred, finish, logits, target)
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's final patch tokens (B, grid_h * grid_w, D), without prompts."""
+        feats = self.backbone.forward_features(images)
+        return feats[:, self.num_prefix:]
+
+
+def build_prompt_cam(options: Mapping[str, Any], num_classes: int) -> PromptCAM:
+    """Prompt-CAM from the config's ``model`` section (``backbone``: a BackboneSpec mapping)."""
+    backbone = create_backbone(BackboneSpec.from_dict(options["backbone"]), num_classes=0)
+    return PromptCAM(backbone, num_classes)

@@ -1,0 +1,353 @@
+"""``intr train``: one training loop for Prompt-CAM and INTR.
+
+Guarantees, the same for every method:
+
+* a checkpoint after every epoch, written atomically; rerunning the same
+  command after the process died (even ``kill -9``) resumes from the last
+  one, and on CPU with a fixed seed ends with the same metrics as a run that
+  was never interrupted (data order and augmentation are seeded per epoch and
+  sample; the torch RNG state travels in the checkpoint);
+* a NaN or infinite loss stops training with a clear error and leaves the
+  last good checkpoint in place;
+* checkpoints load with ``weights_only=True``;
+* multi-GPU (or multi-process CPU) through torchrun/DDP in one process group:
+  each global batch is split across ranks, so the averaged gradient equals the
+  single-process gradient of the same batch;
+* bf16 autocast on CUDA; ``train_log.parquet`` with one row per epoch; a
+  progress bar per epoch.
+
+``model.pt`` holds the trainable weights of the epoch with the best
+validation accuracy plus the model config needed to rebuild the rest (the
+frozen backbone comes from its own weights file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from intr.data.images import ImageSet, read_split
+from intr.models.backbones import normalization
+from intr.tables import write_table
+
+METHODS = ("prompt_cam", "intr")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainOptions:
+    """Optimiser, schedule and loop settings (the config's ``train`` section).
+
+    Args:
+        epochs: number of epochs.
+        batch_size: global batch size (split across DDP ranks).
+        optimizer: ``sgd`` (the Prompt-CAM paper: momentum 0.9) or ``adamw``.
+        lr: peak learning rate.
+        backbone_lr: learning rate of trainable backbone weights (INTR), else ``lr``.
+        weight_decay: weight decay.
+        momentum: SGD momentum.
+        warmup_epochs: linear warm-up before the cosine decay.
+        clip_grad: gradient norm clip (0: off).
+        label_smoothing: cross-entropy label smoothing.
+        seed: seed of initialisation, data order and augmentation.
+        workers: data-loading processes.
+        amp: bf16 autocast on CUDA.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.005
+    backbone_lr: float | None = None
+    weight_decay: float = 0.001
+    momentum: float = 0.9
+    warmup_epochs: int = 2
+    clip_grad: float = 0.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    workers: int = 0
+    amp: bool = True
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> "TrainOptions":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown train option(s): {', '.join(unknown)}")
+        return cls(**options)
+
+
+def build_model(method: str, model_options: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """The model of ``method`` from its config section."""
+    if method == "prompt_cam":
+        from intr.models.prompt_cam import build_prompt_cam
+
+        return build_prompt_cam(model_options, num_classes)
+    if method == "intr":
+        from intr.models.intr import build_intr
+
+        return build_intr(model_options, num_classes)
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights that training changes (frozen backbone weights are left out)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in model.named_buffers() if not n.startswith("backbone.")}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names | buffers}
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained model from ``model.pt`` (``weights_only=True``)."""
+    saved = torch.load(path, map_location=map_location, weights_only=True)
+    config = json.loads(saved["config"])
+    model = build_model(config["method"], config["model"], config["num_classes"])
+    missing = set(saved["state"]) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"{path}: weights {sorted(missing)[:5]} do not belong to a {config['method']} model")
+    model.load_state_dict(saved["state"], strict=False)
+    return model.eval(), config
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- schedule and optimiser
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith("backbone.") else rest).append(p)
+    groups = [{"params": rest, "base_lr": opts.lr}]
+    if backbone:
+        groups.append({"params": backbone, "base_lr": opts.backbone_lr or opts.lr})
+    for g in groups:
+        g["lr"] = g["base_lr"]
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
+    if opts.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
+    raise ValueError(f"unknown optimizer {opts.optimizer!r}; expected sgd or adamw")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _config_digest(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int = 128,
+            amp: bool = True) -> torch.Tensor:
+    """Logits (N, C) of every image of ``data`` (in order)."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(data), batch_size):
+        images = torch.stack([data[i][0] for i in range(start, min(start + batch_size, len(data)))]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            outputs.append(model(images).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[str, Any],
+          manifest: str | Path, root: str | Path, out_dir: str | Path, image_size: int,
+          progress: bool = True, stop_after_epochs: int | None = None) -> dict[str, Any]:
+    """Train ``method`` on the manifest's train split, validating on its val split.
+
+    Args:
+        method: ``prompt_cam`` or ``intr``.
+        model_options: the method's ``model`` config (backbone spec, sizes).
+        train_options: see :class:`TrainOptions`.
+        manifest: ``manifest.parquet`` from ``intr prepare``.
+        root: the data set root.
+        out_dir: gets ``model.pt``, ``train_log.parquet`` and ``checkpoints/last.pt``.
+        image_size: network input side.
+        progress: progress bars.
+        stop_after_epochs: stop (as if killed) after this many epochs of this call
+            (used by tests of resuming).
+
+    Returns:
+        summary: best epoch, its validation accuracy, epochs run.
+    """
+    opts = TrainOptions.from_dict(dict(train_options))
+    device = _resolve_device(opts.device)
+    ddp = _init_distributed(device)
+    out_dir = Path(out_dir)
+    torch.manual_seed(opts.seed)
+
+    train_rows, val_rows = read_split(manifest, "train"), read_split(manifest, "val")
+    num_classes = int(pd.read_parquet(manifest, columns=["class_id"])["class_id"].max()) + 1
+    config = {"method": method, "model": dict(model_options), "num_classes": num_classes,
+              "image_size": image_size, "train": vars(opts) | {"workers": 0, "device": "auto"}}
+    digest = _config_digest(config)
+    model = build_model(method, model_options, num_classes).to(device)
+    mean, std = normalization(model.backbone if hasattr(model, "backbone") else model)
+    config["normalization"] = {"mean": list(mean), "std": list(std)}
+    train_set = ImageSet(root, train_rows, image_size, mean, std, train=True, seed=opts.seed)
+    val_set = ImageSet(root, val_rows, image_size, mean, std)
+
+    optimizer = _optimizer(model, opts)
+    steps_per_epoch = len(train_set) // opts.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {opts.batch_size} is larger than the {len(train_set)} training images")
+    total_steps, warmup = steps_per_epoch * opts.epochs, steps_per_epoch * opts.warmup_epochs
+
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    start_epoch, log, best = 0, [], {"epoch": 0, "val_acc": -1.0, "state": trainable_state(model)}
+    if ckpt_path.exists():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if saved["digest"] != digest:
+            raise ValueError(f"{ckpt_path} was written by a different config; remove it to start over")
+        model.load_state_dict(saved["state"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        start_epoch, log = int(saved["epoch"]), json.loads(saved["log"])
+        best = {"epoch": int(saved["best_epoch"]), "val_acc": float(saved["best_val_acc"]),
+                "state": saved["best_state"]}
+        if ddp.main:
+            print(f"resuming {method} from {ckpt_path} after epoch {start_epoch}", flush=True)
+
+    wrapped = model
+    if ddp.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_amp = opts.amp and device.type == "cuda"
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, opts.epochs):
+        if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
+            break
+        started = time.time()
+        wrapped.train()
+        train_set.set_epoch(epoch)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(opts.seed * 7919 + epoch))
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
+        bar = tqdm(range(steps_per_epoch), desc=f"{method} epoch {epoch + 1}/{opts.epochs}",
+                   disable=not (progress and ddp.main), leave=False)
+        for b in bar:
+            batch = order[b * opts.batch_size:(b + 1) * opts.batch_size][ddp.rank::ddp.world].tolist()
+            images = torch.stack([train_set[i][0] for i in batch]).to(device, non_blocking=True)
+            labels = train_set.labels[batch].to(device)
+            for g in optimizer.param_groups:
+                g["lr"] = _lr_at(step, total_steps, warmup, g["base_lr"])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = wrapped(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=opts.label_smoothing)
+            if not torch.isfinite(loss):
+                last = f"{ckpt_path} (epoch {start_epoch if not log else log[-1]['epoch']})" \
+                    if ckpt_path.exists() else "none yet"
+                raise TrainingDiverged(
+                    f"{method}: loss became {loss.item()} at epoch {epoch + 1}, step {b + 1}; "
+                    f"training stopped. Last good checkpoint: {last}. Lower the learning rate (lr={opts.lr}).")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opts.clip_grad:
+                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], opts.clip_grad)
+            optimizer.step()
+            step += 1
+            totals += torch.tensor([loss.item() * len(batch), (logits.argmax(-1) == labels).sum().item(),
+                                    len(batch)], dtype=torch.float64)
+            bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}")
+        if ddp.world > 1:
+            dist.all_reduce(totals)
+        val_acc = _accuracy(model, val_set, device, use_amp)
+        row = {"epoch": epoch + 1, "train_loss": float(totals[0] / totals[2]),
+               "train_acc": float(totals[1] / totals[2]), "val_acc": val_acc,
+               "lr": float(optimizer.param_groups[0]["lr"]), "seconds": time.time() - started}
+        log.append(row)
+        if val_acc > best["val_acc"]:
+            best = {"epoch": epoch + 1, "val_acc": val_acc, "state": trainable_state(model)}
+        if ddp.main:
+            print(f"{method} epoch {epoch + 1}: loss {row['train_loss']:.4f} train acc {row['train_acc']:.3f} "
+                  f"val acc {val_acc:.3f} ({row['seconds']:.1f} s)", flush=True)
+            _atomic_save({"digest": digest, "epoch": epoch + 1, "state": trainable_state(model),
+                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                          "log": json.dumps(log), "best_epoch": best["epoch"],
+                          "best_val_acc": best["val_acc"], "best_state": best["state"]}, ckpt_path)
+        if ddp.world > 1:
+            dist.barrier()
+
+    finished = len(log) == opts.epochs
+    if ddp.main and finished:
+        _atomic_save({"config": json.dumps(config), "state": best["state"], "epoch": best["epoch"]},
+                     out_dir / "model.pt")
+        write_table(pd.DataFrame(log), out_dir / "train_log.parquet",
+                    metadata={"method": method, "best_epoch": best["epoch"], "config": config})
+    if ddp.world > 1:
+        dist.barrier()
+    return {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "epochs": len(log),
+            "finished": finished, "log": log}
+
+
+def _accuracy(model: nn.Module, data: ImageSet, device: torch.device, amp: bool) -> float:
+    logits = predict(model, data, device, amp=amp)
+    return float((logits.argmax(-1) == data.labels).float().mean()) if len(data) else float("nan")
