@@ -118,6 +118,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from intr.evaluate import evaluate_model
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    table = evaluate_model(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
+                           split=args.split, device=args.device, progress=not args.quiet)
+    with_ci = table.assign(ci=lambda t: t.apply(lambda r: f"[{r.ci_lo:.3f}, {r.ci_hi:.3f}]", axis=1))
+    print(with_ci[["method", "metric", "split", "value", "ci", "n"]].to_string(index=False, float_format="%.3f"))
+    return 0
+
+
+def _cmd_evaluation(args: argparse.Namespace) -> int:
+    from intr.evaluate import gather_evaluation
+
+    table = gather_evaluation(args.inputs, Path(args.out))
+    print(f"evaluation: {len(table)} rows from {len(args.inputs)} table(s) -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="intr",
@@ -204,6 +226,33 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, help="torch CPU threads")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="accuracy, linear probe and the planted-part test of a trained model",
+        description="Write metrics_model.parquet: top1/top5 of the model, a linear probe of its frozen "
+        "backbone, and (on data with part masks) how often the top-ranked head's peak lands on the "
+        "planted distinguishing part, beside chance, the best fixed head and the lowest-ranked head.",
+    )
+    ev.add_argument("--model", required=True, help="model.pt from intr train")
+    ev.add_argument("--manifest", required=True, help="manifest.parquet (parts and pairs tables beside it)")
+    ev.add_argument("--root", required=True, help="data set root")
+    ev.add_argument("--out", required=True, help="metrics table to write")
+    ev.add_argument("--split", default="test", help="evaluation split (default test)")
+    ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ev.add_argument("--threads", type=int, help="torch CPU threads")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    ga = sub.add_parser(
+        "evaluation",
+        help="gather a method's metric tables into evaluation.parquet",
+        description="Concatenate metric tables (same columns: method, metric, split, value, ci_lo, "
+        "ci_hi, n) into one evaluation.parquet.",
+    )
+    ga.add_argument("inputs", nargs="*", help="metric tables")
+    ga.add_argument("--out", required=True, help="evaluation.parquet to write")
+    ga.set_defaults(func=_cmd_evaluation)
     return parser
 
 
