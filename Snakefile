@@ -24,6 +24,8 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/train.smk"
 
 
 # The target rule only collects files; on a cluster it runs on the submit host.
@@ -35,3 +37,4 @@ rule all:
     default_target: True
     input:
         expand(rules.prepare.output, dataset=DATASET),
+        expand(rules.evaluation.output.evaluation, dataset=DATASET, method=METHODS),

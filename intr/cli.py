@@ -15,7 +15,10 @@ import yaml
 
 
 def _load_section(path: str | None, section: str) -> dict:
-    """Read ``section`` of a YAML file (or the whole file when it has no such key)."""
+    """Read ``section`` of a YAML file (or the whole file when it has no such key).
+
+    ``section`` may name alternatives, ``"synthetic|data"``: the first present wins.
+    """
     if not path:
         return {}
     p = Path(path)
@@ -24,13 +27,16 @@ def _load_section(path: str | None, section: str) -> dict:
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise SystemExit(f"intr: config file {p} must hold a mapping")
-    return dict(data.get(section, data))
+    for name in section.split("|"):
+        if name in data:
+            return dict(data[name])
+    return dict(data)
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     from intr.data.synthetic import SyntheticConfig, synthesize
 
-    options = _load_section(args.config, "synthetic")
+    options = _load_section(args.config, "synthetic|data")
     for key in ("genera", "species_per_genus", "images_per_species", "image_size",
                 "seed", "train_fraction", "set"):
         value = getattr(args, key)
@@ -88,18 +94,30 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_section(path: str, method: str) -> dict:
-    section = _load_section(path, method)
+def _method_section(args: argparse.Namespace) -> dict:
+    """The method's config section: from --section-json, else from --config's section."""
+    import copy
+    import json
+
+    if args.section_json:
+        section, where = json.loads(args.section_json), "--section-json"
+    elif args.config:
+        section, where = _load_section(args.config, args.method), args.config
+    else:
+        raise SystemExit("intr train: give --config FILE or --section-json JSON")
     for key in ("model", "train"):
         if key not in section:
-            raise SystemExit(f"intr: {path}: section '{method}' needs a '{key}' key")
+            raise SystemExit(f"intr: {where}: section '{args.method}' needs a '{key}' key")
+    section = copy.deepcopy(section)
+    if args.backbone_checkpoint:
+        section["model"]["backbone"]["checkpoint"] = str(Path(args.backbone_checkpoint).resolve())
     return section
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from intr.train import TrainingDiverged, train
 
-    section = _method_section(args.config, args.method)
+    section = _method_section(args)
     options = dict(section["train"])
     if args.epochs is not None:
         options["epochs"] = args.epochs
@@ -217,8 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun --nproc_per_node N -m intr.cli train ...",
     )
     tr.add_argument("--method", required=True, choices=["prompt_cam", "intr"])
-    tr.add_argument("--config", required=True, help="YAML config with a section named after the method "
+    tr.add_argument("--config", help="YAML config with a section named after the method "
                     "(model: backbone..., train: optimiser..., image_size)")
+    tr.add_argument("--section-json", dest="section_json", help="the method's section as JSON (instead of --config)")
+    tr.add_argument("--backbone-checkpoint", dest="backbone_checkpoint",
+                    help="override the backbone's weights file (e.g. a freshly pretrained one)")
     tr.add_argument("--manifest", required=True, help="manifest.parquet from intr prepare")
     tr.add_argument("--root", required=True, help="data set root")
     tr.add_argument("--out", required=True, help="output folder (model.pt, train_log.parquet, checkpoints/)")

@@ -70,27 +70,26 @@ def box_cells(box: tuple[float, float, float, float], size: tuple[int, int], gri
 
 
 @torch.no_grad()
-def backbone_features(backbone: torch.nn.Module, data: ImageSet, device: torch.device,
-                      batch_size: int = 256) -> np.ndarray:
-    """Frozen features for a linear probe: [class token, mean patch token] after the final norm."""
+def probe_features(model: torch.nn.Module, data: ImageSet, device: torch.device,
+                   batch_size: int = 256) -> np.ndarray:
+    """The model's frozen-backbone features (``model.probe_features``) of every image."""
+    model.eval()
     feats = []
-    prefix = getattr(backbone, "num_prefix_tokens", 1)
     for start in range(0, len(data), batch_size):
         images = torch.stack([data[i][0] for i in range(start, min(start + batch_size, len(data)))]).to(device)
-        tokens = backbone.forward_features(images)
-        feats.append(torch.cat([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=1).float().cpu())
+        feats.append(model.probe_features(images).float().cpu())
     return torch.cat(feats).numpy()
 
 
-def linear_probe_correct(backbone, train: ImageSet, test: ImageSet, device: torch.device) -> np.ndarray:
+def linear_probe_correct(model, train: ImageSet, test: ImageSet, device: torch.device) -> np.ndarray:
     """Per test image: does a logistic regression on frozen features get it right?"""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000))
-    probe.fit(backbone_features(backbone, train, device), train.labels.numpy())
-    return probe.predict(backbone_features(backbone, test, device)) == test.labels.numpy()
+    probe.fit(probe_features(model, train, device), train.labels.numpy())
+    return probe.predict(probe_features(model, test, device)) == test.labels.numpy()
 
 
 @torch.no_grad()
@@ -168,7 +167,7 @@ def evaluate_model(model_path: str | Path, manifest: str | Path, root: str | Pat
 
     train_data = ImageSet(root, read_split(manifest, ["train", "val"]), size, mean, std)
     metrics.append(metric_row("linear_probe", "top1", split,
-                              linear_probe_correct(model.backbone, train_data, data, dev)))
+                              linear_probe_correct(model, train_data, data, dev)))
 
     tables = Path(manifest).parent
     pairs_path = tables / "lookalike_pairs.parquet"

@@ -182,6 +182,11 @@ class PromptCAM(nn.Module):
 
         return BlurContext(normal, blurred, finish, logits, target)
 
+    def probe_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen features for a linear probe: [class token, mean patch token] after the final norm."""
+        tokens = self.backbone.forward_features(images)
+        return torch.cat([tokens[:, 0], tokens[:, self.num_prefix:].mean(1)], dim=1)
+
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's final patch tokens (B, grid_h * grid_w, D), without prompts."""
         feats = self.backbone.forward_features(images)

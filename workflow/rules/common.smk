@@ -121,3 +121,69 @@ def folder_of(output_name):
 def cpus_from_threads(wildcards, threads):
     """SLURM cpus_per_task follows the rule's threads."""
     return threads
+
+
+# ---------------------------------------------------------------- methods
+
+METHODS = config["methods"]
+
+
+wildcard_constraints:
+    method="|".join(METHODS),
+
+
+def method_section_json(wildcards):
+    """The method's config section as JSON, handed to `intr train --section-json`."""
+    import json
+
+    return json.dumps(config[wildcards.method], sort_keys=True)
+
+
+def pretrain_enabled():
+    """Rebuild the small backbone instead of using the shipped weights."""
+    return bool(config["backbone_pretrain"]["enabled"])
+
+
+PRETRAIN_DIR = "results/backbone_pretrain"
+
+
+def _anchor(path):
+    """A repo-relative path from the config, anchored at the workflow when not found here."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    return os.path.join(workflow.basedir, path)
+
+
+config["backbone_pretrain"]["recipe"] = _anchor(config["backbone_pretrain"]["recipe"])
+
+
+def train_inputs(wildcards):
+    """What `train` reads: the manifest (and a freshly pretrained backbone when configured)."""
+    inputs = {"manifest": rules.prepare.output.manifest}
+    if pretrain_enabled():
+        inputs["backbone"] = rules.pretrain.output.weights
+    return inputs
+
+
+def backbone_override(wildcards, input):
+    """`--backbone-checkpoint` when the workflow pretrained the backbone itself."""
+    return f"--backbone-checkpoint {shlex.quote(input.backbone)}" if pretrain_enabled() else ""
+
+
+def train_resources_gpu(wildcards):
+    """GPUs requested for training (SLURM's `gpu` resource)."""
+    return config[wildcards.method].get("gpus", 0)
+
+
+def evaluation_inputs(wildcards):
+    """Every metric table a method's stages write, gathered by `evaluation`."""
+    return {"model": rules.evaluate.output.metrics}
+
+
+def folder_of_input(input_name):
+    """A params function giving the folder of the named input."""
+
+    def folder(wildcards, input):
+        return os.path.dirname(getattr(input, input_name))
+
+    return folder

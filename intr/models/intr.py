@@ -1,0 +1,342 @@
+"""INTR (Paul et al., ICLR 2024): one decoder query per class asks "am I in this image?".
+
+Backbone (timm ResNet-50 last stage with frozen batch norm, or any timm ViT's
+patch tokens) -> 1x1 projection to d -> DETR transformer (post-norm encoder
+with sine positional encoding, decoder whose queries are one learned
+embedding per class) -> one shared presence vector ``Linear(d, 1)`` -> a
+logit per class.  The last decoder layer's cross-attention of a class query
+over the feature map, per head, is that class's trait map.
+
+How this departs from the official code (which runs each cross-attention
+twice to get per-head and averaged weights): attention is fused
+(``scaled_dot_product_attention``) everywhere, and explicit per-head weights
+are computed once, only in the last decoder layer and only for the query rows
+whose maps are asked for.  Parameter names follow DETR's
+(``transformer.encoder.layers.N.self_attn.in_proj_weight`` ...) so DETR
+checkpoints load directly; DETR's 100 object queries are replaced by one per
+class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from intr.models.backbones import BackboneSpec, create_backbone, resolve_checkpoint
+from intr.models.prompt_cam import BlurContext
+
+
+@dataclass
+class TransformerConfig:
+    """Sizes of the transformer (the paper: d=256, 8 heads, 6+6 layers, FFN 2048, dropout 0.1)."""
+
+    d_model: int = 256
+    heads: int = 8
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    ffn: int = 2048
+    dropout: float = 0.1
+
+
+class MultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention``'s parameters (packed in_proj), fused attention by default.
+
+    ``forward(..., weights_for=rows)`` additionally returns the explicit
+    per-head softmax weights of those query rows, optionally with some heads'
+    pre-softmax logits set to zero (``blur``).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = heads, dim // heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """Per-head q, k, v: (B, heads, L, head_dim)."""
+        w, b = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
+        split = lambda t: t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # noqa: E731
+        return split(F.linear(query, w[0], b[0])), split(F.linear(key, w[1], b[1])), split(F.linear(value, w[2], b[2]))
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(query, key, value)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).flatten(-2))
+
+    def explicit(self, q: torch.Tensor, k: torch.Tensor, blur: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax weights (B, heads, Lq, Lk); ``blur`` (B, Lq, heads) zeroes those logits."""
+        logits = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        if blur is not None:
+            logits = logits.masked_fill(blur.transpose(1, 2).unsqueeze(-1), 0.0)
+        return logits.softmax(dim=-1)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = MultiheadAttention(d, cfg.heads, cfg.dropout)
+        self.linear1, self.linear2 = nn.Linear(d, cfg.ffn), nn.Linear(cfg.ffn, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        qk = src + pos
+        src = self.norm1(src + self.dropout(self.self_attn(qk, qk, src)))
+        return self.norm2(src + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(src))))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = MultiheadAttention(d, cfg.heads, cfg.dropout)
+        self.multihead_attn = MultiheadAttention(d, cfg.heads, cfg.dropout)
+        self.linear1, self.linear2 = nn.Linear(d, cfg.ffn), nn.Linear(cfg.ffn, d)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def before_cross(self, tgt: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        qk = tgt + query_pos
+        return self.norm1(tgt + self.dropout(self.self_attn(qk, qk, tgt)))
+
+    def after_cross(self, tgt: torch.Tensor, cross_out: torch.Tensor) -> torch.Tensor:
+        tgt = self.norm2(tgt + self.dropout(cross_out))
+        return self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+
+    def forward(self, tgt, memory, pos, query_pos):
+        tgt = self.before_cross(tgt, query_pos)
+        return self.after_cross(tgt, self.multihead_attn(tgt + query_pos, memory + pos, memory))
+
+
+class Transformer(nn.Module):
+    """DETR's transformer, post-norm (``normalize_before=False``), decoder with a final norm."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.decoder.norm = nn.LayerNorm(cfg.d_model)
+
+
+def sine_position(b: int, h: int, w: int, dim: int, device, dtype, temperature: float = 10000.0) -> torch.Tensor:
+    """DETR's normalised sine positional encoding, (B, h*w, dim)."""
+    y = torch.arange(1, h + 1, device=device, dtype=torch.float32).view(h, 1).expand(h, w)
+    x = torch.arange(1, w + 1, device=device, dtype=torch.float32).view(1, w).expand(h, w)
+    scale = 2 * math.pi
+    y, x = y / (h + 1e-6) * scale, x / (w + 1e-6) * scale
+    n = dim // 2
+    dim_t = temperature ** (2 * (torch.arange(n, device=device) // 2) / n)
+    px, py = x[..., None] / dim_t, y[..., None] / dim_t
+    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=-1).flatten(-2)
+    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=-1).flatten(-2)
+    return torch.cat((py, px), dim=-1).flatten(0, 1).to(dtype).unsqueeze(0).expand(b, -1, -1)
+
+
+class FeatureBackbone(nn.Module):
+    """A timm backbone as a feature map (B, C, h, w): a CNN's last stage or a ViT's patch tokens."""
+
+    def __init__(self, spec: BackboneSpec, frozen_batch_norm: bool = True) -> None:
+        super().__init__()
+        probe = timm.create_model(spec.name, pretrained=False, num_classes=0, **dict(spec.kwargs))
+        self.is_vit = hasattr(probe, "patch_embed")
+        if self.is_vit:
+            self.body = create_backbone(spec, num_classes=0)
+            self.channels = self.body.embed_dim
+            self.num_prefix = self.body.num_prefix_tokens
+        else:
+            self.body = timm.create_model(spec.name, pretrained=spec.pretrained, features_only=True,
+                                          out_indices=(-1,), **dict(spec.kwargs))
+            if spec.checkpoint:
+                _load_cnn_weights(self.body, resolve_checkpoint(spec.checkpoint))
+            if frozen_batch_norm:
+                self.body = timm.layers.freeze_batch_norm_2d(self.body)
+            self.channels = self.body.feature_info.channels()[-1]
+        self.pretrained_cfg = getattr(probe, "pretrained_cfg", {})
+        del probe
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.is_vit:
+            tokens = self.body.forward_features(images)[:, self.num_prefix:]
+            gh, gw = self.body.patch_embed.dynamic_feat_size(images.shape[-2:]) \
+                if hasattr(self.body.patch_embed, "dynamic_feat_size") else self.body.patch_embed.grid_size
+            return tokens.transpose(1, 2).unflatten(-1, (gh, gw))
+        return self.body(images)[-1]
+
+    def probe_features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.is_vit:
+            tokens = self.body.forward_features(images)
+            return torch.cat([tokens[:, 0], tokens[:, self.num_prefix:].mean(1)], dim=1)
+        return self.body(images)[-1].mean((-2, -1))
+
+
+def _load_cnn_weights(body: nn.Module, path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    prefix = "backbone.0.body."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, _ = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"backbone checkpoint {path} does not fit: missing {missing[:8]}")
+
+
+class INTR(nn.Module):
+    """Class queries over a transformer encoder's memory.
+
+    Args:
+        backbone: a :class:`FeatureBackbone`.
+        num_classes: number of classes (one decoder query each).
+        cfg: transformer sizes.
+    """
+
+    def __init__(self, backbone: FeatureBackbone, num_classes: int, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.input_proj = nn.Conv2d(backbone.channels, cfg.d_model, kernel_size=1)
+        self.transformer = Transformer(cfg)
+        self.query_embed = nn.Embedding(num_classes, cfg.d_model)
+        self.presence_head = nn.Linear(cfg.d_model, 1)
+        self._grid: tuple[int, int] | None = None
+
+    @property
+    def num_heads(self) -> int:
+        return self.cfg.heads
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        if self._grid is None:
+            raise RuntimeError("grid size is known after the first forward pass")
+        return self._grid
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return self.backbone.pretrained_cfg
+
+    def probe_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.probe_features(images)
+
+    def memory(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output and positional encoding, (B, h*w, d) each."""
+        features = self.input_proj(self.backbone(images))
+        b, d, h, w = features.shape
+        self._grid = (h, w)
+        src = features.flatten(2).transpose(1, 2)
+        pos = sine_position(b, h, w, d, src.device, src.dtype)
+        for layer in self.transformer.encoder.layers:
+            src = layer(src, pos)
+        return src, pos
+
+    def _queries(self, b: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        query_pos = self.query_embed.weight.to(dtype).unsqueeze(0).expand(b, -1, -1)
+        return torch.zeros_like(query_pos), query_pos
+
+    def _last_layer_input(self, images: torch.Tensor):
+        """Everything before the last decoder layer's cross-attention, computed once."""
+        memory, pos = self.memory(images)
+        tgt, query_pos = self._queries(memory.shape[0], memory.dtype)
+        layers = self.transformer.decoder.layers
+        for layer in layers[:-1]:
+            tgt = layer(tgt, memory, pos, query_pos)
+        last = layers[-1]
+        tgt = last.before_cross(tgt, query_pos)
+        q, k, v = last.multihead_attn.project(tgt + query_pos, memory + pos, memory)
+        return last, tgt, q, k, v
+
+    def _presence(self, tgt: torch.Tensor) -> torch.Tensor:
+        return self.presence_head(self.transformer.decoder.norm(tgt)).squeeze(-1)
+
+    def _finish(self, last: DecoderLayer, tgt: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
+        cross = last.multihead_attn.out_proj(head_out.flatten(-2))
+        return self._presence(last.after_cross(tgt, cross))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, C); fused attention everywhere."""
+        last, tgt, q, k, v = self._last_layer_input(images)
+        attn = last.multihead_attn
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if self.training else 0.0)
+        return self._finish(last, tgt, out.transpose(1, 2))
+
+    def forward_with_maps(self, images: torch.Tensor, classes: torch.Tensor,
+                          blur: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and last-layer cross-attention maps (B, R, heads, h, w) of some class queries.
+
+        ``blur`` (B, R, heads) zeroes those heads' pre-softmax logits for that row.
+        """
+        last, tgt, q, k, v = self._last_layer_input(images)
+        attn = last.multihead_attn
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, C, heads, hd)
+        qs = torch.gather(q, 2, classes[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        weights = attn.explicit(qs, k, blur)  # (B, heads, R, N)
+        rows = (weights @ v).transpose(1, 2)
+        out = out.scatter(1, classes[:, :, None, None].expand_as(rows), rows)
+        maps = weights.transpose(1, 2).unflatten(-1, self.grid_size)
+        return self._finish(last, tgt, out), maps
+
+    def blur_context(self, images: torch.Tensor, target: torch.Tensor) -> BlurContext:
+        """What head ranking needs for the ``target`` class query, computed once."""
+        last, tgt, q, k, v = self._last_layer_input(images)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        logits = self._finish(last, tgt, out)
+        idx = target.view(-1, 1)
+        qt = torch.gather(q, 2, idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        normal = (last.multihead_attn.explicit(qt, k) @ v).squeeze(2)  # (B, heads, hd)
+        blurred = v.mean(dim=2)
+        tgt_row = torch.gather(tgt, 1, idx.unsqueeze(-1).expand(-1, -1, tgt.shape[-1]))  # (B, 1, d)
+
+        def finish(head_out: torch.Tensor) -> torch.Tensor:
+            return self._finish(last, tgt_row.expand(-1, head_out.shape[1], -1), head_out)
+
+        return BlurContext(normal, blurred, finish, logits, target)
+
+
+def load_detr_checkpoint(model: INTR, path) -> None:
+    """Load a DETR checkpoint (``detr-r50-e632da11.pth`` layout) into ``model``.
+
+    ``backbone.0.body.*`` goes to the ResNet, ``transformer.*`` and
+    ``input_proj.*`` load as they are; DETR's object queries, class and box
+    heads are dropped (INTR has one query per class and a presence head).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    mapped = {}
+    for key, value in state.items():
+        if key.startswith("backbone.0.body."):
+            mapped["backbone.body." + key[len("backbone.0.body."):]] = value
+        elif key.startswith(("transformer.", "input_proj.")):
+            mapped[key] = value
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    allowed = ("query_embed.", "presence_head.")
+    missing = [k for k in missing if not k.startswith(allowed) and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"DETR checkpoint {path} does not fit this INTR: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+
+
+def build_intr(options: Mapping[str, Any], num_classes: int) -> INTR:
+    """INTR from the config's ``model`` section.
+
+    Keys: ``backbone`` (BackboneSpec mapping), ``transformer`` (TransformerConfig
+    fields), ``detr_checkpoint`` (optional DETR weights), ``freeze_backbone``.
+    """
+    spec = BackboneSpec.from_dict(options["backbone"])
+    model = INTR(FeatureBackbone(spec), num_classes, TransformerConfig(**dict(options.get("transformer") or {})))
+    if options.get("detr_checkpoint"):
+        load_detr_checkpoint(model, resolve_checkpoint(options["detr_checkpoint"]))
+    if options.get("freeze_backbone", False):
+        model.backbone.requires_grad_(False)
+    return model

@@ -1,0 +1,74 @@
+# Train stage: one interpretable model per method, then its evaluation.
+
+
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        model="results/{dataset}/{method}/model.pt",
+        log_table="results/{dataset}/{method}/train_log.parquet",
+    params:
+        section=method_section_json,
+        root=data_root(),
+        out=folder_of("model"),
+        backbone=backbone_override,
+    log:
+        "logs/{dataset}/{method}/train.log",
+    benchmark:
+        "logs/{dataset}/benchmarks/{method}_train.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=train_resources_gpu,
+        cpus_per_task=cpus_from_threads,
+    conda:
+        "../../environment.yml"
+    shell:
+        "intr train --method {wildcards.method} --section-json {params.section:q}"
+        " --manifest {input.manifest:q} --root {params.root:q} --out {params.out:q}"
+        " {params.backbone} --threads {threads} --quiet > {log:q} 2>&1"
+
+
+rule evaluate:
+    input:
+        model=rules.train.output.model,
+        manifest=rules.prepare.output.manifest,
+    output:
+        metrics="results/{dataset}/{method}/metrics_model.parquet",
+    params:
+        root=data_root(),
+    log:
+        "logs/{dataset}/{method}/evaluate.log",
+    benchmark:
+        "logs/{dataset}/benchmarks/{method}_evaluate.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=train_resources_gpu,
+        cpus_per_task=cpus_from_threads,
+    conda:
+        "../../environment.yml"
+    shell:
+        "intr evaluate --model {input.model:q} --manifest {input.manifest:q}"
+        " --root {params.root:q} --out {output.metrics:q} --threads {threads} --quiet > {log:q} 2>&1"
+
+
+rule evaluation:
+    input:
+        unpack(evaluation_inputs),
+    output:
+        evaluation="results/{dataset}/{method}/evaluation.parquet",
+    log:
+        "logs/{dataset}/{method}/evaluation.log",
+    benchmark:
+        "logs/{dataset}/benchmarks/{method}_evaluation.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../../environment.yml"
+    shell:
+        "intr evaluation {input:q} --out {output.evaluation:q} > {log:q} 2>&1"
