@@ -51,7 +51,7 @@ PRESETS = {
     "full": dict(model="vit_base_patch16_224", img_size=224, classes=200, batch=64, steps=50, warmup=10,
                  kwargs={}),
     # CPU-sized: a 6-block ViT on 64 px images with 8 px patches (8x8 grid).
-    "small": dict(model="vit_tiny_patch16_224", img_size=64, classes=12, batch=32, steps=10, warmup=2,
+    "small": dict(model="vit_tiny_patch16_224", img_size=64, classes=12, batch=32, steps=30, warmup=3,
                   kwargs=dict(patch_size=8, embed_dim=96, depth=6, num_heads=6)),
 }
 
@@ -175,47 +175,60 @@ def check_equivalence(model: PromptCAM, images: torch.Tensor, labels: torch.Tens
     return result
 
 
-def time_training(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.Tensor],
-                  images: torch.Tensor, labels: torch.Tensor, steps: int, warmup: int,
-                  amp_dtype: torch.dtype | None, device: torch.device, fused: bool) -> dict:
-    """Images per second of forward + loss + backward + SGD step (median of per-step times too)."""
-    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                                **({"fused": True} if fused else {}))
+class Trainer:
+    """One path's training step (forward + loss + backward + SGD step) on fixed images and labels."""
 
-    def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = forward(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, name: str, forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.Tensor],
+                 images: torch.Tensor, labels: torch.Tensor, amp_dtype: torch.dtype | None,
+                 device: torch.device, fused: bool, compiled: bool = False) -> None:
+        self.name, self.forward, self.images, self.labels = name, forward, images, labels
+        self.compiled = compiled
+        self.amp_dtype, self.device = amp_dtype, device
+        self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                                         **({"fused": True} if fused else {}))
+        self.rounds: list[float] = []  # img/s of each timed round
+        self.peak_mem_gib = 0.0
+        self.warmup_s = 0.0
+
+    def step(self) -> torch.Tensor:
+        if self.compiled:  # a new iteration for CUDA-graph trees (--compile-mode reduce-overhead)
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.forward(self.images)
+        loss = F.cross_entropy(logits.float(), self.labels)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
         return loss
 
-    compile_started = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    warmup_s = time.perf_counter() - compile_started
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    per_step = []
-    started = time.perf_counter()
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step()
-        if device.type == "cpu":  # on CUDA, per-step sync would serialise the queue; total time is used
-            per_step.append(time.perf_counter() - t0)
-    synchronize(device)
-    elapsed = time.perf_counter() - started
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"loss became {loss.item()} while timing")
-    result = {"img_s": images.shape[0] * steps / elapsed, "s_per_step": elapsed / steps, "warmup_s": warmup_s,
-              "steps": steps}
-    if per_step:
-        result["median_s_per_step"] = statistics.median(per_step)
-    if device.type == "cuda":
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return result
+    def warmup(self, steps: int) -> None:
+        """Untimed steps (the first ones also compile, autotune and allocate)."""
+        started = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        synchronize(self.device)
+        self.warmup_s += time.perf_counter() - started
+
+    def timed_round(self, steps: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        synchronize(self.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            loss = self.step()
+        synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{self.name}: loss became {loss.item()} while timing")
+        self.rounds.append(self.images.shape[0] * steps / elapsed)
+        if self.device.type == "cuda":
+            self.peak_mem_gib = max(self.peak_mem_gib, torch.cuda.max_memory_allocated(self.device) / 2**30)
+
+    def summary(self) -> dict:
+        img_s = statistics.median(self.rounds)
+        return {"img_s": img_s, "s_per_step": self.images.shape[0] / img_s, "rounds_img_s": self.rounds,
+                "warmup_s": self.warmup_s, **({"peak_mem_gib": self.peak_mem_gib} if self.device.type == "cuda" else {})}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -230,8 +243,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--classes", type=int, help="number of classes = prompts per block (200 / small: 12)")
     parser.add_argument("--batch", type=int, help="batch size of both paths (64 / small: 32)")
     parser.add_argument("--ref-batch", type=int, help="batch size of the reference path (default: --batch)")
-    parser.add_argument("--steps", type=int, help="timed steps per path (50 / small: 10)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (10 / small: 2)")
+    parser.add_argument("--steps", type=int, help="timed steps per path (50 / small: 30)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (10 / small: 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per path, interleaved; "
+                                                              "--steps is split over them, the median is reported")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                         help="the fast path's autocast (auto: bf16 on CUDA, fp32 on CPU); the reference is fp32")
@@ -253,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     fused = args.fused_sgd and device.type == "cuda"
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = build_model(args, device)
     params = sum(p.numel() for p in model.parameters())
@@ -281,25 +299,28 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {args.dtype} fast path vs fp32 reference: logits relative max diff "
               f"{check['timed_dtype_logits_max_rel_diff']:.3g} (information only)")
 
-    rows = []
+    trainers, meta = [], []
     if not args.no_reference:
         ref_model = copy.deepcopy(model)
-        ref = ReferencePromptCAM(ref_model)
-        r = time_training(ref, [p for p in ref_model.parameters() if p.requires_grad], images[:ref_batch],
-                          labels[:ref_batch], args.steps, args.warmup, None, device, fused=False)
-        rows.append(dict(path="reference", dtype="fp32", batch=ref_batch, compile=False, fused_sgd=False, **r))
-        del ref, ref_model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
+        trainers.append(Trainer("reference", ReferencePromptCAM(ref_model),
+                                [p for p in ref_model.parameters() if p.requires_grad],
+                                images[:ref_batch], labels[:ref_batch], None, device, fused=False))
+        meta.append(dict(path="reference", dtype="fp32", batch=ref_batch, compile=False, fused_sgd=False))
     fast_model = copy.deepcopy(model)
-    fast: Callable = fast_model
-    if args.compile:
-        fast = torch.compile(fast_model, mode=args.compile_mode)
-    r = time_training(fast, [p for p in fast_model.parameters() if p.requires_grad], images[:args.batch],
-                      labels[:args.batch], args.steps, args.warmup, amp_dtype, device, fused=fused)
+    fast: Callable = torch.compile(fast_model, mode=args.compile_mode) if args.compile else fast_model
     label = "prompt_cam" + ("+compile" if args.compile else "") + ("+fused_sgd" if fused else "")
-    rows.append(dict(path=label, dtype=args.dtype, batch=args.batch, compile=args.compile, fused_sgd=fused, **r))
+    trainers.append(Trainer(label, fast, [p for p in fast_model.parameters() if p.requires_grad],
+                            images[:args.batch], labels[:args.batch], amp_dtype, device, fused=fused,
+                            compiled=args.compile))
+    meta.append(dict(path=label, dtype=args.dtype, batch=args.batch, compile=args.compile, fused_sgd=fused))
+    for trainer in trainers:
+        trainer.warmup(args.warmup)
+    # Interleaved rounds, median per path: a load change on a shared machine hits both paths alike.
+    steps_per_round = max(1, -(-args.steps // args.rounds))
+    for _ in range(args.rounds):
+        for trainer in trainers:
+            trainer.timed_round(steps_per_round)
+    rows = [dict(m, steps=steps_per_round * args.rounds, **t.summary()) for m, t in zip(meta, trainers)]
 
     base = rows[0]["img_s"]
     print()

@@ -119,7 +119,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     """Rebuild a trained model from ``model.pt`` (``weights_only=True``)."""
     saved = torch.load(path, map_location=map_location, weights_only=True)
     config = json.loads(saved["config"])
-    model = build_model(config["method"], config["model"], config["num_classes"])
+    # A backbone without a weights file is random: rebuild it from the seed train() built it with.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(config["train"]["seed"]))
+        model = build_model(config["method"], config["model"], config["num_classes"])
     missing = set(saved["state"]) - set(model.state_dict())
     if missing:
         raise ValueError(f"{path}: weights {sorted(missing)[:5]} do not belong to a {config['method']} model")

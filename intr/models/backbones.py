@@ -103,16 +103,23 @@ def convert_state_dict(state: Mapping[str, Any], model: nn.Module) -> dict[str, 
     return weights
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load local weights into ``model`` (``weights_only=True``); report what did not fit."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    weights = convert_state_dict(state, model)
-    # load_state_dict(strict=False) still raises a bare RuntimeError on shape mismatches.
+def check_shapes(model: nn.Module, weights: Mapping[str, torch.Tensor], path: str | Path, what: str) -> None:
+    """A ValueError naming ``path`` when weights do not have the model's shapes.
+
+    (``load_state_dict(strict=False)`` would raise a bare RuntimeError instead.)
+    """
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     wrong = [f"{k} {tuple(v.shape)} (model: {shapes[k]})" for k, v in weights.items()
              if k in shapes and tuple(v.shape) != shapes[k]]
     if wrong:
-        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: wrong shapes {wrong[:4]}")
+        raise ValueError(f"{what} {path} does not fit {type(model).__name__}: wrong shapes {wrong[:4]}")
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load local weights into ``model`` (``weights_only=True``); report what did not fit."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    weights = convert_state_dict(state, model)
+    check_shapes(model, weights, path, "checkpoint")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith("head")]
     if missing or unexpected:

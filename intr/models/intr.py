@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from intr.models.backbones import BackboneSpec, create_backbone, resolve_checkpoint
+from intr.models.backbones import BackboneSpec, check_shapes, create_backbone, resolve_checkpoint
 from intr.models.prompt_cam import BlurContext
 
 
@@ -187,6 +187,7 @@ def _load_cnn_weights(body: nn.Module, path) -> None:
     prefix = "backbone.0.body."
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    check_shapes(body, state, path, "backbone checkpoint")
     missing, _ = body.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing:
@@ -319,6 +320,7 @@ def load_detr_checkpoint(model: INTR, path) -> None:
             mapped["backbone.body." + key[len("backbone.0.body."):]] = value
         elif key.startswith(("transformer.", "input_proj.")):
             mapped[key] = value
+    check_shapes(model, mapped, path, "DETR checkpoint")
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     allowed = ("query_embed.", "presence_head.")
     missing = [k for k in missing if not k.startswith(allowed) and not k.endswith("num_batches_tracked")]
