@@ -10,6 +10,7 @@ downloaded unless ``pretrained`` asks for it.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,9 @@ def check_shapes(model: nn.Module, weights: Mapping[str, torch.Tensor], path: st
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load local weights into ``model`` (``weights_only=True``); report what did not fit."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # DINO's training checkpoints also pickle their argparse Namespace; allow only that class.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     weights = convert_state_dict(state, model)
     check_shapes(model, weights, path, "checkpoint")
     missing, unexpected = model.load_state_dict(weights, strict=False)
