@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from intr.data.images import ImageSet, read_split
@@ -203,17 +204,51 @@ def _config_digest(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# --------------------------------------------------------------------------- data order
+
+
+class GlobalBatchSampler(Sampler):
+    """This rank's share of each global batch, in an order fixed by (seed, epoch).
+
+    One process takes whole batches; N ranks take every N-th image of the
+    same batches, so the averaged DDP gradient equals the single-process
+    one.  The last incomplete batch is dropped.
+
+    Args:
+        size: number of training images.
+        batch_size: global batch size.
+        seed: seed of the order.
+        rank: this process's rank.
+        world: number of processes.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        for b in range(len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world].tolist()
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
 def predict(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int = 128,
-            amp: bool = True) -> torch.Tensor:
+            amp: bool = True, workers: int = 0) -> torch.Tensor:
     """Logits (N, C) of every image of ``data`` (in order)."""
     model.eval()
     outputs = []
-    for start in range(0, len(data), batch_size):
-        images = torch.stack([data[i][0] for i in range(start, min(start + batch_size, len(data)))]).to(device)
+    for images, _ in DataLoader(data, batch_size=batch_size, num_workers=workers):
+        images = images.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             outputs.append(model(images).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
@@ -285,6 +320,9 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = opts.amp and device.type == "cuda"
+    sampler = GlobalBatchSampler(len(train_set), opts.batch_size, opts.seed, ddp.rank, ddp.world)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=opts.workers,
+                        pin_memory=device.type == "cuda")
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, opts.epochs):
         if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
@@ -292,14 +330,13 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
         started = time.time()
         wrapped.train()
         train_set.set_epoch(epoch)
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(opts.seed * 7919 + epoch))
+        sampler.set_epoch(epoch)
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
-        bar = tqdm(range(steps_per_epoch), desc=f"{method} epoch {epoch + 1}/{opts.epochs}",
+        bar = tqdm(loader, desc=f"{method} epoch {epoch + 1}/{opts.epochs}",
                    disable=not (progress and ddp.main), leave=False)
-        for b in bar:
-            batch = order[b * opts.batch_size:(b + 1) * opts.batch_size][ddp.rank::ddp.world].tolist()
-            images = torch.stack([train_set[i][0] for i in batch]).to(device, non_blocking=True)
-            labels = train_set.labels[batch].to(device)
+        for b, (images, labels) in enumerate(bar):
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
             for g in optimizer.param_groups:
                 g["lr"] = _lr_at(step, total_steps, warmup, g["base_lr"])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -317,12 +354,12 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
                 nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], opts.clip_grad)
             optimizer.step()
             step += 1
-            totals += torch.tensor([loss.item() * len(batch), (logits.argmax(-1) == labels).sum().item(),
-                                    len(batch)], dtype=torch.float64)
+            totals += torch.tensor([loss.item() * len(labels), (logits.argmax(-1) == labels).sum().item(),
+                                    len(labels)], dtype=torch.float64)
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}")
         if ddp.world > 1:
             dist.all_reduce(totals)
-        val_acc = _accuracy(model, val_set, device, use_amp)
+        val_acc = _accuracy(model, val_set, device, use_amp, opts.workers)
         row = {"epoch": epoch + 1, "train_loss": float(totals[0] / totals[2]),
                "train_acc": float(totals[1] / totals[2]), "val_acc": val_acc,
                "lr": float(optimizer.param_groups[0]["lr"]), "seconds": time.time() - started}
@@ -351,6 +388,6 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
             "finished": finished, "log": log}
 
 
-def _accuracy(model: nn.Module, data: ImageSet, device: torch.device, amp: bool) -> float:
-    logits = predict(model, data, device, amp=amp)
+def _accuracy(model: nn.Module, data: ImageSet, device: torch.device, amp: bool, workers: int = 0) -> float:
+    logits = predict(model, data, device, amp=amp, workers=workers)
     return float((logits.argmax(-1) == data.labels).float().mean()) if len(data) else float("nan")

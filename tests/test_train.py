@@ -227,3 +227,15 @@ def test_unknown_train_option_is_a_value_error_naming_it() -> None:
     with pytest.raises(ValueError, match="learning_rate"):
         TrainOptions.from_dict({"epochs": 2, "learning_rate": 0.1})
     assert TrainOptions.from_dict({"epochs": 2, "lr": 0.1}).lr == 0.1
+
+
+def test_data_loading_workers_do_not_change_the_run(dataset, tmp_path) -> None:
+    manifest, root = dataset
+    train("prompt_cam", MODEL, TRAIN | {"epochs": 1, "workers": 0}, manifest, root, tmp_path / "w0", 32,
+          progress=False)
+    train("prompt_cam", MODEL, TRAIN | {"epochs": 1, "workers": 2}, manifest, root, tmp_path / "w2", 32,
+          progress=False)
+    a, b = read_log(tmp_path / "w0"), read_log(tmp_path / "w2")
+    assert a[["train_loss", "train_acc", "val_acc"]].equals(b[["train_loss", "train_acc", "val_acc"]])
+    sa, sb = load(tmp_path / "w0" / "model.pt")["state"], load(tmp_path / "w2" / "model.pt")["state"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
