@@ -12,6 +12,17 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is fastest, and cannot spin against other work on the machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository root (where the Snakefile lives)."""

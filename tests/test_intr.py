@@ -20,13 +20,6 @@ VIT = {"name": "vit_tiny_patch16_224",
 TRANSFORMER = {"d_model": 32, "heads": 4, "encoder_layers": 1, "decoder_layers": 2, "ffn": 64, "dropout": 0.1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and cannot spin against other work on the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_intr(seed: int, num_classes: int = 5, query_scale: float = 1.0, **options) -> INTR:

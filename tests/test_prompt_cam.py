@@ -24,13 +24,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and cannot spin against other work on the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_prompt_cam(seed: int, num_classes: int = 5, **kwargs) -> PromptCAM:

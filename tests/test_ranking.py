@@ -12,13 +12,6 @@ from intr.ranking import rank_heads_by_blurring, rank_heads_naive
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 6}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and cannot spin against other work on the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_model(seed: int) -> PromptCAM:

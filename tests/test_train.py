@@ -32,13 +32,6 @@ TRAIN = {"epochs": 2, "batch_size": 8, "lr": 0.05, "warmup_epochs": 1, "seed": 3
 LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_acc", "lr", "seconds"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and cannot spin against other work on the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
