@@ -93,7 +93,7 @@ def reference(model: INTR, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         tgt2 = torch_mha(layer.self_attn, heads)(q, k, value=tgt)[0]
         tgt = layer.norm1(tgt + tgt2)
         tgt2, weights = torch_mha(layer.multihead_attn, heads)(
-            tgt + query_pos, memory + pos, value=memory, average_attn_weights=False)
+            tgt + query_pos, memory, value=memory, average_attn_weights=False)
         tgt = layer.norm2(tgt + tgt2)
         tgt2 = layer.linear2(torch.relu(layer.linear1(tgt)))
         tgt = layer.norm3(tgt + tgt2)
@@ -160,7 +160,8 @@ def test_blurring_rank_matches_naive_loop(seed: int) -> None:
     fast = rank_heads_by_blurring(model, x, target)
     naive = rank_heads_naive(model, x, target)
     # The heads do differ, so the order is decided by the model and not by ties.
-    assert (fast.prob_after_blur.max(dim=1).values - fast.prob_after_blur.min(dim=1).values).min() > 1e-3
+    top, low = fast.prob_after_blur.max(dim=1).values, fast.prob_after_blur.min(dim=1).values
+    assert ((top - low) / top).min() > 0.05
     assert torch.equal(fast.order, naive.order)
     assert torch.equal(fast.rank, naive.rank)
     torch.testing.assert_close(fast.prob_after_blur, naive.prob_after_blur, rtol=0, atol=1e-5)

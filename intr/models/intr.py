@@ -3,7 +3,8 @@
 Backbone (timm ResNet-50 last stage with frozen batch norm, or any timm ViT's
 patch tokens) -> 1x1 projection to d -> DETR transformer (post-norm encoder
 with sine positional encoding, decoder whose queries are one learned
-embedding per class) -> one shared presence vector ``Linear(d, 1)`` -> a
+embedding per class; as in the official INTR code, the decoder's
+cross-attention keys carry no positional encoding, unlike DETR's) -> one shared presence vector ``Linear(d, 1)`` -> a
 logit per class.  The last decoder layer's cross-attention of a class query
 over the feature map, per head, is that class's trait map.
 
@@ -113,9 +114,10 @@ class DecoderLayer(nn.Module):
         tgt = self.norm2(tgt + self.dropout(cross_out))
         return self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
 
-    def forward(self, tgt, memory, pos, query_pos):
+    def forward(self, tgt, memory, query_pos):
         tgt = self.before_cross(tgt, query_pos)
-        return self.after_cross(tgt, self.multihead_attn(tgt + query_pos, memory + pos, memory))
+        # As in the official INTR code (unlike DETR), the keys carry no positional encoding.
+        return self.after_cross(tgt, self.multihead_attn(tgt + query_pos, memory, memory))
 
 
 class Transformer(nn.Module):
@@ -252,10 +254,10 @@ class INTR(nn.Module):
         tgt, query_pos = self._queries(memory.shape[0], memory.dtype)
         layers = self.transformer.decoder.layers
         for layer in layers[:-1]:
-            tgt = layer(tgt, memory, pos, query_pos)
+            tgt = layer(tgt, memory, query_pos)
         last = layers[-1]
         tgt = last.before_cross(tgt, query_pos)
-        q, k, v = last.multihead_attn.project(tgt + query_pos, memory + pos, memory)
+        q, k, v = last.multihead_attn.project(tgt + query_pos, memory, memory)
         return last, tgt, q, k, v
 
     def _presence(self, tgt: torch.Tensor) -> torch.Tensor:
