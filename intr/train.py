@@ -302,10 +302,15 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
 
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     start_epoch, log, best = 0, [], {"epoch": 0, "val_acc": -1.0, "state": trainable_state(model)}
-    if ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if saved["digest"] != digest:
-            raise ValueError(f"{ckpt_path} was written by a different config; remove it to start over")
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
+    if saved is not None and saved["digest"] != digest:
+        # A changed config starts over; the old run's checkpoint is kept under another name.
+        kept = ckpt_path.with_name(f"last-superseded-{saved['digest']}.pt")
+        if ddp.main:
+            os.replace(ckpt_path, kept)
+            print(f"{ckpt_path} was written with another config; starting over (kept as {kept.name})", flush=True)
+        saved = None
+    if saved is not None:
         model.load_state_dict(saved["state"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])

@@ -232,3 +232,15 @@ def test_data_loading_workers_do_not_change_the_run(dataset, tmp_path) -> None:
     assert a[["train_loss", "train_acc", "val_acc"]].equals(b[["train_loss", "train_acc", "val_acc"]])
     sa, sb = load(tmp_path / "w0" / "model.pt")["state"], load(tmp_path / "w2" / "model.pt")["state"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_changed_config_starts_over_and_keeps_the_old_checkpoint(dataset, tmp_path, capsys) -> None:
+    manifest, root = dataset
+    train("prompt_cam", MODEL, TRAIN | {"epochs": 1}, manifest, root, tmp_path, 32, progress=False)
+    old = load(tmp_path / "checkpoints" / "last.pt")
+    summary = train("prompt_cam", MODEL, TRAIN | {"epochs": 2, "lr": 0.01}, manifest, root, tmp_path, 32,
+                    progress=False)
+    assert "starting over" in capsys.readouterr().out
+    assert summary["epochs"] == 2 and read_log(tmp_path)["epoch"].tolist() == [1, 2]
+    kept = tmp_path / "checkpoints" / f"last-superseded-{old['digest']}.pt"
+    assert kept.exists() and load(kept)["epoch"] == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 
 import pandas as pd
 import pytest
@@ -51,19 +50,7 @@ def test_dry_run_plans_synthesize_then_prepare(run_snakemake, repo_root, tmp_pat
     assert "--images-per-species 12" in result.stdout
 
 
-def _data_stage_missing() -> str | None:
-    """The data-stage module that cannot be imported yet, if any (they are written concurrently)."""
-    for module in ("intr.data.synthetic", "intr.data.prepare"):
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            return f"{module} ({err})"
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_data_stage_missing() is not None,
-                    reason=f"data stage not importable yet: {_data_stage_missing()}")
 def test_tiny_config_runs_end_to_end_and_then_has_nothing_to_do(run_snakemake, repo_root, tmp_path):
     profile = repo_root / "workflow" / "profiles" / "default"
     tiny = repo_root / "config" / "tiny.yaml"
@@ -81,6 +68,19 @@ def test_tiny_config_runs_end_to_end_and_then_has_nothing_to_do(run_snakemake, r
     for rule in ("synthesize", "prepare"):
         assert (tmp_path / "logs" / "tiny" / f"{rule}.log").exists()
         assert (tmp_path / "logs" / "tiny" / "benchmarks" / f"{rule}.tsv").exists()
+    for rule in ("train", "evaluate", "evaluation"):
+        assert (tmp_path / "logs" / "tiny" / "prompt_cam" / f"{rule}.log").exists()
+    log = pd.read_parquet(results / "prompt_cam" / "train_log.parquet")
+    assert log["epoch"].tolist() == [1, 2]
+    evaluation = pd.read_parquet(results / "prompt_cam" / "evaluation.parquet")
+    rows = set(zip(evaluation["method"], evaluation["metric"]))
+    assert {("prompt_cam", "top1"), ("linear_probe", "top1"), ("prompt_cam", "peak_on_planted_part"),
+            ("chance", "peak_on_planted_part"), ("best_fixed_head", "peak_on_planted_part"),
+            ("lowest_ranked_head", "peak_on_planted_part")} <= rows
+    test_images = int((manifest["split"] == "test").sum())
+    top1 = evaluation.query("method == 'prompt_cam' and metric == 'top1'").iloc[0]
+    assert top1["n"] == test_images and 0.0 <= top1["value"] <= 1.0
+    assert top1["ci_lo"] <= top1["value"] <= top1["ci_hi"]
 
     second = run_snakemake(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stdout
