@@ -8,7 +8,7 @@ chance (1/S).  The planted traits are local, so this must stay near chance:
 the foundation issue asks for at most 1/S + 0.15.
 
     python benchmarks/dataset_difficulty.py                        # default target set, seed 0
-    python benchmarks/dataset_difficulty.py --seeds 0 1 2 --images-per-species 200
+    python benchmarks/dataset_difficulty.py --seeds 0 1 2 --images-per-species 100 --train-fraction 0.5
     python benchmarks/dataset_difficulty.py --root results/synthetic/data   # an existing data set
 """
 
@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--genera", type=int, default=4)
     parser.add_argument("--species-per-genus", type=int, default=3)
-    parser.add_argument("--images-per-species", type=int, default=100)
+    parser.add_argument("--images-per-species", type=int, default=500, help="default: the embedded default's")
+    parser.add_argument("--train-fraction", type=float, default=0.6, help="default: the embedded default's")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--bins", type=int, default=16)
     args = parser.parse_args()
@@ -89,7 +90,8 @@ def main() -> None:
             root = Path(tmp.name) / f"seed{seed}"
             synthesize(SyntheticConfig(genera=args.genera, species_per_genus=args.species_per_genus,
                                        images_per_species=args.images_per_species,
-                                       image_size=args.image_size, seed=seed), root, workers=2, progress=False)
+                                       image_size=args.image_size, train_fraction=args.train_fraction,
+                                       seed=seed), root, workers=2, progress=False)
             roots.append((seed, root))
     accuracies = []
     for seed, root in roots:

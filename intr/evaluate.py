@@ -95,7 +95,6 @@ def linear_probe_correct(model, train: ImageSet, test: ImageSet, device: torch.d
 @torch.no_grad()
 def _model_outputs(model, data: ImageSet, device: torch.device, batch_size: int, progress: bool) -> dict[str, Any]:
     logits_all, ranks, peaks = [], [], []
-    grid = model.grid_size
     for start in tqdm(range(0, len(data), batch_size), desc="evaluate", disable=not progress, leave=False):
         idx = range(start, min(start + batch_size, len(data)))
         images = torch.stack([data[i][0] for i in idx]).to(device)
@@ -105,8 +104,9 @@ def _model_outputs(model, data: ImageSet, device: torch.device, batch_size: int,
         logits_all.append(logits.float().cpu())
         ranks.append(ranking.rank.cpu())
         peaks.append(maps[:, 0].flatten(2).argmax(-1).cpu())  # (B, heads) flat cell index
+    # INTR knows its feature grid only after a forward pass.
     return {"logits": torch.cat(logits_all), "rank": torch.cat(ranks).numpy(),
-            "peak": torch.cat(peaks).numpy(), "grid": grid}
+            "peak": torch.cat(peaks).numpy(), "grid": tuple(model.grid_size)}
 
 
 def planted_part_hits(rows: pd.DataFrame, root: Path, peak: np.ndarray, grid: tuple[int, int],
