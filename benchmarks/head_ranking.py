@@ -47,6 +47,7 @@ import torch
 from intr.models.backbones import BackboneSpec, create_backbone
 from intr.models.prompt_cam import PromptCAM
 from intr.ranking import HeadRanking, rank_heads_by_blurring, rank_heads_naive
+from timing import choose_preset, resolve_device, synchronize
 
 OFFICIAL_S_PER_IMAGE = 0.31  # the official loop on an H200 (ViT-B/16, 224 px, 200 classes)
 TARGET_SINGLE = 30.0
@@ -60,21 +61,10 @@ PRESETS = {
 }
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def resolve_preset(args: argparse.Namespace, device: torch.device) -> str:
-    name = "small" if args.small else "full" if args.full else ("full" if device.type == "cuda" else "small")
-    preset = PRESETS[name]
     model_given = args.model is not None
-    for key in ("model", "img_size", "classes", "batch", "naive_images", "repeats"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+    name = choose_preset(args, device, PRESETS, ("model", "img_size", "classes", "batch", "naive_images", "repeats"))
+    preset = PRESETS[name]
     args.model_kwargs = dict(preset["kwargs"]) if not model_given or args.model == preset["model"] else {}
     return name
 
@@ -92,11 +82,6 @@ def build_model(args: argparse.Namespace, device: torch.device) -> PromptCAM:
     kwargs = dict(args.model_kwargs, img_size=args.img_size)
     backbone = create_backbone(BackboneSpec(name=args.model, pretrained=False, kwargs=kwargs), num_classes=0)
     return PromptCAM(backbone, args.classes).to(device).eval()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager

@@ -36,10 +36,8 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -47,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from intr.models.intr import INTR, build_intr, sine_position
+from timing import Trainer, add_timing_arguments, choose_preset, relative_max_diff, resolve_device
 
 OFFICIAL_IMG_S = 179.0  # the official INTR code on an H200, fp32, ResNet-50 512 px, 200 classes, batch 12
 TARGET_IMG_S = 3 * OFFICIAL_IMG_S  # 537
@@ -143,21 +142,10 @@ class ReferenceINTR(nn.Module):
 # --------------------------------------------------------------------------- set-up
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def resolve_preset(args: argparse.Namespace, device: torch.device) -> str:
     """Fill unset options from the preset (small on CPU, full on CUDA, unless --small/--full)."""
-    name = "small" if args.small else "full" if args.full else ("full" if device.type == "cuda" else "small")
+    name = choose_preset(args, device, PRESETS, ("img_size", "classes", "batch", "steps", "warmup"))
     preset = PRESETS[name]
-    for key in ("img_size", "classes", "batch", "steps", "warmup"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
     backbone = copy.deepcopy(preset["backbone"])
     if "img_size" in backbone["kwargs"]:  # a ViT's position grid follows --img-size
         backbone["kwargs"]["img_size"] = args.img_size
@@ -177,16 +165,6 @@ def param_groups(model: INTR) -> list[dict]:
         if p.requires_grad:
             (backbone if name.startswith("backbone.") else rest).append(p)
     return [{"params": rest, "lr": LR}, {"params": backbone, "lr": BACKBONE_LR}]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _relative_max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    diff = (a.float() - b.float()).abs().max().item()
-    return diff, diff / max(b.float().abs().max().item(), 1e-12)
 
 
 class _StrictFP32:
@@ -219,9 +197,9 @@ def check_equivalence(model: INTR, fast_model: INTR, images: torch.Tensor, label
     model.zero_grad(set_to_none=True)
     model.train()
     reference.attention_maps = None
-    abs_l, rel_l = _relative_max_diff(logits["intr"], logits["reference"])
+    abs_l, rel_l = relative_max_diff(logits["intr"], logits["reference"])
     # Over all trainable weights together: the presence bias's gradient is ~0 (softmax gradients sum to 0).
-    rel_g = _relative_max_diff(torch.cat([g.flatten() for g in grads["intr"]]),
+    rel_g = relative_max_diff(torch.cat([g.flatten() for g in grads["intr"]]),
                                torch.cat([g.flatten() for g in grads["reference"]]))[1]
     result = {"logits_max_abs_diff": abs_l, "logits_max_rel_diff": rel_l, "grads_max_rel_diff": rel_g,
               "logits_match": rel_l <= 1e-4, "grads_match": rel_g <= 1e-3,
@@ -233,67 +211,18 @@ def check_equivalence(model: INTR, fast_model: INTR, images: torch.Tensor, label
                                              enabled=amp_dtype is not None):
             low = fast_model(timed_images)
         fast_model.train()
-        result["timed_setting_logits_max_rel_diff"] = _relative_max_diff(low, logits["reference"])[1]
+        result["timed_setting_logits_max_rel_diff"] = relative_max_diff(low, logits["reference"])[1]
     return result
 
 
-class Trainer:
-    """One path's training step (forward + loss + backward + clip + AdamW step) on fixed images and labels."""
+def adamw(model: INTR, fused: bool) -> torch.optim.AdamW:
+    """config/cub.yaml's optimiser: AdamW with its own backbone learning rate."""
+    return torch.optim.AdamW(param_groups(model), lr=LR, weight_decay=WEIGHT_DECAY,
+                             **({"fused": True} if fused else {}))
 
-    def __init__(self, name: str, forward: Callable[[torch.Tensor], torch.Tensor], model: INTR,
-                 images: torch.Tensor, labels: torch.Tensor, amp_dtype: torch.dtype | None,
-                 device: torch.device, fused: bool, compiled: bool = False) -> None:
-        self.name, self.forward, self.images, self.labels = name, forward, images, labels
-        self.compiled = compiled
-        self.amp_dtype, self.device = amp_dtype, device
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(param_groups(model), lr=LR, weight_decay=WEIGHT_DECAY,
-                                           **({"fused": True} if fused else {}))
-        self.rounds: list[float] = []  # img/s of each timed round
-        self.peak_mem_gib = 0.0
-        self.warmup_s = 0.0
 
-    def step(self) -> torch.Tensor:
-        if self.compiled:  # a new iteration for CUDA-graph trees (--compile-mode reduce-overhead)
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            logits = self.forward(self.images)
-        loss = F.cross_entropy(logits.float(), self.labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.params, CLIP_GRAD)
-        self.optimizer.step()
-        return loss
-
-    def warmup(self, steps: int) -> None:
-        """Untimed steps (the first ones also compile, autotune and allocate)."""
-        started = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        synchronize(self.device)
-        self.warmup_s += time.perf_counter() - started
-
-    def timed_round(self, steps: int) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        synchronize(self.device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            loss = self.step()
-        synchronize(self.device)
-        elapsed = time.perf_counter() - started
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{self.name}: loss became {loss.item()} while timing")
-        self.rounds.append(self.images.shape[0] * steps / elapsed)
-        if self.device.type == "cuda":
-            self.peak_mem_gib = max(self.peak_mem_gib, torch.cuda.max_memory_allocated(self.device) / 2**30)
-
-    def summary(self) -> dict:
-        img_s = statistics.median(self.rounds)
-        return {"img_s": img_s, "s_per_step": self.images.shape[0] / img_s, "rounds_img_s": self.rounds,
-                "warmup_s": self.warmup_s,
-                **({"peak_mem_gib": self.peak_mem_gib} if self.device.type == "cuda" else {})}
+def clip(model: INTR) -> tuple[list[torch.Tensor], float]:
+    return [p for p in model.parameters() if p.requires_grad], CLIP_GRAD
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -305,26 +234,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--img-size", type=int, help="image side in pixels (512 / small: 64)")
     parser.add_argument("--classes", type=int, help="number of classes = decoder queries (200 / small: 12)")
     parser.add_argument("--batch", type=int, help="batch size of both paths (12 / small: 32)")
-    parser.add_argument("--ref-batch", type=int, help="batch size of the reference path (default: --batch)")
-    parser.add_argument("--steps", type=int, help="timed steps per path (50 / small: 30)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (10 / small: 3)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per path, interleaved; "
-                                                              "--steps is split over them, the median is reported")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="the fast path's autocast (auto: bf16 on CUDA, fp32 on CPU); the reference is fp32")
     parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
                         help="the fast path's backbone weights and images (auto: channels_last on CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
-    parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode, e.g. max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs)")
     parser.add_argument("--fused-adamw", action="store_true", help="torch.optim.AdamW(fused=True) for the fast "
                                                                    "path (CUDA; the training code uses the plain one)")
-    parser.add_argument("--no-reference", action="store_true", help="time the fast path only")
-    parser.add_argument("--check-batch", type=int, default=4, help="images for the logits/gradients check")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json-out", type=Path, help="append one JSON line with the results")
+    add_timing_arguments(parser, check_batch=4)
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -385,14 +299,14 @@ def main(argv: list[str] | None = None) -> dict:
     trainers, meta = [], []
     if not args.no_reference:
         ref_model = copy.deepcopy(model)
-        trainers.append(Trainer("reference", ReferenceINTR(ref_model), ref_model,
-                                images[:ref_batch], labels[:ref_batch], None, device, fused=False))
+        trainers.append(Trainer("reference", ReferenceINTR(ref_model), adamw(ref_model, fused=False),
+                                images[:ref_batch], labels[:ref_batch], None, device, clip=clip(ref_model)))
         meta.append(dict(path="reference", dtype="fp32", memory_format="contiguous", batch=ref_batch,
                          compile=False, fused_adamw=False))
     fast: Callable = torch.compile(fast_model, mode=args.compile_mode) if args.compile else fast_model
     label = "intr" + ("+compile" if args.compile else "") + ("+fused_adamw" if fused else "")
-    trainers.append(Trainer(label, fast, fast_model, fast_images, labels[:args.batch], amp_dtype, device,
-                            fused=fused, compiled=args.compile))
+    trainers.append(Trainer(label, fast, adamw(fast_model, fused), fast_images, labels[:args.batch], amp_dtype,
+                            device, compiled=args.compile, clip=clip(fast_model)))
     meta.append(dict(path=label, dtype=args.dtype, memory_format=args.memory_format, batch=args.batch,
                      compile=args.compile, fused_adamw=fused))
     for trainer in trainers:

@@ -30,10 +30,8 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -42,6 +40,7 @@ from torch import nn
 
 from intr.models.backbones import BackboneSpec, create_backbone
 from intr.models.prompt_cam import PromptCAM
+from timing import Trainer, add_timing_arguments, choose_preset, relative_max_diff, resolve_device
 
 TARGET_IMG_S = 2300.0
 OFFICIAL_IMG_S = {16: 222.0, 64: 251.0}  # official Prompt_CAM code on an H200, fp32
@@ -108,22 +107,11 @@ class ReferencePromptCAM(nn.Module):
 # --------------------------------------------------------------------------- set-up
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def resolve_preset(args: argparse.Namespace, device: torch.device) -> str:
     """Fill unset options from the preset (small on CPU, full on CUDA, unless --small/--full)."""
-    name = "small" if args.small else "full" if args.full else ("full" if device.type == "cuda" else "small")
-    preset = PRESETS[name]
     model_given = args.model is not None
-    for key in ("model", "img_size", "classes", "batch", "steps", "warmup"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+    name = choose_preset(args, device, PRESETS, ("model", "img_size", "classes", "batch", "steps", "warmup"))
+    preset = PRESETS[name]
     # The preset's architecture overrides belong to its model name only.
     args.model_kwargs = dict(preset["kwargs"]) if not model_given or args.model == preset["model"] else {}
     return name
@@ -133,16 +121,6 @@ def build_model(args: argparse.Namespace, device: torch.device) -> PromptCAM:
     kwargs = dict(args.model_kwargs, img_size=args.img_size)
     backbone = create_backbone(BackboneSpec(name=args.model, pretrained=False, kwargs=kwargs), num_classes=0)
     return PromptCAM(backbone, args.classes).to(device)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _relative_max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    diff = (a.float() - b.float()).abs().max().item()
-    return diff, diff / max(b.float().abs().max().item(), 1e-12)
 
 
 # --------------------------------------------------------------------------- checks and timing
@@ -161,9 +139,9 @@ def check_equivalence(model: PromptCAM, images: torch.Tensor, labels: torch.Tens
         logits[name] = out.detach()
         grads[name] = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
-    abs_l, rel_l = _relative_max_diff(logits["prompt_cam"], logits["reference"])
+    abs_l, rel_l = relative_max_diff(logits["prompt_cam"], logits["reference"])
     # Over all trainable weights together: the shared bias's gradient is ~0 (softmax gradients sum to 0).
-    rel_g = _relative_max_diff(torch.cat([g.flatten() for g in grads["prompt_cam"]]),
+    rel_g = relative_max_diff(torch.cat([g.flatten() for g in grads["prompt_cam"]]),
                                torch.cat([g.flatten() for g in grads["reference"]]))[1]
     result = {"logits_max_abs_diff": abs_l, "logits_max_rel_diff": rel_l, "grads_max_rel_diff": rel_g,
               "logits_match": rel_l <= 1e-4, "grads_match": rel_g <= 1e-3,
@@ -171,64 +149,14 @@ def check_equivalence(model: PromptCAM, images: torch.Tensor, labels: torch.Tens
     if amp_dtype is not None:
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype):
             low = model(images)
-        result["timed_dtype_logits_max_rel_diff"] = _relative_max_diff(low, logits["reference"])[1]
+        result["timed_dtype_logits_max_rel_diff"] = relative_max_diff(low, logits["reference"])[1]
     return result
 
 
-class Trainer:
-    """One path's training step (forward + loss + backward + SGD step) on fixed images and labels."""
-
-    def __init__(self, name: str, forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.Tensor],
-                 images: torch.Tensor, labels: torch.Tensor, amp_dtype: torch.dtype | None,
-                 device: torch.device, fused: bool, compiled: bool = False) -> None:
-        self.name, self.forward, self.images, self.labels = name, forward, images, labels
-        self.compiled = compiled
-        self.amp_dtype, self.device = amp_dtype, device
-        self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4,
-                                         **({"fused": True} if fused else {}))
-        self.rounds: list[float] = []  # img/s of each timed round
-        self.peak_mem_gib = 0.0
-        self.warmup_s = 0.0
-
-    def step(self) -> torch.Tensor:
-        if self.compiled:  # a new iteration for CUDA-graph trees (--compile-mode reduce-overhead)
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            logits = self.forward(self.images)
-        loss = F.cross_entropy(logits.float(), self.labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss
-
-    def warmup(self, steps: int) -> None:
-        """Untimed steps (the first ones also compile, autotune and allocate)."""
-        started = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        synchronize(self.device)
-        self.warmup_s += time.perf_counter() - started
-
-    def timed_round(self, steps: int) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        synchronize(self.device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            loss = self.step()
-        synchronize(self.device)
-        elapsed = time.perf_counter() - started
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{self.name}: loss became {loss.item()} while timing")
-        self.rounds.append(self.images.shape[0] * steps / elapsed)
-        if self.device.type == "cuda":
-            self.peak_mem_gib = max(self.peak_mem_gib, torch.cuda.max_memory_allocated(self.device) / 2**30)
-
-    def summary(self) -> dict:
-        img_s = statistics.median(self.rounds)
-        return {"img_s": img_s, "s_per_step": self.images.shape[0] / img_s, "rounds_img_s": self.rounds,
-                "warmup_s": self.warmup_s, **({"peak_mem_gib": self.peak_mem_gib} if self.device.type == "cuda" else {})}
+def sgd(model: nn.Module, fused: bool) -> torch.optim.SGD:
+    """The paper's optimiser over the trainable weights (prompts and presence head)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4, **({"fused": True} if fused else {}))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -242,24 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--img-size", type=int, help="image side in pixels (224 / small: 64)")
     parser.add_argument("--classes", type=int, help="number of classes = prompts per block (200 / small: 12)")
     parser.add_argument("--batch", type=int, help="batch size of both paths (64 / small: 32)")
-    parser.add_argument("--ref-batch", type=int, help="batch size of the reference path (default: --batch)")
-    parser.add_argument("--steps", type=int, help="timed steps per path (50 / small: 30)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (10 / small: 3)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per path, interleaved; "
-                                                              "--steps is split over them, the median is reported")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="the fast path's autocast (auto: bf16 on CUDA, fp32 on CPU); the reference is fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
-    parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode, e.g. max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs)")
     parser.add_argument("--fused-sgd", action="store_true", help="torch.optim.SGD(fused=True) for the fast path "
                                                                  "(CUDA; the training code uses the plain one)")
-    parser.add_argument("--no-reference", action="store_true", help="time the fast path only")
-    parser.add_argument("--check-batch", type=int, default=8, help="images for the logits/gradients check")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json-out", type=Path, help="append one JSON line with the results")
+    add_timing_arguments(parser, check_batch=8)
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -302,16 +215,14 @@ def main(argv: list[str] | None = None) -> dict:
     trainers, meta = [], []
     if not args.no_reference:
         ref_model = copy.deepcopy(model)
-        trainers.append(Trainer("reference", ReferencePromptCAM(ref_model),
-                                [p for p in ref_model.parameters() if p.requires_grad],
-                                images[:ref_batch], labels[:ref_batch], None, device, fused=False))
+        trainers.append(Trainer("reference", ReferencePromptCAM(ref_model), sgd(ref_model, fused=False),
+                                images[:ref_batch], labels[:ref_batch], None, device))
         meta.append(dict(path="reference", dtype="fp32", batch=ref_batch, compile=False, fused_sgd=False))
     fast_model = copy.deepcopy(model)
     fast: Callable = torch.compile(fast_model, mode=args.compile_mode) if args.compile else fast_model
     label = "prompt_cam" + ("+compile" if args.compile else "") + ("+fused_sgd" if fused else "")
-    trainers.append(Trainer(label, fast, [p for p in fast_model.parameters() if p.requires_grad],
-                            images[:args.batch], labels[:args.batch], amp_dtype, device, fused=fused,
-                            compiled=args.compile))
+    trainers.append(Trainer(label, fast, sgd(fast_model, fused), images[:args.batch], labels[:args.batch],
+                            amp_dtype, device, compiled=args.compile))
     meta.append(dict(path=label, dtype=args.dtype, batch=args.batch, compile=args.compile, fused_sgd=fused))
     for trainer in trainers:
         trainer.warmup(args.warmup)
