@@ -33,6 +33,20 @@ def _load_section(path: str | None, section: str) -> dict:
     return dict(data)
 
 
+def _set_threads(threads: int | None) -> None:
+    """Torch CPU threads for a network stage (None: torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--threads and --quiet, shared by the stages that run a network."""
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     from intr.data.synthetic import SyntheticConfig, synthesize
 
@@ -80,10 +94,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if args.epochs is not None:
         recipe["train"]["epochs"] = args.epochs
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     result = pretrain(Path(args.manifest), Path(args.root), Path(args.out), recipe,
                       log_path=Path(args.log) if args.log else None, progress=not args.quiet)
     from intr.models.backbones import sha256_of
@@ -121,10 +132,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     options = dict(section["train"])
     if args.epochs is not None:
         options["epochs"] = args.epochs
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     try:
         result = train(args.method, section["model"], options, Path(args.manifest), Path(args.root),
                        Path(args.out), image_size=int(section.get("image_size", 224)), progress=not args.quiet)
@@ -139,10 +147,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from intr.evaluate import evaluate_model
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     table = evaluate_model(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
                            split=args.split, device=args.device, progress=not args.quiet)
     with_ci = table.assign(ci=lambda t: t.apply(lambda r: f"[{r.ci_lo:.3f}, {r.ci_hi:.3f}]", axis=1))
@@ -223,8 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--recipe", help="recipe YAML (default: intr/configs/pretrain_synthetic_vit.yaml)")
     pre.add_argument("--epochs", type=int, help="override the recipe's epochs")
     pre.add_argument("--log", help="optional pretrain_log.parquet")
-    pre.add_argument("--threads", type=int, help="torch CPU threads")
-    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(pre)
     pre.set_defaults(func=_cmd_pretrain)
 
     tr = sub.add_parser(
@@ -244,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--root", required=True, help="data set root")
     tr.add_argument("--out", required=True, help="output folder (model.pt, train_log.parquet, checkpoints/)")
     tr.add_argument("--epochs", type=int, help="override the config's epochs")
-    tr.add_argument("--threads", type=int, help="torch CPU threads")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(tr)
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser(
@@ -261,8 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="metrics table to write")
     ev.add_argument("--split", default="test", help="evaluation split (default test)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ev.add_argument("--threads", type=int, help="torch CPU threads")
-    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
     ga = sub.add_parser(
