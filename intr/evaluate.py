@@ -33,7 +33,7 @@ from analysis.stats import metric_row
 from intr.data.images import ImageSet, read_split
 from intr.ranking import rank_heads_by_blurring
 from intr.tables import read_table, write_table
-from intr.train import _resolve_device, load_model
+from intr.train import resolve_device, load_model
 
 
 def planted_parts_by_class(pairs: pd.DataFrame) -> dict[int, set[str]]:
@@ -151,7 +151,7 @@ def evaluate_model(model_path: str | Path, manifest: str | Path, root: str | Pat
         device: ``auto``, ``cpu`` or ``cuda``.
         progress: progress bar.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model, config = load_model(model_path, map_location="cpu")
     model.to(dev)
     method, size = config["method"], int(config["image_size"])

@@ -9,7 +9,6 @@ weights and their sha256 are recorded there too.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from intr.data.images import ImageSet, read_split
 from intr.models.backbones import BackboneSpec, create_backbone, normalization
 from intr.tables import write_table
+from intr.train import accuracy, lr_at
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "pretrain_synthetic_vit.yaml"
 
@@ -33,24 +33,6 @@ def load_recipe(path: str | Path | None = None) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"pretraining recipe not found: {path}")
     return yaml.safe_load(path.read_text())
-
-
-def _cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, data: ImageSet, batch_size: int = 256) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        idx = range(start, min(start + batch_size, len(data)))
-        images = torch.stack([data[i][0] for i in idx])
-        correct += (model(images).argmax(-1) == data.labels[start:start + len(idx)]).sum().item()
-    return correct / max(1, len(data))
 
 
 def pretrain(manifest: Path, root: Path, out: Path, recipe: Mapping[str, Any] | None = None,
@@ -99,7 +81,7 @@ def pretrain(manifest: Path, root: Path, out: Path, recipe: Mapping[str, Any] | 
             images = torch.stack([train_set[i][0] for i in idx])
             labels = train_set.labels[idx]
             for group in optimizer.param_groups:
-                group["lr"] = _cosine_lr(step, total, warmup, opts["lr"])
+                group["lr"] = lr_at(step, total, warmup, opts["lr"])
             logits = model(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=opts.get("label_smoothing", 0.0))
             optimizer.zero_grad(set_to_none=True)
@@ -111,7 +93,7 @@ def pretrain(manifest: Path, root: Path, out: Path, recipe: Mapping[str, Any] | 
             correct += (logits.argmax(-1) == labels).sum().item()
             seen += len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        held_out = accuracy(model, test_set)
+        held_out = accuracy(model, test_set, torch.device("cpu"), amp=False)
         minutes = (time.time() - started) / 60
         log.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                     "test_acc": held_out, "lr": optimizer.param_groups[0]["lr"], "minutes": minutes})

@@ -153,7 +153,7 @@ def _init_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -166,7 +166,7 @@ def _resolve_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------- schedule and optimiser
 
 
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if warmup and step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -278,7 +278,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
         summary: best epoch, its validation accuracy, epochs run.
     """
     opts = TrainOptions.from_dict(dict(train_options))
-    device = _resolve_device(opts.device)
+    device = resolve_device(opts.device)
     ddp = _init_distributed(device)
     out_dir = Path(out_dir)
     torch.manual_seed(opts.seed)
@@ -343,7 +343,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             for g in optimizer.param_groups:
-                g["lr"] = _lr_at(step, total_steps, warmup, g["base_lr"])
+                g["lr"] = lr_at(step, total_steps, warmup, g["base_lr"])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = wrapped(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=opts.label_smoothing)
@@ -364,7 +364,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}")
         if ddp.world > 1:
             dist.all_reduce(totals)
-        val_acc = _accuracy(model, val_set, device, use_amp, opts.workers)
+        val_acc = accuracy(model, val_set, device, use_amp, opts.workers)
         row = {"epoch": epoch + 1, "train_loss": float(totals[0] / totals[2]),
                "train_acc": float(totals[1] / totals[2]), "val_acc": val_acc,
                "lr": float(optimizer.param_groups[0]["lr"]), "seconds": time.time() - started}
@@ -393,6 +393,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
             "finished": finished, "log": log}
 
 
-def _accuracy(model: nn.Module, data: ImageSet, device: torch.device, amp: bool, workers: int = 0) -> float:
+def accuracy(model: nn.Module, data: ImageSet, device: torch.device, amp: bool, workers: int = 0) -> float:
+    """Top-1 accuracy of ``model`` on every image of ``data``."""
     logits = predict(model, data, device, amp=amp, workers=workers)
     return float((logits.argmax(-1) == data.labels).float().mean()) if len(data) else float("nan")

@@ -53,3 +53,27 @@ def test_pretraining_recipe_never_renders_a_target_species():
     key = lambda s: (s.genus.bill_length, s.genus.tail_shape, tuple(s.states[p] for p in PARTS))  # noqa: E731
     assert len(pretrain) >= 90
     assert not {key(s) for s in pretrain} & {key(s) for s in target}
+
+
+def test_pretrain_writes_weights_that_load_into_the_recipe_architecture(tmp_path):
+    from intr.data.prepare import prepare_dataset
+    from intr.data.synthetic import SyntheticConfig, synthesize
+    from intr.pretrain import pretrain
+
+    root, tables = tmp_path / "data", tmp_path / "tables"
+    synthesize(SyntheticConfig.from_dict({"set": "pretrain", "genera": 2, "species_per_genus": 2,
+                                          "images_per_species": 10, "train_fraction": 0.8}), root, progress=False)
+    prepare_dataset("synthetic", root, tables, progress=False)
+    recipe = _recipe()
+    recipe["train"] = dict(recipe["train"], epochs=2, batch_size=8, warmup_epochs=1)
+    result = pretrain(tables / "manifest.parquet", root, tmp_path / "backbone.pt", recipe,
+                      log_path=tmp_path / "pretrain_log.parquet", progress=False)
+    assert 0.0 <= result["test_acc"] <= 1.0
+    spec = BackboneSpec.from_dict({**recipe["backbone"], "checkpoint": str(tmp_path / "backbone.pt")})
+    model = create_backbone(spec)
+    state = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    assert "head.weight" not in state  # the classifier over the pretraining species is dropped
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+    import pandas as pd
+
+    assert pd.read_parquet(tmp_path / "pretrain_log.parquet")["epoch"].tolist() == [1, 2]
