@@ -3,6 +3,7 @@
 # Run:  snakemake --cores 2 --workflow-profile workflow/profiles/default
 # (or `make run`); another config:  --configfile config/tiny.yaml
 
+import json
 import os
 
 from snakemake.utils import min_version, validate
@@ -26,6 +27,9 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/extract.smk"
+include: "workflow/rules/analyze.smk"
+include: "workflow/rules/report.smk"
 
 
 # The target rule only collects files; on a cluster it runs on the submit host.
@@ -38,3 +42,4 @@ rule all:
     input:
         expand(rules.prepare.output, dataset=DATASET),
         expand(rules.evaluation.output.evaluation, dataset=DATASET, method=METHODS),
+        expand(rules.report.output.html, dataset=DATASET),

@@ -163,6 +163,76 @@ def _cmd_evaluation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _section_json(text: str | None) -> dict:
+    """A config section handed over as JSON by the workflow (empty: defaults)."""
+    import json
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"intr: --section-json is not valid JSON: {err}")
+    if not isinstance(value, dict):
+        raise SystemExit("intr: --section-json must hold a JSON object")
+    return value
+
+
+EXTRACT_KEYS = ("split", "batch_size", "top_heads", "siblings_k", "region_radius", "region_cells",
+                "blur_sigma", "device")
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from intr.extract import extract
+
+    _set_threads(args.threads)
+    options = {k: v for k, v in _section_json(args.section_json).items() if k in EXTRACT_KEYS}
+    for key in ("split", "batch_size", "device"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    paths = extract(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
+                    workers=args.workers, limit=args.limit, progress=not args.quiet, **options)
+    print(f"extract: {len(paths)} tables -> {args.out}")
+    return 0
+
+
+def _cmd_faithfulness(args: argparse.Namespace) -> int:
+    from intr.faithfulness import run_faithfulness
+
+    _set_threads(args.threads)
+    options = _section_json(args.section_json)
+    table = run_faithfulness(
+        Path(args.model), Path(args.manifest), Path(args.root), Path(args.out_maps), Path(args.out_metrics),
+        split=options.get("split", "test"), top_heads=options.get("top_heads", 4),
+        images=options.get("faithfulness_images", 300), steps=options.get("faithfulness_steps", 32),
+        blur_sigma=options.get("blur_sigma", 0.05), batch_size=options.get("batch_size", 64),
+        device=options.get("device", "auto"), progress=not args.quiet)
+    print(table.to_string(index=False, float_format="%.3f"))
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from analysis.pipeline import analyze
+
+    options = _section_json(args.section_json)
+    table = analyze(Path(args.method_dir), Path(args.manifest), Path(args.root), Path(args.out),
+                    options, progress=not args.quiet)
+    print(table.to_string(index=False, float_format="%.3f"))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import build_report
+
+    config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    if args.config_json:
+        config = _section_json(args.config_json)
+    out = build_report(Path(args.results), Path(args.root), args.methods, config, Path(args.out),
+                       progress=not args.quiet)
+    print(f"report -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="intr",
@@ -276,6 +346,70 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("inputs", nargs="*", help="metric tables")
     ga.add_argument("--out", required=True, help="evaluation.parquet to write")
     ga.set_defaults(func=_cmd_evaluation)
+
+    ex = sub.add_parser(
+        "extract",
+        help="write a trained model's predictions, attention maps, head ranks, region effects and trait features",
+        description="Stream every image of the split through the model and write predictions.parquet, "
+        "attention.parquet, head_ranks.parquet, region_effects.parquet, trait_features.parquet and "
+        "lookalikes.parquet into --out (layouts in docs/tables.md).",
+    )
+    ex.add_argument("--model", required=True, help="model.pt from intr train")
+    ex.add_argument("--manifest", required=True, help="manifest.parquet (parts.parquet beside it)")
+    ex.add_argument("--root", required=True, help="data set root")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--section-json", dest="section_json", help="the config's extract section as JSON")
+    ex.add_argument("--split", help="split to extract (default test)")
+    ex.add_argument("--batch-size", dest="batch_size", type=int, help="images per forward pass (default 64)")
+    ex.add_argument("--device", help="auto, cpu or cuda")
+    ex.add_argument("--workers", type=int, default=0, help="image-decoding processes")
+    ex.add_argument("--limit", type=int, help="only the first N images (benchmarks)")
+    _add_run_options(ex)
+    ex.set_defaults(func=_cmd_extract)
+
+    fa = sub.add_parser(
+        "faithfulness",
+        help="insertion/deletion AUC of the model's maps and of CAM baselines on the same backbone",
+        description="Write baseline_maps.parquet (the model's top-heads map, Grad-CAM, Layer-CAM, "
+        "Eigen-CAM of a linear probe on the frozen backbone, attention rollout) and "
+        "metrics_faithfulness.parquet (insertion_auc, deletion_auc per method).",
+    )
+    fa.add_argument("--model", required=True, help="model.pt from intr train")
+    fa.add_argument("--manifest", required=True, help="manifest.parquet")
+    fa.add_argument("--root", required=True, help="data set root")
+    fa.add_argument("--out-maps", dest="out_maps", required=True, help="baseline_maps.parquet to write")
+    fa.add_argument("--out-metrics", dest="out_metrics", required=True, help="metrics table to write")
+    fa.add_argument("--section-json", dest="section_json", help="the config's extract section as JSON")
+    _add_run_options(fa)
+    fa.set_defaults(func=_cmd_faithfulness)
+
+    an = sub.add_parser(
+        "analyze",
+        help="trait discovery on the extracted tables (no network): traits, regions, contrasts, scores",
+        description="Read a method's extraction tables and write head_types, traits, trait_members, "
+        "regions, contrasts and metrics_analysis tables into --out.",
+    )
+    an.add_argument("--method-dir", dest="method_dir", required=True, help="the method's results folder")
+    an.add_argument("--manifest", required=True, help="manifest.parquet (parts, pairs, attributes beside it)")
+    an.add_argument("--root", required=True, help="data set root (part masks)")
+    an.add_argument("--out", required=True, help="output folder")
+    an.add_argument("--section-json", dest="section_json", help="the config's analysis options as JSON")
+    an.add_argument("--quiet", action="store_true", help="no progress bar")
+    an.set_defaults(func=_cmd_analyze)
+
+    rp = sub.add_parser(
+        "report",
+        help="the self-contained HTML trait report",
+        description="Build report.html from the results of one data set and its methods.",
+    )
+    rp.add_argument("--results", required=True, help="results/{dataset} folder")
+    rp.add_argument("--root", required=True, help="data set root (exemplar images)")
+    rp.add_argument("--methods", nargs="+", required=True, help="methods to report")
+    rp.add_argument("--config", help="the workflow config YAML shown in the report")
+    rp.add_argument("--config-json", dest="config_json", help="the workflow config as JSON (instead of --config)")
+    rp.add_argument("--out", required=True, help="report.html to write")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    rp.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -233,6 +233,10 @@ class INTR(nn.Module):
     def probe_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.probe_features(images)
 
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature map as (B, h * w, C): what each cell of a map looks at."""
+        return self.backbone(images).flatten(2).transpose(1, 2)
+
     def memory(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder output and positional encoding, (B, h*w, d) each."""
         features = self.input_proj(self.backbone(images))

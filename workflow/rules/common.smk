@@ -175,9 +175,48 @@ def train_resources_gpu(wildcards):
     return config[wildcards.method].get("gpus", 0)
 
 
+def extract_resources_gpu(wildcards):
+    """GPUs requested for extraction and the faithfulness test (SLURM's `gpu` resource)."""
+    return config["extract"]["gpus"]
+
+
+def section_json(name):
+    """A params function: config section `name` as JSON (handed to `--section-json`)."""
+    import json
+
+    def section(wildcards):
+        return json.dumps(config[name], sort_keys=True)
+
+    return section
+
+
+def analysis_options_json(wildcards):
+    """`intr analyze` options: the analysis section plus the region rule's extract settings."""
+    import json
+
+    options = dict(config["analysis"])
+    for key in ("region_radius", "region_cells"):
+        options[key] = config["extract"][key]
+    return json.dumps(options, sort_keys=True)
+
+
+def analyze_inputs(wildcards):
+    """What `analyze` reads: the extraction tables, the baseline maps and the data tables."""
+    return {
+        **{name: getattr(rules.extract.output, name) for name in
+           ("predictions", "attention", "head_ranks", "region_effects", "trait_features", "lookalikes")},
+        "baseline_maps": rules.faithfulness.output.maps,
+        "manifest": rules.prepare.output.manifest,
+    }
+
+
 def evaluation_inputs(wildcards):
     """Every metric table a method's stages write, gathered by `evaluation`."""
-    return {"model": rules.evaluate.output.metrics}
+    return {
+        "model": rules.evaluate.output.metrics,
+        "faithfulness": rules.faithfulness.output.metrics,
+        "analysis": rules.analyze.output.metrics,
+    }
 
 
 def folder_of_input(input_name):

@@ -1,0 +1,167 @@
+"""Regions: the one rule that says which pixels, and which patches, belong to which named part.
+
+Every later step (region effects in extraction, attention mass per region,
+contrasts, localization, the report) uses these functions, so a "beak" means
+the same pixels everywhere.
+
+The rule, per image:
+
+1. Part masks (the synthetic data): a pixel belongs to the part its mask
+   names; mask value 0 is ``background``.
+2. Else part keypoints (CUB): a pixel belongs to the nearest *visible*
+   keypoint when it lies within ``radius`` of it, else to ``background``.
+   ``radius`` is a fraction of the longer side of the bird's box (so it
+   scales with the bird, not with the image), measured in the original
+   image's pixels.
+3. Else (no parts at all): a coarse ``cells x cells`` grid over the image,
+   regions named ``cell_{row}_{col}``; there is no background.
+
+Geometry: the networks see the whole image resized to a square (no crop,
+aspect not kept; ``intr.data.images``), so a label map of any working size
+(h, w) samples the original image at the centres of an h x w grid.  Patch
+cell (i, j) of a g_h x g_w attention map covers working rows
+[i h/g_h, (i+1) h/g_h) and columns [j w/g_w, (j+1) w/g_w); its weight on a
+region is the fraction of its sample points labelled with that region.  The
+mass of a map on a region is ``weights @ map``; the region's area is the
+fraction of the image it covers, and density = mass / area.
+
+No torch here (``analysis`` reads tables).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+BACKGROUND = "background"
+DEFAULT_RADIUS = 0.15
+DEFAULT_CELLS = 3
+SAMPLES_PER_CELL = 8
+
+
+def region_vocabulary(parts: pd.DataFrame | None, cells: int = DEFAULT_CELLS) -> list[str]:
+    """All region names of a data set, in a fixed order.
+
+    Part names ordered by ``part_id`` then ``background`` when the data has
+    parts; else the grid cells ``cell_{row}_{col}``.
+    """
+    if parts is not None and len(parts):
+        names = (parts[["part_id", "part_name"]].drop_duplicates("part_name")
+                 .sort_values("part_id")["part_name"].astype(str).tolist())
+        return names + [BACKGROUND]
+    return [f"cell_{r}_{c}" for r in range(cells) for c in range(cells)]
+
+
+def _sample_points(width: float, height: float, out_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Original-image coordinates (x, y) of the centres of an out_h x out_w grid."""
+    h, w = out_hw
+    ys = (np.arange(h) + 0.5) * (height / h)
+    xs = (np.arange(w) + 0.5) * (width / w)
+    return xs, ys
+
+
+def label_map(vocab: Sequence[str], width: float, height: float, out_hw: tuple[int, int],
+              parts: pd.DataFrame | None = None, mask: np.ndarray | None = None,
+              mask_names: dict[int, str] | None = None, bbox: Sequence[float] | None = None,
+              radius: float = DEFAULT_RADIUS, cells: int = DEFAULT_CELLS) -> np.ndarray:
+    """(h, w) int16: the index into ``vocab`` of each sample point's region.
+
+    Args:
+        vocab: from ``region_vocabulary``.
+        width, height: the original image's size in pixels.
+        out_hw: the working resolution (e.g. the model's input size, or
+            ``SAMPLES_PER_CELL`` points per patch cell).
+        parts: this image's rows of ``parts.parquet`` (part_name, x, y, visible).
+        mask: the image's part mask (values = part ids, 0 = background), original size.
+        mask_names: part id -> part name for the mask values.
+        bbox: the bird's box (x, y, w, h) in original pixels; scales ``radius``.
+        radius: keypoint disc radius as a fraction of the box's longer side
+            (of the image's longer side without a box).
+        cells: grid size when the data has no parts.
+    """
+    h, w = out_hw
+    index = {name: i for i, name in enumerate(vocab)}
+    xs, ys = _sample_points(width, height, out_hw)
+    if mask is not None:
+        mh, mw = mask.shape[:2]
+        rows = np.minimum((ys * mh / height).astype(np.int64), mh - 1)
+        cols = np.minimum((xs * mw / width).astype(np.int64), mw - 1)
+        sampled = mask[rows[:, None], cols[None, :]]
+        lookup = np.full(int(sampled.max(initial=0)) + 1, index[BACKGROUND], dtype=np.int16)
+        for pid, name in (mask_names or {}).items():
+            if 0 < pid < lookup.size and name in index:
+                lookup[pid] = index[name]
+        return lookup[sampled]
+    if BACKGROUND in index:
+        out = np.full((h, w), index[BACKGROUND], dtype=np.int16)
+        if parts is None or not len(parts):
+            return out
+        vis = parts[parts["visible"].astype(bool) & parts["part_name"].isin(index)]
+        if not len(vis):
+            return out
+        scale = max(bbox[2], bbox[3]) if bbox is not None else max(width, height)
+        r = radius * scale
+        px = vis["x"].to_numpy(np.float64)
+        py = vis["y"].to_numpy(np.float64)
+        d2 = (xs[None, None, :] - px[:, None, None]) ** 2 + (ys[None, :, None] - py[:, None, None]) ** 2
+        nearest = d2.argmin(0)
+        ids = np.array([index[n] for n in vis["part_name"]], dtype=np.int16)
+        within = d2.min(0) <= r * r
+        out[within] = ids[nearest[within]]
+        return out
+    gr = np.minimum((ys * cells / height).astype(np.int64), cells - 1)
+    gc = np.minimum((xs * cells / width).astype(np.int64), cells - 1)
+    return (gr[:, None] * cells + gc[None, :]).astype(np.int16)
+
+
+def patch_weights(labels: np.ndarray, grid: tuple[int, int], n_regions: int) -> np.ndarray:
+    """(n_regions, g_h * g_w) float32: each patch cell's share in each region (columns sum to 1).
+
+    ``labels`` is a label map whose size is a multiple of the grid (e.g.
+    ``label_map(..., out_hw=(g_h * 8, g_w * 8))``).
+    """
+    gh, gw = grid
+    h, w = labels.shape
+    if h % gh or w % gw:
+        raise ValueError(f"label map {labels.shape} is not a multiple of the grid {grid}")
+    sh, sw = h // gh, w // gw
+    onehot = np.zeros((n_regions, h, w), dtype=np.float32)
+    np.put_along_axis(onehot, labels[None].astype(np.int64), 1.0, axis=0)
+    return onehot.reshape(n_regions, gh, sh, gw, sw).mean(axis=(2, 4)).reshape(n_regions, gh * gw)
+
+
+def region_masks(labels: np.ndarray, n_regions: int) -> np.ndarray:
+    """(n_regions, h, w) bool pixel masks from a label map (for blurring a region)."""
+    return labels[None] == np.arange(n_regions, dtype=labels.dtype)[:, None, None]
+
+
+def image_weights(vocab: Sequence[str], manifest: pd.DataFrame, parts: pd.DataFrame | None,
+                  grid: tuple[int, int], root=None, radius: float = DEFAULT_RADIUS,
+                  cells: int = DEFAULT_CELLS, mask_names: dict[int, str] | None = None) -> np.ndarray:
+    """(N, R, g_h * g_w) float32 patch weights for every manifest row, in row order.
+
+    Reads the part masks (``mask_path`` relative to ``root``) where the
+    manifest has them; else uses the keypoints of ``parts``.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    out = np.zeros((len(manifest), len(vocab), grid[0] * grid[1]), dtype=np.float32)
+    by_image = dict(tuple(parts.groupby("image_id"))) if parts is not None and len(parts) else {}
+    if mask_names is None and parts is not None and len(parts):
+        mask_names = dict(zip(parts["part_id"].astype(int), parts["part_name"].astype(str)))
+    has_mask = "mask_path" in manifest.columns
+    work = (grid[0] * SAMPLES_PER_CELL, grid[1] * SAMPLES_PER_CELL)
+    for k, row in enumerate(manifest.itertuples(index=False)):
+        mask = None
+        if has_mask and isinstance(row.mask_path, str) and root is not None:
+            with Image.open(Path(root) / row.mask_path) as im:
+                mask = np.asarray(im)
+        bbox = (row.bbox_x, row.bbox_y, row.bbox_w, row.bbox_h) if hasattr(row, "bbox_w") else None
+        labels = label_map(vocab, row.width, row.height, work, parts=by_image.get(row.image_id),
+                           mask=mask, mask_names=mask_names, bbox=bbox, radius=radius, cells=cells)
+        out[k] = patch_weights(labels, grid, len(vocab))
+    return out

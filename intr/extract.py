@@ -1,0 +1,423 @@
+"""``intr extract``: every attention map of a trained model, into Parquet tables.
+
+For each image of the evaluation split it writes (layouts in docs/tables.md):
+
+* ``predictions.parquet``: label, prediction, top-5 ids and probabilities;
+* ``attention.parquet``: the last layer's attention of the query rows of the
+  true class, the predicted class (when it differs) and each look-alike
+  class, per head, as ``fixed_size_list<float16>[grid_h * grid_w]``, with the
+  head's rank for that class (greedy blurring, ``intr.ranking``);
+* ``head_ranks.parquet``: the ranking itself, with the target probability
+  after each head is blurred;
+* ``region_effects.parquet``: for the true class A and each look-alike B, the
+  drop of the logit margin A - B (and of A's probability) when one region
+  (``analysis.regions``: a part mask, a disc around a part keypoint, or a grid
+  cell) is replaced by the blurred image; all regions of a batch of images go
+  through the model in one batched pass;
+* ``trait_features.parquet``: for the true class's ``top_heads`` top-ranked
+  heads, the map-weighted mean of the backbone's final patch features;
+* ``lookalikes.parquet``: the look-alike classes used (class_a, class_b,
+  source = ``genus`` or ``confusion``).
+
+Look-alikes: the other classes of the same genus when the manifest has a
+``genus`` column; otherwise the ``siblings_k`` classes the model confuses a
+class with most (summed softmax mass both ways on the split, a first pass).
+
+Streaming: images are decoded per batch (nothing is preloaded) and every
+batch's rows go straight to the Parquet writers, so memory does not grow with
+the data set.  The files appear only when the whole split is done (written to
+temporary names and renamed), so an interrupted run leaves no truncated table;
+a rerun recomputes them, and gives the same bytes of data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from analysis import regions as reg
+from intr.data.images import ImageSet, read_split
+from intr.ranking import rank_heads_by_blurring
+from intr.tables import ParquetStreamWriter, read_table
+from intr.train import load_model, resolve_device
+
+ROLE_TRUE, ROLE_PRED, ROLE_SIBLING = "true", "pred", "sibling"
+TABLES = ("predictions", "attention", "head_ranks", "region_effects", "trait_features", "lookalikes")
+
+
+def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
+    """(rows, width) numpy -> fixed_size_list<dtype>[width]."""
+    values = np.ascontiguousarray(values)
+    flat = pa.array(values.reshape(-1), type=dtype)
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+def schemas(cells: int, feature_dim: int) -> dict[str, pa.Schema]:
+    """Arrow schemas of the extraction tables."""
+    return {
+        "predictions": pa.schema([
+            ("image_id", pa.int32()), ("label", pa.int16()), ("pred", pa.int16()), ("correct", pa.bool_()),
+            ("prob_true", pa.float32()), ("top5_ids", pa.list_(pa.int16(), 5)),
+            ("top5_probs", pa.list_(pa.float32(), 5))]),
+        "attention": pa.schema([
+            ("image_id", pa.int32()), ("query_class", pa.int16()), ("query_role", pa.string()),
+            ("head", pa.int8()), ("head_rank", pa.int8()), ("attn", pa.list_(pa.float16(), cells))]),
+        "head_ranks": pa.schema([
+            ("image_id", pa.int32()), ("class_id", pa.int16()), ("head", pa.int8()), ("rank", pa.int8()),
+            ("prob_after_blur", pa.float32())]),
+        "region_effects": pa.schema([
+            ("image_id", pa.int32()), ("class_a", pa.int16()), ("class_b", pa.int16()), ("region", pa.string()),
+            ("area", pa.float32()), ("margin", pa.float32()), ("margin_drop", pa.float32()),
+            ("prob_a_drop", pa.float32())]),
+        "trait_features": pa.schema([
+            ("image_id", pa.int32()), ("class_id", pa.int16()), ("head", pa.int8()), ("rank", pa.int8()),
+            ("feature", pa.list_(pa.float16(), feature_dim))]),
+        "lookalikes": pa.schema([("class_a", pa.int16()), ("class_b", pa.int16()), ("source", pa.string())]),
+    }
+
+
+def blur_images(images: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
+    """Gaussian blur with sigma = ``sigma_fraction`` x the image side (reflect padding)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    side = max(images.shape[-2:])
+    sigma = max(sigma_fraction * side, 1e-3)
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    kernel = min(kernel, 2 * (min(images.shape[-2:]) // 2) - 1)  # reflect padding must fit
+    return gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+
+
+# ----------------------------------------------------------------------------- look-alikes
+
+
+def lookalikes_from_genus(manifest: pd.DataFrame) -> dict[int, list[int]] | None:
+    """Other classes of the same genus, or None when the manifest has no genus."""
+    if "genus" not in manifest.columns or manifest["genus"].isna().all():
+        return None
+    genus = manifest.drop_duplicates("class_id").set_index("class_id")["genus"]
+    out = {}
+    for cls, g in genus.items():
+        out[int(cls)] = sorted(int(c) for c in genus.index[genus == g] if c != cls) if isinstance(g, str) else []
+    return out
+
+
+def lookalikes_from_confusion(probs: np.ndarray, labels: np.ndarray, num_classes: int, k: int) -> dict[int, list[int]]:
+    """The ``k`` classes each class is confused with most (softmax mass, both directions)."""
+    conf = np.zeros((num_classes, num_classes))
+    np.add.at(conf, labels, probs)
+    sym = conf + conf.T
+    np.fill_diagonal(sym, -np.inf)
+    order = np.argsort(-sym, axis=1, kind="stable")[:, :k]
+    return {c: [int(j) for j in order[c]] for c in range(num_classes)}
+
+
+# ----------------------------------------------------------------------------- regions
+
+
+@dataclass
+class RegionSource:
+    """Everything ``analysis.regions.label_map`` needs, per image, for this split."""
+
+    vocab: list[str]
+    rows: pd.DataFrame
+    root: Path
+    parts: dict[int, pd.DataFrame]
+    mask_names: dict[int, str]
+    radius: float
+    cells: int
+
+    @classmethod
+    def load(cls, manifest_path: Path, rows: pd.DataFrame, root: Path, radius: float, cells: int) -> "RegionSource":
+        parts_path = Path(manifest_path).parent / "parts.parquet"
+        parts = read_table(parts_path) if parts_path.exists() else None
+        if parts is not None and not len(parts):
+            parts = None
+        by_image = dict(tuple(parts[parts["image_id"].isin(rows["image_id"])].groupby("image_id"))) \
+            if parts is not None else {}
+        names = dict(zip(parts["part_id"].astype(int), parts["part_name"].astype(str))) if parts is not None else {}
+        return cls(reg.region_vocabulary(parts, cells), rows, root, by_image, names, radius, cells)
+
+    def labels(self, k: int, size: int) -> np.ndarray:
+        """Label map of row k at the network's input size."""
+        row = self.rows.iloc[k]
+        mask = None
+        if isinstance(row.get("mask_path"), str):
+            with Image.open(self.root / row["mask_path"]) as im:
+                mask = np.asarray(im)
+        bbox = (row["bbox_x"], row["bbox_y"], row["bbox_w"], row["bbox_h"]) if "bbox_w" in row else None
+        return reg.label_map(self.vocab, row["width"], row["height"], (size, size),
+                             parts=self.parts.get(int(row["image_id"])), mask=mask, mask_names=self.mask_names,
+                             bbox=bbox, radius=self.radius, cells=self.cells)
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, data: ImageSet) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        image, label = self.data[i]
+        return image, label, i
+
+
+def _query_classes(labels: np.ndarray, preds: np.ndarray, looks: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(B, R) query class ids and (B, R) roles (0 true, 1 pred, 2 sibling, -1 padding)."""
+    rows, roles = [], []
+    for y, p in zip(labels.tolist(), preds.tolist()):
+        cls, role = [y], [0]
+        if p != y:
+            cls.append(p)
+            role.append(1)
+        for s in looks.get(y, []):
+            if s not in cls:
+                cls.append(s)
+                role.append(2)
+        rows.append(cls)
+        roles.append(role)
+    width = max(len(r) for r in rows)
+    out = np.array([r + [r[0]] * (width - len(r)) for r in rows], dtype=np.int64)
+    role_arr = np.array([r + [-1] * (width - len(r)) for r in roles], dtype=np.int64)
+    return out, role_arr
+
+
+@torch.no_grad()
+def _region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+                    masks: list[np.ndarray], siblings: list[list[int]], vocab: list[str],
+                    sigma: float, chunk: int) -> dict[str, np.ndarray]:
+    """Margin and probability drops when each region is blurred, for a batch of images."""
+    blurred = blur_images(images, sigma)
+    owner, region_ids, comp = [], [], []
+    for b, m in enumerate(masks):
+        present = np.flatnonzero(m.reshape(m.shape[0], -1).any(1))
+        for r in present:
+            owner.append(b)
+            region_ids.append(r)
+        comp.append(torch.from_numpy(m[present]))
+    if not owner:
+        return {}
+    region_masks = torch.cat(comp).to(images.device, images.dtype).unsqueeze(1)  # (M, 1, S, S)
+    owner_t = torch.as_tensor(owner, device=images.device)
+    out_logits = []
+    for s in range(0, len(owner), chunk):
+        o = owner_t[s:s + chunk]
+        m = region_masks[s:s + chunk]
+        out_logits.append(model(images[o] * (1 - m) + blurred[o] * m).float())
+    blurred_logits = torch.cat(out_logits)  # (M, C)
+    base = logits.float()
+    prob_a = base.softmax(1).gather(1, labels.view(-1, 1)).squeeze(1)
+    a = labels[owner_t]
+    prob_a_blur = blurred_logits.softmax(1).gather(1, a.view(-1, 1)).squeeze(1)
+    area = region_masks.flatten(1).mean(1)
+    cols = {k: [] for k in ("image", "class_b", "region", "area", "margin", "margin_drop", "prob_a_drop")}
+    for j in range(len(owner)):
+        b = owner[j]
+        sib = siblings[b]
+        if not sib:
+            continue
+        sib_t = torch.as_tensor(sib, device=images.device)
+        margin = base[b, labels[b]] - base[b, sib_t]
+        margin_blur = blurred_logits[j, labels[b]] - blurred_logits[j, sib_t]
+        n = len(sib)
+        cols["image"] += [b] * n
+        cols["class_b"] += sib
+        cols["region"] += [vocab[region_ids[j]]] * n
+        cols["area"] += [float(area[j])] * n
+        cols["margin"] += margin.cpu().tolist()
+        cols["margin_drop"] += (margin - margin_blur).cpu().tolist()
+        cols["prob_a_drop"] += [float(prob_a[b] - prob_a_blur[j])] * n
+    return {k: np.asarray(v) for k, v in cols.items()}
+
+
+def _rows_table(schema: pa.Schema, columns: dict[str, Any]) -> pa.Table:
+    arrays = []
+    for field in schema:
+        value = columns[field.name]
+        if pa.types.is_fixed_size_list(field.type):
+            arrays.append(_fixed_list(np.asarray(value), field.type.value_type))
+        else:
+            arrays.append(pa.array(np.asarray(value) if not isinstance(value, list) else value, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema.remove_metadata())
+
+
+def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_dir: str | Path,
+            split: str = "test", batch_size: int = 64, top_heads: int = 4, siblings_k: int = 3,
+            region_radius: float = reg.DEFAULT_RADIUS, region_cells: int = reg.DEFAULT_CELLS,
+            blur_sigma: float = 0.05, device: str = "auto", workers: int = 0, amp: bool = True,
+            limit: int | None = None, progress: bool = True) -> dict[str, Path]:
+    """Write the extraction tables of one trained model into ``out_dir``.
+
+    Args:
+        model_path: ``model.pt`` from ``intr train``.
+        manifest: ``manifest.parquet`` (``parts.parquet`` beside it when the data has parts).
+        root: data set root.
+        out_dir: folder for the tables (usually the method's results folder).
+        split: the split to extract.
+        batch_size: images per forward pass.
+        top_heads: true-class heads per image whose features go to trait_features.
+        siblings_k: look-alikes per class when the data has no genus.
+        region_radius, region_cells: the region rule's settings (``analysis.regions``).
+        blur_sigma: blur of the replaced regions, as a fraction of the image side.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        workers: image-decoding processes.
+        amp: bf16 autocast on CUDA.
+        limit: only the first ``limit`` images of the split (for benchmarks).
+        progress: progress bar.
+
+    Returns:
+        table name -> written path.
+    """
+    dev = resolve_device(device)
+    model, config = load_model(model_path, map_location="cpu")
+    model.to(dev).eval()
+    method, size = config["method"], int(config["image_size"])
+    mean, std = config["normalization"]["mean"], config["normalization"]["std"]
+    full = pd.read_parquet(manifest)
+    rows = read_split(manifest, split)
+    if limit:
+        rows = rows.iloc[:limit].reset_index(drop=True)
+    data = ImageSet(root, rows, size, mean, std, preload=False)
+    loader = DataLoader(_Indexed(data), batch_size=batch_size, shuffle=False, num_workers=workers)
+    use_amp = amp and dev.type == "cuda"
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp)  # noqa: E731
+    num_classes = int(config["num_classes"])
+
+    looks = lookalikes_from_genus(full)
+    source = "genus"
+    if looks is None:
+        source = "confusion"
+        probs, labels = [], []
+        with torch.no_grad():
+            for images, y, _ in tqdm(loader, desc=f"{method} confusion", disable=not progress, leave=False):
+                with autocast():
+                    probs.append(model(images.to(dev)).float().softmax(1).cpu().numpy())
+                labels.append(y.numpy())
+        looks = lookalikes_from_confusion(np.concatenate(probs), np.concatenate(labels), num_classes,
+                                          min(siblings_k, num_classes - 1))
+
+    regions = RegionSource.load(Path(manifest), rows, Path(root), region_radius, region_cells)
+    with torch.no_grad():
+        probe = next(iter(loader))[0][:1].to(dev)
+        with autocast():
+            model.forward_with_maps(probe, torch.zeros(1, 1, dtype=torch.long, device=dev))
+            feature_dim = model.patch_features(probe).shape[-1]
+    grid = tuple(int(g) for g in model.grid_size)
+    cells = grid[0] * grid[1]
+    heads = int(model.num_heads)
+    top = min(top_heads, heads)
+    meta = {"method": method, "backbone": config["model"]["backbone"]["name"], "grid_h": grid[0],
+            "grid_w": grid[1], "patch_size": size // grid[0], "image_size": size, "num_heads": heads,
+            "split": split, "num_classes": num_classes, "lookalike_source": source,
+            "model": str(model_path)}
+    table_schemas = schemas(cells, feature_dim)
+    out = Path(out_dir)
+    paths = {name: out / f"{name}.parquet" for name in TABLES}
+    extra = {"trait_features": {"feature_dim": feature_dim, "top_heads": top},
+             "region_effects": {"regions": regions.vocab, "blur_sigma": blur_sigma,
+                                "region_radius": region_radius, "region_cells": region_cells}}
+    writers = {name: ParquetStreamWriter(paths[name], table_schemas[name], {**meta, **extra.get(name, {})})
+               for name in TABLES}
+    try:
+        pairs = [(a, b) for a in sorted(looks) for b in looks[a]]
+        writers["lookalikes"].write(_rows_table(table_schemas["lookalikes"], {
+            "class_a": [a for a, _ in pairs], "class_b": [b for _, b in pairs], "source": [source] * len(pairs)}))
+        for images, labels, index in tqdm(loader, desc=f"{method} extract", disable=not progress):
+            _extract_batch(model, images.to(dev), labels.to(dev), index.numpy(), rows, looks, regions,
+                           size, top, blur_sigma, autocast, writers, table_schemas)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    for w in writers.values():
+        w.close()
+    return paths
+
+
+@torch.no_grad()
+def _extract_batch(model, images, labels, index, rows, looks, regions, size, top, blur_sigma,
+                   autocast, writers, table_schemas) -> None:
+    B = images.shape[0]
+    image_ids = rows["image_id"].to_numpy()[index].astype(np.int64)
+    with autocast():
+        logits = model(images).float()
+    probs = logits.softmax(1)
+    preds = logits.argmax(1)
+    k5 = min(5, logits.shape[1])
+    top5 = probs.topk(k5, dim=1)
+    ids5 = np.full((B, 5), -1, dtype=np.int64)
+    p5 = np.zeros((B, 5), dtype=np.float32)
+    ids5[:, :k5] = top5.indices.cpu().numpy()
+    p5[:, :k5] = top5.values.cpu().numpy()
+    y = labels.cpu().numpy()
+    pr = preds.cpu().numpy()
+    writers["predictions"].write(_rows_table(table_schemas["predictions"], {
+        "image_id": image_ids, "label": y, "pred": pr, "correct": y == pr,
+        "prob_true": probs.gather(1, labels.view(-1, 1)).squeeze(1).cpu().numpy(),
+        "top5_ids": ids5, "top5_probs": p5}))
+
+    # Maps of every query row, then the ranking of each real (not padding) row.
+    classes, roles = _query_classes(y, pr, looks)
+    classes_t = torch.as_tensor(classes, device=images.device)
+    with autocast():
+        _, maps = model.forward_with_maps(images, classes_t)
+    maps = maps.float()  # (B, R, H, gh, gw)
+    H = maps.shape[2]
+    bi, ri = np.nonzero(roles >= 0)
+    with autocast():
+        ranking = rank_heads_by_blurring(model, images[bi], classes_t[bi, ri])
+    rank = ranking.rank.cpu().numpy()  # (M, H)
+    role_names = np.array([ROLE_TRUE, ROLE_PRED, ROLE_SIBLING])
+    M = len(bi)
+    flat_maps = maps[bi, ri].flatten(2).cpu().numpy()  # (M, H, cells)
+    writers["attention"].write(_rows_table(table_schemas["attention"], {
+        "image_id": np.repeat(image_ids[bi], H), "query_class": np.repeat(classes[bi, ri], H),
+        "query_role": role_names[np.repeat(roles[bi, ri], H)].tolist(),
+        "head": np.tile(np.arange(H), M), "head_rank": rank.reshape(-1),
+        "attn": flat_maps.reshape(M * H, -1).astype(np.float16)}))
+    writers["head_ranks"].write(_rows_table(table_schemas["head_ranks"], {
+        "image_id": np.repeat(image_ids[bi], H), "class_id": np.repeat(classes[bi, ri], H),
+        "head": np.tile(np.arange(H), M), "rank": rank.reshape(-1),
+        "prob_after_blur": ranking.prob_after_blur.float().cpu().numpy().reshape(-1)}))
+
+    # Trait features: the true class's top-ranked heads (row r = 0 of every image).
+    true_rows = np.flatnonzero(ri == 0)  # one per image, in image order
+    true_rank = torch.as_tensor(rank[true_rows], device=images.device)  # (B, H)
+    chosen = true_rank.argsort(dim=1)[:, :top]  # heads with rank 1..top
+    with autocast():
+        feats = model.patch_features(images).float()  # (B, cells, D)
+    m = maps[:, 0].flatten(2)  # (B, H, cells)
+    m = m / m.sum(-1, keepdim=True).clamp_min(1e-12)
+    sel = torch.gather(m, 1, chosen.unsqueeze(-1).expand(-1, -1, m.shape[-1]))  # (B, top, cells)
+    pooled = sel @ feats  # (B, top, D)
+    writers["trait_features"].write(_rows_table(table_schemas["trait_features"], {
+        "image_id": np.repeat(image_ids, top), "class_id": np.repeat(y, top),
+        "head": chosen.cpu().numpy().reshape(-1),
+        "rank": torch.gather(true_rank, 1, chosen).cpu().numpy().reshape(-1),
+        "feature": pooled.cpu().numpy().reshape(B * top, -1).astype(np.float16)}))
+
+    # Region effects: every region of every image of the batch, blurred, in batched passes.
+    masks = [reg.region_masks(regions.labels(int(i), size), len(regions.vocab)) for i in index]
+    siblings = [looks.get(int(c), []) for c in y]
+    with autocast():
+        eff = _region_effects(model, images, labels, logits, masks, siblings, regions.vocab, blur_sigma,
+                              chunk=max(1, images.shape[0]) * 4)
+    if eff:
+        writers["region_effects"].write(_rows_table(table_schemas["region_effects"], {
+            "image_id": image_ids[eff["image"].astype(np.int64)], "class_a": y[eff["image"].astype(np.int64)],
+            "class_b": eff["class_b"], "region": eff["region"].tolist(), "area": eff["area"],
+            "margin": eff["margin"], "margin_drop": eff["margin_drop"], "prob_a_drop": eff["prob_a_drop"]}))
