@@ -52,3 +52,46 @@ def snakemake(*args: str | Path, cwd: Path = REPO_ROOT, timeout: float = 600) ->
 def run_snakemake() -> Callable[..., subprocess.CompletedProcess]:
     """The :func:`snakemake` runner, as a fixture."""
     return snakemake
+
+
+TINY_VIT = {"name": "vit_tiny_patch16_224",
+            "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4}}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> tuple[Path, Path]:
+    """(manifest path, data set root): 2 genera x 2 synthetic species, 12 images each, 32 px."""
+    from intr.data.prepare import prepare_dataset
+    from intr.data.synthetic import SyntheticConfig, synthesize
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    synthesize(SyntheticConfig(genera=2, species_per_genus=2, images_per_species=12, image_size=32),
+               root / "data", progress=False)
+    prepare_dataset("synthetic", root / "data", root / "tables", val_fraction=0.25, progress=False)
+    return root / "tables" / "manifest.parquet", root / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
+    """method -> model.pt of a Prompt-CAM and an INTR trained 2 epochs on ``tiny_dataset``."""
+    import torch
+
+    from intr.train import train
+
+    manifest, root = tiny_dataset
+    out = tmp_path_factory.mktemp("tiny_models")
+    models = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sections = {
+        "prompt_cam": {"backbone": TINY_VIT},
+        "intr": {"backbone": TINY_VIT, "freeze_backbone": True,
+                 "transformer": {"d_model": 32, "heads": 4, "encoder_layers": 1, "decoder_layers": 1,
+                                 "ffn": 64, "dropout": 0.0}},
+    }
+    for method, model in sections.items():
+        train(method, model, {"epochs": 2, "batch_size": 8, "lr": 0.05, "warmup_epochs": 1, "seed": 1},
+              manifest, root, out / method, image_size=32, progress=False)
+        models[method] = out / method / "model.pt"
+    torch.set_num_threads(threads)
+    return models

@@ -1,0 +1,187 @@
+"""Extraction: tables equal what the model computes, regions follow the rule, reruns are complete."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import intr.extract as ex
+from analysis import io, regions
+from intr.data.images import ImageSet, read_split
+from intr.ranking import rank_heads_by_blurring
+from intr.train import load_model
+
+
+@pytest.fixture(scope="module", params=["prompt_cam", "intr"])
+def extracted(request, tiny_models, tiny_dataset, tmp_path_factory):
+    manifest, root = tiny_dataset
+    out = tmp_path_factory.mktemp(f"extract_{request.param}")
+    paths = ex.extract(tiny_models[request.param], manifest, root, out, batch_size=5, top_heads=2,
+                       progress=False)
+    return request.param, paths
+
+
+def model_and_images(model_path, manifest, root):
+    model, config = load_model(model_path)
+    rows = read_split(manifest, "test")
+    data = ImageSet(root, rows, config["image_size"], config["normalization"]["mean"],
+                    config["normalization"]["std"])
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    return model, rows, images, data.labels
+
+
+def test_tables_hold_every_image_and_the_documented_schema(extracted, tiny_dataset):
+    method, paths = extracted
+    manifest, _ = tiny_dataset
+    test_ids = sorted(read_split(manifest, "test")["image_id"])
+    preds = io.load(paths["predictions"])
+    assert sorted(preds["image_id"]) == test_ids
+    meta = io.metadata(paths["attention"])
+    assert meta["method"] == method and meta["grid_h"] == 4 and meta["grid_w"] == 4
+    assert meta["patch_size"] == 8 and meta["image_size"] == 32 and meta["split"] == "test"
+    schema = pq.read_schema(paths["attention"])
+    for field in (schema.field("attn"), pq.read_schema(paths["trait_features"]).field("feature")):
+        assert pa.types.is_fixed_size_list(field.type) and pa.types.is_float16(field.type.value_type)
+    assert schema.field("attn").type.list_size == 16
+    ranks = io.load(paths["head_ranks"])
+    # Every (image, class) ranking is a permutation of 1..H.
+    perm = ranks.groupby(["image_id", "class_id"])["rank"].apply(lambda r: sorted(r.tolist()))
+    assert all(p == [1, 2, 3, 4] for p in perm)
+
+
+def test_predictions_maps_and_ranks_equal_the_model(extracted, tiny_models, tiny_dataset):
+    method, paths = extracted
+    manifest, root = tiny_dataset
+    model, rows, images, labels = model_and_images(tiny_models[method], manifest, root)
+    with torch.no_grad():
+        logits, maps = model.forward_with_maps(images, labels.view(-1, 1))
+        ranking = rank_heads_by_blurring(model, images, labels)
+    preds = io.load(paths["predictions"]).set_index("image_id").loc[rows["image_id"]]
+    assert (preds["pred"].to_numpy() == logits.argmax(1).numpy()).all()
+    assert np.allclose(preds["prob_true"], logits.softmax(1).gather(1, labels.view(-1, 1)).squeeze(1), atol=1e-5)
+    assert (np.stack(preds["top5_ids"])[:, 0] == preds["pred"]).all()
+    for k in (0, len(rows) - 1):
+        image_id = int(rows["image_id"][k])
+        m = io.map_of(paths["attention"], image_id)  # the true class's maps, heads in order
+        assert m.shape == (4, 4, 4)
+        assert np.allclose(m, maps[k, 0].numpy(), atol=2e-3)
+        keys, _ = io.maps(paths["attention"], image_id=image_id, query_role="true")
+        assert keys.sort_values("head")["head_rank"].tolist() == ranking.rank[k].tolist()
+
+
+def test_query_roles_are_true_pred_and_genus_siblings(extracted, tiny_dataset):
+    _, paths = extracted
+    manifest, _ = tiny_dataset
+    genus = pd.read_parquet(manifest).drop_duplicates("class_id").set_index("class_id")["genus"]
+    keys = io.load(paths["attention"], columns=["image_id", "query_class", "query_role", "head"])
+    preds = io.load(paths["predictions"]).set_index("image_id")
+    per_image = keys[keys["head"] == 0].groupby("image_id")
+    for image_id, g in per_image:
+        label, pred = preds.loc[image_id, ["label", "pred"]]
+        roles = dict(zip(g["query_class"], g["query_role"]))
+        assert roles[label] == "true" and list(g["query_role"]).count("true") == 1
+        if pred != label:
+            assert roles[pred] == "pred"
+        siblings = {c for c in genus.index if genus[c] == genus[label] and c != label}
+        assert {c for c, r in roles.items() if r == "sibling"} == siblings - {pred}
+    looks = io.load(paths["lookalikes"])
+    assert set(looks["source"]) == {"genus"} and len(looks) == 4  # 2 genera x 2 species, one sibling each
+
+
+def test_region_effects_are_the_margin_drop_of_blurring_that_region(extracted, tiny_models, tiny_dataset):
+    method, paths = extracted
+    manifest, root = tiny_dataset
+    model, rows, images, labels = model_and_images(tiny_models[method], manifest, root)
+    effects = io.load(paths["region_effects"])
+    assert set(effects["region"]) <= set(io.metadata(paths["region_effects"])["regions"])
+    row = effects.iloc[len(effects) // 2]
+    k = int(np.flatnonzero(rows["image_id"].to_numpy() == row["image_id"])[0])
+    source = ex.RegionSource.load(manifest, rows, root, regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS)
+    labels_map = source.labels(k, 32)
+    mask = torch.from_numpy(labels_map == source.vocab.index(row["region"])).float()
+    assert row["area"] == pytest.approx(mask.mean().item(), abs=1e-6)
+    image = images[k:k + 1]
+    blurred = ex.blur_images(image, 0.05)
+    with torch.no_grad():
+        base = model(image)[0]
+        after = model(image * (1 - mask) + blurred * mask)[0]
+    a, b = int(row["class_a"]), int(row["class_b"])
+    assert row["margin"] == pytest.approx((base[a] - base[b]).item(), abs=1e-4)
+    assert row["margin_drop"] == pytest.approx(((base[a] - base[b]) - (after[a] - after[b])).item(), abs=1e-4)
+    assert row["prob_a_drop"] == pytest.approx((base.softmax(0)[a] - after.softmax(0)[a]).item(), abs=1e-5)
+
+
+def test_trait_features_are_the_map_weighted_patch_features_of_the_top_heads(extracted, tiny_models, tiny_dataset):
+    method, paths = extracted
+    manifest, root = tiny_dataset
+    model, rows, images, labels = model_and_images(tiny_models[method], manifest, root)
+    feats = io.load(paths["trait_features"])
+    assert len(feats) == 2 * len(rows) and set(feats["rank"]) == {1, 2}
+    row = feats.iloc[3]
+    k = int(np.flatnonzero(rows["image_id"].to_numpy() == row["image_id"])[0])
+    with torch.no_grad():
+        _, maps = model.forward_with_maps(images[k:k + 1], labels[k:k + 1].view(1, 1))
+        patches = model.patch_features(images[k:k + 1])[0]
+    m = maps[0, 0, int(row["head"])].flatten()
+    expected = (m / m.sum()) @ patches
+    assert np.allclose(row["feature"], expected.numpy(), atol=2e-2 * float(expected.abs().max()))
+
+
+def test_interrupted_extraction_leaves_no_table_and_a_rerun_is_complete(tiny_models, tiny_dataset, tmp_path,
+                                                                       monkeypatch):
+    manifest, root = tiny_dataset
+    calls = {"n": 0}
+    original = ex._extract_batch
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "_extract_batch", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        ex.extract(tiny_models["prompt_cam"], manifest, root, tmp_path / "run", batch_size=4, progress=False)
+    assert list((tmp_path / "run").iterdir()) == []  # neither tables nor temporary files
+    monkeypatch.setattr(ex, "_extract_batch", original)
+    first = ex.extract(tiny_models["prompt_cam"], manifest, root, tmp_path / "run", batch_size=4, progress=False)
+    again = ex.extract(tiny_models["prompt_cam"], manifest, root, tmp_path / "again", batch_size=4, progress=False)
+    for name in ex.TABLES:
+        a, b = pq.read_table(first[name]), pq.read_table(again[name])
+        assert a.num_rows > 0 and a.equals(b)  # the rerun after the crash == an uninterrupted run
+
+
+def test_lookalikes_from_confusion_pick_the_most_confused_classes():
+    labels = np.array([0, 0, 1, 2, 3])
+    probs = np.array([[0.5, 0.1, 0.4, 0.0], [0.6, 0.0, 0.3, 0.1],
+                      [0.2, 0.7, 0.0, 0.1], [0.0, 0.0, 0.9, 0.1], [0.0, 0.3, 0.0, 0.7]])
+    looks = ex.lookalikes_from_confusion(probs, labels, 4, k=1)
+    assert looks == {0: [2], 1: [3], 2: [0], 3: [1]}
+    assert ex.lookalikes_from_genus(pd.DataFrame({"class_id": [0, 1], "genus": [None, None]})) is None
+
+
+# --------------------------------------------------------------------------- the region rule
+
+
+def test_mask_regions_keypoint_discs_and_grid_cells():
+    vocab = ["crown", "beak", "background"]
+    mask = np.zeros((20, 40), dtype=np.uint8)
+    mask[0:10, 0:20] = 1   # crown: top-left quarter
+    mask[10:20, 20:40] = 2  # beak: bottom-right quarter
+    labels = regions.label_map(vocab, 40, 20, (4, 4), mask=mask, mask_names={1: "crown", 2: "beak"})
+    assert labels.tolist() == [[0, 0, 2, 2], [0, 0, 2, 2], [2, 2, 1, 1], [2, 2, 1, 1]]
+    w = regions.patch_weights(labels, (2, 2), 3)
+    assert np.allclose(w.sum(0), 1) and w[0, 0] == 1 and w[1, 3] == 1 and w[2, 1] == 1
+    parts = pd.DataFrame({"part_name": ["crown", "beak"], "x": [5.0, 35.0], "y": [5.0, 15.0],
+                          "visible": [True, False]})
+    disc = regions.label_map(vocab, 40, 20, (20, 40), parts=parts, bbox=(0, 0, 40, 20), radius=0.1)
+    ys, xs = np.nonzero(disc == 0)
+    assert ((xs + 0.5 - 5) ** 2 + (ys + 0.5 - 5) ** 2 <= 16).all() and len(xs) > 30  # radius 0.1 x 40 px
+    assert not (disc == 1).any()  # an invisible part has no region
+    grid = regions.label_map(regions.region_vocabulary(None, cells=2), 40, 20, (2, 2), cells=2)
+    assert grid.tolist() == [[0, 1], [2, 3]]
+    assert regions.region_masks(grid, 4).sum() == 4
