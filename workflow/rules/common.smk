@@ -175,6 +175,14 @@ def train_resources_gpu(wildcards):
     return config[wildcards.method].get("gpus", 0)
 
 
+def train_launcher(wildcards):
+    """`intr train`, or torchrun with one process per GPU when the method asks for several."""
+    gpus = int(config[wildcards.method].get("gpus", 0) or 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m intr.cli train"
+    return "intr train"
+
+
 def extract_resources_gpu(wildcards):
     """GPUs requested for extraction and the faithfulness test (SLURM's `gpu` resource)."""
     return config["extract"]["gpus"]

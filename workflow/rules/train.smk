@@ -12,6 +12,7 @@ rule train:
         root=data_root(),
         out=folder_of("model"),
         backbone=backbone_override,
+        launcher=train_launcher,
     log:
         "logs/{dataset}/{method}/train.log",
     benchmark:
@@ -25,7 +26,7 @@ rule train:
     conda:
         "../../environment.yml"
     shell:
-        "intr train --method {wildcards.method} --section-json {params.section:q}"
+        "{params.launcher} --method {wildcards.method} --section-json {params.section:q}"
         " --manifest {input.manifest:q} --root {params.root:q} --out {params.out:q}"
         " {params.backbone} --threads {threads} --quiet > {log:q} 2>&1"
 
