@@ -56,6 +56,8 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             options[key] = value
+    if args.class_names:
+        options["class_names"] = args.class_names
     try:
         config = SyntheticConfig.from_dict(options)
     except (TypeError, ValueError) as err:
@@ -261,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--set", choices=["target", "pretrain"],
                      help="'target' (default): the look-alike species to study; 'pretrain': "
                      "the larger, disjoint species set for backbone pretraining")
+    syn.add_argument("--class-name", dest="class_names", action="append",
+                     help="replace the next generated species name (repeatable; a class folder name: no '/')")
     syn.add_argument("--workers", type=int, default=1, help="worker processes (output does not depend on it)")
     syn.add_argument("--quiet", action="store_true", help="no progress bar")
     syn.set_defaults(func=_cmd_synthesize)

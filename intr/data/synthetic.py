@@ -27,7 +27,10 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import math
+import re
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -108,6 +111,12 @@ class SyntheticConfig:
         target_genera: with ``set: pretrain``, the target set (same seed) whose
             species the pretraining set must not contain.
         target_species_per_genus: as ``target_genera``.
+        class_names: optional names replacing the generated species names in
+            class order (the first ``len(class_names)`` species); each becomes a
+            class folder, so it must be unique, non-empty, free of '/' and line
+            breaks, without surrounding spaces and without a numeric ``NNN.``
+            prefix. Any other text is allowed (the tests use an HTML-like name
+            to check that the report escapes it).
     """
 
     genera: int = 4
@@ -120,6 +129,7 @@ class SyntheticConfig:
     two_part_fraction: float = 0.5
     target_genera: int = 4
     target_species_per_genus: int = 3
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.set not in ("target", "pretrain"):
@@ -131,6 +141,8 @@ class SyntheticConfig:
             raise ValueError(f"image_size must be at least 32 px, got {self.image_size}")
         if not 0.0 <= self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction must lie in [0, 1], got {self.train_fraction}")
+        if self.class_names is not None:
+            _check_class_names(self.class_names, self.genera * self.species_per_genus)
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> "SyntheticConfig":
@@ -144,10 +156,37 @@ class SyntheticConfig:
         if unknown:
             raise ValueError(f"unknown synthetic option(s): {', '.join(unknown)}")
         values = {k: v for k, v in options.items() if k != "workers"}
+        if values.get("class_names") is not None:
+            names = values["class_names"]
+            if isinstance(names, str) or not isinstance(names, Sequence):
+                raise ValueError(f"synthetic.class_names must be a list of strings, got {names!r}")
+            values["class_names"] = tuple(names)
         if values.get("set") == "pretrain":
             for key, default in (("genera", 32), ("species_per_genus", 3), ("images_per_species", 150)):
                 values.setdefault(key, default)
         return cls(**values)
+
+
+def _check_class_names(names: Sequence[Any], n_species: int) -> None:
+    """ValueError naming the first ``synthetic.class_names`` entry that cannot be a class folder."""
+    if len(names) > n_species:
+        raise ValueError(f"synthetic.class_names has {len(names)} names but the set has only "
+                         f"{n_species} species (genera x species_per_genus)")
+    for k, name in enumerate(names):
+        where = f"synthetic.class_names[{k}] = {name!r}"
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}: a class name must be a non-empty string")
+        if "/" in name or "\\" in name or "\n" in name or "\r" in name or "\0" in name:
+            raise ValueError(f"{where}: a class name is a folder name and cannot hold '/', '\\', "
+                             f"a line break or NUL")
+        if name != name.strip():
+            raise ValueError(f"{where}: a class name cannot start or end with spaces (classes.txt drops them)")
+        if re.match(r"^\d+\.", name):
+            raise ValueError(f"{where}: a class name cannot start with a numeric 'NNN.' prefix "
+                             f"(it is read as CUB's folder number)")
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise ValueError(f"synthetic.class_names repeats {repeated[0]!r}: class names must be unique")
 
 
 # --------------------------------------------------------------------------- taxonomy
@@ -258,7 +297,7 @@ def build_taxonomy(config: SyntheticConfig) -> list[Species]:
     excluded: set[tuple] = set()
     if config.set == "pretrain":
         target = replace(config, set="target", genera=config.target_genera,
-                         species_per_genus=config.target_species_per_genus)
+                         species_per_genus=config.target_species_per_genus, class_names=None)
         excluded = {_species_key(s) for s in build_taxonomy(target)}
 
     species: list[Species] = []
@@ -272,6 +311,13 @@ def build_taxonomy(config: SyntheticConfig) -> list[Species]:
             if not any(_species_key(s) in excluded for s in members):
                 break
         species.extend(members)
+    if config.class_names:
+        renamed = [replace(sp, name=name) for sp, name in zip(species, config.class_names)]
+        species = renamed + species[len(renamed):]
+        clashes = sorted(name for name, count in Counter(sp.name for sp in species).items() if count > 1)
+        if clashes:
+            raise ValueError(f"synthetic.class_names: {clashes[0]!r} is also a generated species name; "
+                             f"class names must be unique")
     return species
 
 
@@ -697,5 +743,7 @@ def synthesize(config: SyntheticConfig, out: Path, workers: int = 1, progress: b
                  (" ".join("100.000000" if n in _species_attributes(sp) else "0.000000" for n in names)
                   for sp in taxonomy))
     _write_ground_truth(out, taxonomy)
-    _write_lines(out / "synthetic_config.yaml", (f"{k}: {v}" for k, v in asdict(config).items()))
+    _write_lines(out / "synthetic_config.yaml", (f"{k}: {json.dumps(list(v)) if k == 'class_names' else v}"
+                                                 for k, v in asdict(config).items()
+                                                 if not (k == "class_names" and v is None)))
     return {"images": image_id, "species": len(taxonomy), "genera": len({s.genus.name for s in taxonomy})}

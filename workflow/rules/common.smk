@@ -70,6 +70,7 @@ def synthesize_args():
             f"--image-size {options['image_size']}",
             f"--train-fraction {options['train_fraction']}",
             f"--seed {options['seed']}",
+            *[f"--class-name {shlex.quote(name)}" for name in (options.get("class_names") or [])],
         ]
     )
 

@@ -1,0 +1,908 @@
+"""The trait report: one self-contained HTML file a biologist reads.
+
+``build_report`` reads only tables (the data set's manifest and parts, and per
+method its extraction and analysis tables; layouts in docs/tables.md) plus a
+few images from the data set root for thumbnails, and writes one HTML file
+with every figure and thumbnail inline as a ``data:`` URI. Sections:
+
+1. Summary: data set, methods, accuracy, faithfulness against the CAM
+   baselines, ground-truth scores (all with 95 % intervals).
+2. Species atlas: per species (at most ``report.max_species``), per method the
+   regions ranked by attention density with intervals, the trait cards, and
+   exemplar images (``report.exemplars``) with the top heads' maps overlaid and
+   the region where each map is densest.
+3. Look-alike pairs: side-by-side maps of both classes' queries on the same
+   image and their difference, and the ranked distinguishing regions of both
+   directions with q-values.
+4. Traits: per method the UMAP of trait members coloured by trait, a gallery
+   per trait (``report.gallery`` images), and the head types.
+5. INTR against Prompt-CAM on the same species (when both ran).
+6. How to read this; the exact config.
+
+Every string that comes from the data (class folders, part names, trait
+names) goes through Jinja2's autoescaping, so a class called
+``<img src=x onerror=alert(1)>`` is shown as text. A table that is missing
+drops the part of the report that needs it and leaves a note saying so.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from analysis import io, plots, regions
+
+TEMPLATES = Path(__file__).parent / "templates"
+METHOD_TABLES = ("evaluation", "predictions", "head_ranks", "region_effects", "baseline_maps", "head_types",
+                 "traits", "trait_members", "regions", "contrasts")
+ACCURACY_METRICS = ("top1", "top5")
+FAITHFULNESS_METRICS = ("insertion_auc", "deletion_auc")
+METHOD_LABELS = {"prompt_cam": "Prompt-CAM", "intr": "INTR"}
+HEADS_PER_EXEMPLAR = 3      # overlays per exemplar and method (the top-ranked heads)
+MAX_TRAIT_GALLERIES = 20    # trait galleries per method (the rest are in the table)
+CARDS_PER_SPECIES = 5
+CONTRAST_ROWS = 5
+MAX_PAIRS = 30              # look-alike pairs drawn (the rest are in contrasts.parquet)
+THUMB_BUDGET_BYTES = 3.0e6  # all thumbnails together; their size shrinks to fit (between 56 and 96 px)
+BYTES_PER_THUMB_PIXEL = 0.45  # base64 JPEG bytes per pixel of a thumbnail, measured on photos and the synthetic birds
+
+
+class ReportError(RuntimeError):
+    """A table the report cannot do without is missing or malformed."""
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number for a table cell ('—' for missing)."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    v = float(value)
+    if v != 0 and abs(v) < 10 ** -(digits - 1):
+        return f"{v:.1e}"
+    return f"{v:.{digits}f}"
+
+
+def fmt_interval(value: Any, lo: Any, hi: Any) -> str:
+    """'0.812 [0.790, 0.834]' (the interval dropped where it is missing)."""
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def fmt_rank(value: Any) -> str:
+    """A rank ('—' for missing or unranked, i.e. below 1)."""
+    if value is None or pd.isna(value) or float(value) < 1:
+        return "—"
+    return str(int(value))
+
+
+def method_label(method: str) -> str:
+    """Display name of a method folder."""
+    return METHOD_LABELS.get(method, method)
+
+
+def _as_list(value: Any) -> list:
+    """A list cell (Arrow list → numpy array or list) as a Python list."""
+    if value is None:
+        return []
+    if isinstance(value, float) and np.isnan(value):
+        return []
+    return list(np.asarray(value).tolist())
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class MethodData:
+    """One method's tables (each optional) and its attention table's geometry."""
+
+    name: str
+    folder: Path
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    attention: Path | None = None
+    grid: tuple[int, int] | None = None
+    head_regions: list[str] | None = None
+
+    def has(self, *names: str) -> bool:
+        return all(n in self.tables for n in names)
+
+
+def _read_optional(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    return io.load(path)
+
+
+def load_method(results_dir: Path, method: str) -> MethodData:
+    """Read a method folder's tables; absent ones are listed in ``missing``."""
+    folder = results_dir / method
+    data = MethodData(method, folder)
+    for name in METHOD_TABLES:
+        frame = _read_optional(folder / f"{name}.parquet")
+        if frame is None:
+            data.missing.append(f"{name}.parquet")
+        else:
+            data.tables[name] = frame
+    attention = folder / "attention.parquet"
+    if attention.is_file():
+        data.attention = attention
+        data.grid = io.grid_of(attention)
+    else:
+        data.missing.append("attention.parquet")
+    if "head_types" in data.tables:
+        meta = io.metadata(folder / "head_types.parquet")
+        names = meta.get("regions")
+        data.head_regions = [str(r) for r in names] if isinstance(names, list) else None
+    return data
+
+
+class AttentionIndex:
+    """Maps of one method for a set of images, looked up by (image, query class, head)."""
+
+    def __init__(self, path: Path, image_ids: Iterable[int]):
+        ids = sorted({int(i) for i in image_ids})
+        keys, maps = io.maps(path, image_id=ids) if ids else (pd.DataFrame(), np.zeros((0, 1, 1), np.float32))
+        self.maps = maps
+        self.keys = keys.reset_index(drop=True)
+        if len(keys):
+            self.groups = self.keys.groupby(["image_id", "query_class"]).indices
+        else:
+            self.groups = {}
+
+    def rows(self, image_id: int, query_class: int) -> pd.DataFrame:
+        """Key rows (with a ``pos`` column into ``maps``) of one (image, query class), best rank first."""
+        idx = self.groups.get((int(image_id), int(query_class)))
+        if idx is None:
+            return self.keys.iloc[0:0].assign(pos=[])
+        rows = self.keys.iloc[idx].assign(pos=idx)
+        sort = "head_rank" if "head_rank" in rows else "head"
+        return rows.sort_values([sort, "head"])
+
+    def top(self, image_id: int, query_class: int, k: int) -> tuple[pd.DataFrame, np.ndarray]:
+        """The ``k`` top-ranked heads' key rows and maps (k, grid_h, grid_w)."""
+        rows = self.rows(image_id, query_class).head(k)
+        return rows, self.maps[rows["pos"].to_numpy(dtype=int)]
+
+    def head(self, image_id: int, query_class: int, head: int) -> np.ndarray | None:
+        rows = self.rows(image_id, query_class)
+        rows = rows[rows["head"] == head]
+        return self.maps[int(rows["pos"].iloc[0])] if len(rows) else None
+
+
+class PeakRegions:
+    """The region a map falls on: its region of highest density (mass / area), by ``analysis.regions``.
+
+    The same rule as ``dominant_region`` in ``trait_members.parquet``: mass is
+    ``weights @ map``, area the region's share of the image's patches, and a
+    region absent from the image never wins.
+    """
+
+    def __init__(self, manifest: pd.DataFrame, parts: pd.DataFrame | None, root: Path | None,
+                 radius: float, cells: int):
+        self.manifest = manifest.set_index("image_id", drop=False)
+        self.parts = parts
+        self.root = root
+        self.radius = radius
+        self.cells = cells
+        self.vocab = regions.region_vocabulary(parts, cells)
+        self._cache: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+
+    def prepare(self, image_ids: Iterable[int], grid: tuple[int, int]) -> None:
+        """Compute the patch weights of these images at this grid (once)."""
+        known = self._cache.setdefault(tuple(grid), {})
+        todo = [i for i in dict.fromkeys(int(i) for i in image_ids) if i not in known and i in self.manifest.index]
+        if not todo:
+            return
+        rows = self.manifest.loc[todo]
+        if self.root is None or not self.root.is_dir():
+            rows = rows.drop(columns=["mask_path"], errors="ignore")
+        parts = self.parts[self.parts["image_id"].isin(todo)] if self.parts is not None else None
+        weights = regions.image_weights(self.vocab, rows, parts, tuple(grid), root=self.root, radius=self.radius,
+                                        cells=self.cells)
+        known.update(zip(todo, weights))
+
+    def peak(self, image_id: int, attn: np.ndarray) -> str:
+        """Name of the region where ``attn`` is densest in this image ('?' when unknown)."""
+        weights = self._cache.get(tuple(attn.shape), {}).get(int(image_id))
+        if weights is None:
+            return "?"
+        mass = weights @ attn.reshape(-1)
+        area = weights.sum(axis=1)
+        density = np.where(area > 0, mass / np.maximum(area, 1e-12), -np.inf)
+        return self.vocab[int(np.argmax(density))]
+
+
+class ImageStore:
+    """Thumbnails of data set images (read once)."""
+
+    def __init__(self, root: Path | None, paths: Mapping[int, str]):
+        self.root = root
+        self.paths = paths
+        self._cache: dict[int, np.ndarray | None] = {}
+        self.missing: list[str] = []
+
+    def get(self, image_id: int) -> np.ndarray | None:
+        image_id = int(image_id)
+        if image_id not in self._cache:
+            from PIL import Image
+
+            path = (self.root / self.paths[image_id]) if self.root is not None and image_id in self.paths else None
+            if path is None or not path.is_file():
+                self._cache[image_id] = None
+                self.missing.append(str(path) if path is not None else f"image_id {image_id}")
+            else:
+                with Image.open(path) as im:
+                    self._cache[image_id] = np.asarray(im.convert("RGB"))
+        return self._cache[image_id]
+
+
+# --------------------------------------------------------------------------- report state
+
+
+@dataclass
+class Report:
+    """Everything the sections share while the report is built."""
+
+    results_dir: Path
+    root: Path | None
+    config: dict
+    manifest: pd.DataFrame
+    parts: pd.DataFrame | None
+    pairs: pd.DataFrame | None
+    methods: list[MethodData]
+    names: dict[int, str]
+    species: list[int]
+    exemplars: dict[int, list[int]]
+    images: ImageStore
+    peaks: PeakRegions
+    attention: dict[str, AttentionIndex]
+    region_colours: dict[str, str]
+    top_heads: int
+    notes: list[str] = field(default_factory=list)
+    genus_of: dict[int, str | None] = field(default_factory=dict)
+    side: int = plots.THUMB
+
+    def name(self, class_id: int) -> str:
+        return self.names.get(int(class_id), f"class {int(class_id)}")
+
+    def thumb(self, image_id: int) -> str | None:
+        image = self.images.get(image_id)
+        return plots.image_uri(plots.thumbnail(image, self.side)) if image is not None else None
+
+    def overlay(self, image_id: int, attn: np.ndarray, diverging: bool = False) -> str | None:
+        image = self.images.get(image_id)
+        return (plots.image_uri(plots.overlay(image, attn, side=self.side, diverging=diverging))
+                if image is not None else None)
+
+
+def thumbnail_side(n_thumbs: int) -> int:
+    """Thumbnail size that keeps ``n_thumbs`` thumbnails within ``THUMB_BUDGET_BYTES`` (56 to 96 px)."""
+    side = np.sqrt(THUMB_BUDGET_BYTES / (max(n_thumbs, 1) * BYTES_PER_THUMB_PIXEL))
+    return int(np.clip(side, 56, plots.THUMB))
+
+
+def _count_thumbs(n_species: int, exemplars: int, methods: Sequence[MethodData], heads: int, pairs: int,
+                  gallery: int) -> int:
+    """How many thumbnails the report will hold, at most."""
+    m = len(methods)
+    traits = sum(min(len(x.tables["traits"]), MAX_TRAIT_GALLERIES) for x in methods if "traits" in x.tables)
+    return (n_species * exemplars * (1 + m * heads)   # atlas
+            + pairs * m * 8                           # look-alike maps
+            + traits * gallery                        # trait galleries
+            + n_species * (1 + m))                    # comparison
+
+
+def _report_options(config: Mapping[str, Any]) -> dict[str, int]:
+    options = dict(config.get("report") or {})
+    return {"max_species": int(options.get("max_species", 60)), "exemplars": int(options.get("exemplars", 3)),
+            "gallery": int(options.get("gallery", 8))}
+
+
+def _choose_exemplars(methods: Sequence[MethodData], manifest: pd.DataFrame, species: Sequence[int],
+                      count: int) -> dict[int, list[int]]:
+    """Per species, ``count`` images every method classified right (most confident first).
+
+    Falls back to images some method got right, then to any evaluated image of the species.
+    """
+    preds = [m.tables["predictions"][["image_id", "label", "correct", "prob_true"]].assign(method=m.name)
+             for m in methods if "predictions" in m.tables]
+    if preds:
+        joined = pd.concat(preds, ignore_index=True)
+        joined["correct"] = joined["correct"].astype(bool)
+        per_image = joined.groupby("image_id").agg(label=("label", "first"), n_correct=("correct", "sum"),
+                                                   prob=("prob_true", "mean"))
+        per_image = per_image.reset_index().sort_values(["n_correct", "prob", "image_id"],
+                                                        ascending=[False, False, True])
+    else:
+        per_image = (manifest[manifest["split"] == "test"][["image_id", "class_id"]]
+                     .rename(columns={"class_id": "label"}))
+    chosen = per_image[per_image["label"].isin(species)].groupby("label").head(count)
+    return {int(c): chosen.loc[chosen["label"] == c, "image_id"].astype(int).tolist() for c in species}
+
+
+def _needed_images(report_species: Sequence[int], exemplars: Mapping[int, list[int]], methods: Sequence[MethodData],
+                   gallery: int) -> dict[str, set[int]]:
+    """Images whose maps each method's sections draw."""
+    base = {i for ids in exemplars.values() for i in ids}
+    out: dict[str, set[int]] = {}
+    for m in methods:
+        ids = set(base)
+        if m.has("traits", "trait_members"):
+            members = m.tables["trait_members"].set_index("member")
+            for reps in m.tables["traits"]["representatives"].head(MAX_TRAIT_GALLERIES):
+                reps = [r for r in _as_list(reps)[:gallery] if r in members.index]
+                ids.update(members.loc[reps, "image_id"].astype(int).tolist())
+        out[m.name] = ids
+    return out
+
+
+# --------------------------------------------------------------------------- sections: summary
+
+
+def _evaluation(methods: Sequence[MethodData], split: str | None) -> pd.DataFrame:
+    frames = [m.tables["evaluation"].assign(model=m.name) for m in methods if "evaluation" in m.tables]
+    if not frames:
+        return pd.DataFrame(columns=["model", "method", "metric", "split", "value", "ci_lo", "ci_hi", "n"])
+    ev = pd.concat(frames, ignore_index=True)
+    for column in ("ci_lo", "ci_hi", "n"):
+        if column not in ev:
+            ev[column] = np.nan
+    if "split" not in ev:
+        ev["split"] = ""
+    if split is not None and (ev["split"] == split).any():
+        ev = ev[(ev["split"] == split) | ev["split"].isna()]
+    several_splits = ev["split"].nunique() > 1
+    ev["label"] = [m if m == model else f"{m} · on {method_label(model)}"
+                   for m, model in zip(ev["method"], ev["model"])]
+    if several_splits:
+        ev["label"] = ev["label"] + " · " + ev["split"].astype(str)
+    return ev.reset_index(drop=True)
+
+
+def _metric_table(ev: pd.DataFrame, metrics: Sequence[str], rows_are: str = "label") -> dict | None:
+    """A table of '{value} [lo, hi]' cells: rows = methods (``label``) or metrics, columns = the other."""
+    part = ev[ev["metric"].isin(metrics)]
+    if part.empty:
+        return None
+    part = part.drop_duplicates(["label", "metric"])
+    cell = {(r.label, r.metric): (fmt_interval(r.value, r.ci_lo, r.ci_hi), r.n) for r in part.itertuples()}
+    labels = list(dict.fromkeys(part["label"]))
+    present = [m for m in metrics if (part["metric"] == m).any()]
+    if rows_are == "label":
+        header, row_keys, col_keys = present, labels, present
+        lookup = lambda r, c: cell.get((r, c))  # noqa: E731
+    else:
+        header, row_keys, col_keys = labels, present, labels
+        lookup = lambda r, c: cell.get((c, r))  # noqa: E731
+    rows = []
+    for r in row_keys:
+        cells = [lookup(r, c) for c in col_keys]
+        rows.append({"label": r, "cells": [c[0] if c else "—" for c in cells],
+                     "n": next((fmt(c[1]) for c in cells if c and pd.notna(c[1])), "—")})
+    return {"header": header, "rows": rows}
+
+
+def summary_section(rep: Report) -> dict:
+    manifest = rep.manifest
+    split = (rep.config.get("extract") or {}).get("split", "test")
+    ev = _evaluation(rep.methods, split)
+    known = set(ACCURACY_METRICS) | set(FAITHFULNESS_METRICS)
+    truth_metrics = [m for m in dict.fromkeys(ev["metric"]) if m not in known]
+    faith_fig = None
+    if ev["metric"].isin(FAITHFULNESS_METRICS).any():
+        faith_fig = plots.figure_uri(plots.metric_pointrange(ev[ev["metric"].isin(FAITHFULNESS_METRICS)],
+                                                             FAITHFULNESS_METRICS))
+    truth_tables = []
+    for model in dict.fromkeys(ev["model"]):
+        table = _metric_table(ev[ev["model"] == model], truth_metrics, rows_are="metric")
+        if table:
+            truth_tables.append({"method": method_label(model), "table": table})
+    accuracy_from_predictions = []
+    for m in rep.methods:
+        if "predictions" in m.tables:
+            p = m.tables["predictions"]
+            accuracy_from_predictions.append({"method": method_label(m.name), "images": len(p),
+                                              "top1": fmt(float(np.mean(p["correct"].astype(bool))))})
+    splits = manifest["split"].value_counts()
+    return {
+        "dataset": (rep.config.get("dataset") or {}).get("name", rep.results_dir.name),
+        "kind": (rep.config.get("dataset") or {}).get("kind", "?"),
+        "n_images": len(manifest),
+        "splits": [{"split": s, "n": int(n)} for s, n in splits.items()],
+        "n_classes": len(rep.names),
+        "n_genera": int(manifest["genus"].nunique()) if "genus" in manifest else None,
+        "methods": [method_label(m.name) for m in rep.methods],
+        "eval_split": split,
+        "accuracy": _metric_table(ev, ACCURACY_METRICS),
+        "accuracy_predictions": accuracy_from_predictions,
+        "faithfulness": _metric_table(ev, FAITHFULNESS_METRICS),
+        "faithfulness_figure": faith_fig,
+        "truth": truth_tables,
+    }
+
+
+# --------------------------------------------------------------------------- sections: atlas
+
+
+def _trait_names(m: MethodData) -> dict[int, str]:
+    if "traits" not in m.tables:
+        return {}
+    t = m.tables["traits"]
+    return dict(zip(t["trait"].astype(int), t["name"].astype(str)))
+
+
+def _ranked(rows: pd.DataFrame, rank: str, score: str) -> pd.DataFrame:
+    """Rows in ranking order: by ``rank`` where it is given (ranks below 1 mean unranked and go
+    last, e.g. background), else by ``score`` descending."""
+    if rank in rows:
+        r = pd.to_numeric(rows[rank], errors="coerce")
+        key = r.where(r >= 1, np.inf).fillna(np.inf)
+        return rows.assign(_key=key).sort_values(["_key", score] if score in rows else ["_key"],
+                                                 ascending=[True, False] if score in rows else [True]) \
+            .drop(columns="_key")
+    return rows.sort_values(score, ascending=False)
+
+
+def _cards(rows: pd.DataFrame, trait_names: Mapping[int, str]) -> list[dict]:
+    """Trait cards: a species' best regions with score, interval, support, heads and trait."""
+    rows = _ranked(rows, "rank", "density").head(CARDS_PER_SPECIES)
+    cards = []
+    for r in rows.to_dict("records"):
+        trait = r.get("trait", -1)
+        trait = int(trait) if trait is not None and pd.notna(trait) else -1
+        cards.append({
+            "rank": fmt_rank(r.get("rank")), "region": str(r["region"]),
+            "density": fmt_interval(r.get("density"), r.get("density_lo"), r.get("density_hi")),
+            "mass": fmt(r.get("mass")),
+            "n_images": fmt(r.get("n_images")),
+            "heads": ", ".join(str(h) for h in _as_list(r.get("heads"))) or "—",
+            "trait": trait_names.get(trait, "—") if trait >= 0 else "—",
+            "colour": rep_colour(r["region"]),
+        })
+    return cards
+
+
+_REGION_COLOURS: dict[str, str] = {}
+
+
+def rep_colour(region: str) -> str:
+    """The region's palette colour (set per report)."""
+    return _REGION_COLOURS.get(str(region), "#888888")
+
+
+def atlas_section(rep: Report, progress: bool) -> dict:
+    k = min(HEADS_PER_EXEMPLAR, rep.top_heads)
+    entries = []
+    notes = []
+    for m in rep.methods:
+        if "regions" not in m.tables:
+            notes.append(f"{method_label(m.name)}: regions.parquet not found; its ranked regions are left out.")
+        if m.attention is None:
+            notes.append(f"{method_label(m.name)}: attention.parquet not found; its exemplar maps are left out.")
+    iterator = rep.species
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(rep.species, desc="report: species", unit="sp", file=sys.stderr)
+    for class_id in iterator:
+        name = rep.name(class_id)
+        per_method = []
+        for m in rep.methods:
+            entry: dict[str, Any] = {"method": method_label(m.name), "chart": None, "cards": []}
+            if "regions" in m.tables:
+                rows = m.tables["regions"][m.tables["regions"]["class_id"] == class_id]
+                if len(rows):
+                    entry["chart"] = plots.figure_uri(plots.ranked_regions_chart(
+                        rows, rep.region_colours, title=f"{method_label(m.name)}: {name}"))
+                    entry["cards"] = _cards(rows, _trait_names(m))
+            per_method.append(entry)
+        exemplars = []
+        for image_id in rep.exemplars.get(class_id, []):
+            thumb = rep.thumb(image_id)
+            if thumb is None:
+                continue
+            rows_out = []
+            for m in rep.methods:
+                if m.name not in rep.attention:
+                    continue
+                keys, maps = rep.attention[m.name].top(image_id, class_id, k)
+                overlays = []
+                for key, attn in zip(keys.to_dict("records"), maps):
+                    rank = key.get("head_rank")
+                    overlays.append({"uri": rep.overlay(image_id, attn), "head": int(key["head"]),
+                                     "rank": int(rank) if rank is not None and pd.notna(rank) else None,
+                                     "region": rep.peaks.peak(image_id, attn)})
+                rows_out.append({"method": method_label(m.name), "overlays": overlays})
+            exemplars.append({"image_id": int(image_id), "uri": thumb, "methods": rows_out})
+        entries.append({"class_id": int(class_id), "anchor": f"species-{int(class_id)}", "name": name,
+                        "genus": rep.genus_of.get(class_id),
+                        "methods": per_method, "exemplars": exemplars})
+    omitted = len(rep.names) - len(rep.species)
+    if omitted > 0:
+        notes.append(f"{omitted} more species are not shown here (report.max_species = {len(rep.species)}); "
+                     f"their rows are in regions.parquet.")
+    return {"species": entries, "notes": notes, "heads_shown": k}
+
+
+# --------------------------------------------------------------------------- sections: pairs
+
+
+def _pairs(rep: Report) -> pd.DataFrame:
+    """Unordered look-alike pairs among the shown species: class_a, class_b, differing_parts."""
+    shown = set(rep.species)
+    if rep.pairs is not None and len(rep.pairs):
+        pairs = rep.pairs.copy()
+        if "differing_parts" not in pairs:
+            pairs["differing_parts"] = [[] for _ in range(len(pairs))]
+    else:
+        found = [m.tables["contrasts"][["class_a", "class_b"]] for m in rep.methods if "contrasts" in m.tables]
+        if not found:
+            return pd.DataFrame(columns=["class_a", "class_b", "differing_parts"])
+        pairs = pd.concat(found).astype(int)
+        lo, hi = np.minimum(pairs["class_a"], pairs["class_b"]), np.maximum(pairs["class_a"], pairs["class_b"])
+        pairs = pd.DataFrame({"class_a": lo, "class_b": hi}).drop_duplicates()
+        pairs["differing_parts"] = [[] for _ in range(len(pairs))]
+    pairs = pairs[pairs["class_a"].isin(shown) & pairs["class_b"].isin(shown)]
+    return pairs.sort_values(["class_a", "class_b"]).head(MAX_PAIRS).reset_index(drop=True)
+
+
+def _contrast_rows(contrasts: pd.DataFrame, a: int, b: int, expected: set[str]) -> list[dict]:
+    rows = contrasts[(contrasts["class_a"] == a) & (contrasts["class_b"] == b)]
+    order = "rank_combined" if "rank_combined" in rows else "combined"
+    rows = _ranked(rows, "rank_combined", "combined").head(CONTRAST_ROWS)
+    out = []
+    for r in rows.to_dict("records"):
+        planted = r.get("planted")
+        is_planted = bool(planted) if planted is not None and pd.notna(planted) else str(r["region"]) in expected
+        out.append({"rank": fmt_rank(r.get(order)) if order.startswith("rank") else "", "region": str(r["region"]),
+                    "combined": fmt(r.get("combined")), "density": fmt(r.get("density_a")),
+                    "difference": fmt(r.get("difference")), "occlusion": fmt(r.get("occlusion")),
+                    "p": fmt(r.get("p_value")), "q": fmt(r.get("q_value")),
+                    "significant": r.get("q_value") is not None and pd.notna(r.get("q_value"))
+                    and float(r["q_value"]) < 0.05,
+                    "planted": is_planted, "colour": rep_colour(r["region"])})
+    return out
+
+
+def _contrast_maps(rep: Report, m: MethodData, image_id: int, own: int, other: int) -> dict | None:
+    """Image of ``own``; its query's and ``other``'s query's top-head mean maps; their difference."""
+    index = rep.attention.get(m.name)
+    if index is None:
+        return None
+    _, own_maps = index.top(image_id, own, rep.top_heads)
+    _, other_maps = index.top(image_id, other, rep.top_heads)
+    thumb = rep.thumb(image_id)
+    if thumb is None or not len(own_maps):
+        return None
+    own_mean = own_maps.mean(axis=0)
+    item = {"image": thumb, "own": rep.overlay(image_id, own_mean), "own_name": rep.name(own),
+            "other_name": rep.name(other), "other": None, "diff": None}
+    if len(other_maps):
+        other_mean = other_maps.mean(axis=0)
+        item["other"] = rep.overlay(image_id, other_mean)
+        item["diff"] = rep.overlay(image_id, own_mean - other_mean, diverging=True)
+    return item
+
+
+def pairs_section(rep: Report) -> dict:
+    notes = []
+    if rep.pairs is None:
+        notes.append("lookalike_pairs.parquet not found: pairs are taken from contrasts.parquet.")
+    for m in rep.methods:
+        if "contrasts" not in m.tables:
+            notes.append(f"{method_label(m.name)}: contrasts.parquet not found; its pair rankings are left out.")
+    pairs = _pairs(rep)
+    if len(pairs) == MAX_PAIRS:
+        notes.append(f"The first {MAX_PAIRS} look-alike pairs among the species shown are drawn; "
+                     f"every pair's ranking is in contrasts.parquet.")
+    out = []
+    for p in pairs.to_dict("records"):
+        a, b = int(p["class_a"]), int(p["class_b"])
+        expected = {str(x) for x in _as_list(p.get("differing_parts"))}
+        methods = []
+        for m in rep.methods:
+            item: dict[str, Any] = {"method": method_label(m.name), "maps": [], "ab": [], "ba": []}
+            for own, other in ((a, b), (b, a)):
+                ex = rep.exemplars.get(own, [])
+                maps = _contrast_maps(rep, m, ex[0], own, other) if ex else None
+                if maps:
+                    item["maps"].append(maps)
+            if "contrasts" in m.tables:
+                item["ab"] = _contrast_rows(m.tables["contrasts"], a, b, expected)
+                item["ba"] = _contrast_rows(m.tables["contrasts"], b, a, expected)
+            if item["maps"] or item["ab"] or item["ba"]:
+                methods.append(item)
+        out.append({"a": rep.name(a), "b": rep.name(b), "anchor_a": f"species-{a}", "anchor_b": f"species-{b}",
+                    "genus": p.get("genus"), "expected": sorted(expected), "methods": methods})
+    if not out:
+        notes.append("No look-alike pairs among the species shown.")
+    return {"pairs": out, "notes": notes}
+
+
+# --------------------------------------------------------------------------- sections: traits
+
+
+def traits_section(rep: Report, gallery: int) -> dict:
+    out = []
+    notes = []
+    for m in rep.methods:
+        entry: dict[str, Any] = {"method": method_label(m.name), "umap": None, "traits": [], "galleries": [],
+                                 "head_figure": None, "heads": []}
+        if not m.has("traits", "trait_members"):
+            notes.append(f"{method_label(m.name)}: traits.parquet or trait_members.parquet not found; "
+                         f"its traits are left out.")
+        else:
+            traits = m.tables["traits"].sort_values("trait")
+            members = m.tables["trait_members"]
+            names = dict(zip(traits["trait"].astype(int), traits["name"].astype(str)))
+            colours = plots.trait_colours(len(names))
+            colour_of = {t: colours[i] for i, t in enumerate(names)}
+            if {"umap_x", "umap_y"} <= set(members.columns) and len(members):
+                entry["umap"] = plots.figure_uri(plots.umap_scatter(members, names, colours))
+            by_member = members.set_index("member")
+            for k, t in enumerate(traits.to_dict("records")):
+                classes = _as_list(t.get("classes"))
+                counts = _as_list(t.get("class_counts"))
+                top = sorted(zip(counts, classes), reverse=True)[:4] if counts else [(None, c) for c in classes[:4]]
+                row = {"trait": int(t["trait"]), "name": str(t["name"]),
+                       "region": str(t.get("dominant_region", "")), "purity": fmt(t.get("purity")),
+                       "size": fmt(t.get("size")), "colour": colour_of[int(t["trait"])],
+                       "classes": [{"name": rep.name(c), "count": fmt(n) if n is not None else ""} for n, c in top],
+                       "more_classes": max(len(classes) - 4, 0)}
+                entry["traits"].append(row)
+                if k >= MAX_TRAIT_GALLERIES or m.name not in rep.attention:
+                    continue
+                thumbs = []
+                for member in _as_list(t.get("representatives"))[:gallery]:
+                    if member not in by_member.index:
+                        continue
+                    mem = by_member.loc[member]
+                    attn = rep.attention[m.name].head(mem["image_id"], mem["class_id"], mem["head"])
+                    uri = rep.overlay(mem["image_id"], attn) if attn is not None else None
+                    if uri:
+                        thumbs.append({"uri": uri, "species": rep.name(mem["class_id"]), "head": int(mem["head"])})
+                entry["galleries"].append({"name": row["name"], "colour": row["colour"], "thumbs": thumbs})
+            if len(traits) > MAX_TRAIT_GALLERIES:
+                notes.append(f"{method_label(m.name)}: galleries of the first {MAX_TRAIT_GALLERIES} of "
+                             f"{len(traits)} traits shown.")
+        if "head_types" in m.tables:
+            ht = m.tables["head_types"].sort_values("head")
+            if "profile" in ht and len(ht):
+                profiles = np.stack(ht["profile"].to_numpy())
+                vocab = m.head_regions if m.head_regions and len(m.head_regions) == profiles.shape[1] \
+                    else [f"region {i}" for i in range(profiles.shape[1])]
+                entry["head_figure"] = plots.figure_uri(plots.head_types_heatmap(
+                    profiles, ht["head"].astype(int).tolist(), ht["head_type"].astype(int).tolist(), vocab))
+            entry["heads"] = [{"head": int(r["head"]), "type": int(r["head_type"]),
+                               "region": str(r.get("dominant_region", ""))} for r in ht.to_dict("records")]
+        else:
+            notes.append(f"{method_label(m.name)}: head_types.parquet not found; its head types are left out.")
+        out.append(entry)
+    return {"methods": out, "notes": notes}
+
+
+# --------------------------------------------------------------------------- sections: comparison
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def comparison_section(rep: Report) -> dict | None:
+    with_regions = [m for m in rep.methods if "regions" in m.tables]
+    if len(with_regions) < 2:
+        return None
+    x, y = with_regions[0], with_regions[1]
+    rx = x.tables["regions"][["class_id", "region", "density", "density_lo", "density_hi", "mass"]
+                             if "density_lo" in x.tables["regions"] else ["class_id", "region", "density", "mass"]]
+    ry = y.tables["regions"][rx.columns.intersection(y.tables["regions"].columns)]
+    joined = rx.merge(ry, on=["class_id", "region"], suffixes=(f"_{x.name}", f"_{y.name}"))
+    expected: dict[int, set[str]] = {}
+    if rep.pairs is not None and "differing_parts" in rep.pairs:
+        for p in rep.pairs.to_dict("records"):
+            for c in (int(p["class_a"]), int(p["class_b"])):
+                expected.setdefault(c, set()).update(str(v) for v in _as_list(p["differing_parts"]))
+    rows, agree, rhos = [], 0, []
+    k = min(HEADS_PER_EXEMPLAR, rep.top_heads)
+    for class_id in rep.species:
+        part = joined[joined["class_id"] == class_id]
+        if part.empty:
+            continue
+        tops = {}
+        for m in (x, y):
+            tops[m.name] = part.sort_values(f"density_{m.name}", ascending=False)["region"].head(3).astype(str).tolist()
+        same = tops[x.name][:1] == tops[y.name][:1]
+        agree += same
+        rho = _spearman(part[f"density_{x.name}"].to_numpy(), part[f"density_{y.name}"].to_numpy())
+        rhos.append(rho)
+        frames = {}
+        for m in (x, y):
+            cols = [c for c in part.columns if c.endswith(f"_{m.name}")]
+            frames[m.name] = part[["region", *cols]].rename(columns={c: c[: -len(m.name) - 1] for c in cols})
+        chart = plots.figure_uri(plots.grouped_regions_chart(frames, title=rep.name(class_id), labels=METHOD_LABELS))
+        same_image = []
+        ex = rep.exemplars.get(class_id, [])
+        if ex:
+            thumb = rep.thumb(ex[0])
+            if thumb:
+                same_image.append({"label": "image", "uri": thumb})
+                for m in (x, y):
+                    if m.name in rep.attention:
+                        _, maps = rep.attention[m.name].top(ex[0], class_id, k)
+                        if len(maps):
+                            same_image.append({"label": f"{method_label(m.name)} top-{len(maps)} mean",
+                                               "uri": rep.overlay(ex[0], maps.mean(axis=0))})
+        rows.append({"name": rep.name(class_id), "anchor": f"species-{class_id}",
+                     "top_x": tops[x.name], "top_y": tops[y.name], "agree": bool(same), "rho": fmt(rho, 2),
+                     "expected": sorted(expected.get(class_id, set())), "chart": chart, "same_image": same_image})
+    scatter = plots.figure_uri(plots.agreement_scatter(joined, x.name, y.name, rep.region_colours,
+                                                       labels=METHOD_LABELS)) \
+        if len(joined) else None
+    valid = [r for r in rhos if np.isfinite(r)]
+    return {"x": method_label(x.name), "y": method_label(y.name), "rows": rows, "scatter": scatter,
+            "agree": agree, "n": len(rows), "mean_rho": fmt(float(np.mean(valid)), 2) if valid else "—"}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _environment():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                              autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def build_report(results_dir: str | Path, root: str | Path | None, methods: Sequence[str], config: dict,
+                 out_html: str | Path, progress: bool = True) -> Path:
+    """Write the self-contained HTML trait report.
+
+    Args:
+        results_dir: ``results/{dataset}``: manifest.parquet, parts.parquet,
+            lookalike_pairs.parquet (optional) and one folder per method with
+            its extraction and analysis tables (each optional: a missing one
+            drops what needs it, with a note in the report).
+        root: the data set root; images are read from ``root / manifest.path``
+            for the thumbnails (None or a missing folder: no thumbnails, noted).
+        methods: method folders to report, in order (``prompt_cam``, ``intr``).
+        config: the full workflow config; its ``report`` section sets
+            ``max_species``, ``exemplars`` and ``gallery``; it is shown verbatim.
+        out_html: the report file (parent folders are created; written atomically).
+        progress: a progress bar on stderr.
+
+    Returns:
+        ``out_html`` as a Path.
+    """
+    started = time.perf_counter()
+    results_dir = Path(results_dir)
+    root_path = Path(root) if root is not None else None
+    manifest_path = results_dir / "manifest.parquet"
+    if not manifest_path.is_file():
+        raise ReportError(f"{manifest_path}: no manifest (run `intr prepare` first)")
+    if not methods:
+        raise ReportError("build_report: no methods given")
+    manifest = io.load(manifest_path)
+    for column in ("image_id", "path", "class_id", "class_name", "split"):
+        if column not in manifest:
+            raise ReportError(f"{manifest_path}: column {column!r} missing")
+    parts = _read_optional(results_dir / "parts.parquet")
+    pairs = _read_optional(results_dir / "lookalike_pairs.parquet")
+    options = _report_options(config)
+    extract = config.get("extract") or {}
+    analysis_options = config.get("analysis") or {}
+    plots.setup()
+
+    notes: list[str] = []
+    loaded = []
+    for method in methods:
+        data = load_method(results_dir, method)
+        if len(data.missing) == len(METHOD_TABLES) + 1:
+            notes.append(f"{method_label(method)}: no tables under {data.folder}; left out of the report.")
+            continue
+        if data.missing:
+            notes.append(f"{method_label(method)}: not found: {', '.join(data.missing)}.")
+        loaded.append(data)
+    if root_path is None or not root_path.is_dir():
+        notes.append(f"data set root {root_path} not found: no thumbnails.")
+        root_path = None
+
+    classes = manifest[["class_id", "class_name"]].drop_duplicates("class_id").sort_values("class_id")
+    names = dict(zip(classes["class_id"].astype(int), classes["class_name"].astype(str)))
+    species = classes["class_id"].astype(int).tolist()[: options["max_species"]]
+    exemplars = _choose_exemplars(loaded, manifest, species, options["exemplars"])
+    vocab = regions.region_vocabulary(parts, int(extract.get("region_cells", regions.DEFAULT_CELLS)))
+    colours = plots.region_colours(vocab + sorted({str(r) for m in loaded if "regions" in m.tables
+                                                   for r in m.tables["regions"]["region"].unique()} - set(vocab)))
+    _REGION_COLOURS.clear()
+    _REGION_COLOURS.update(colours)
+
+    paths = dict(zip(manifest["image_id"].astype(int), manifest["path"].astype(str)))
+    peaks = PeakRegions(manifest, parts, root_path, float(extract.get("region_radius", regions.DEFAULT_RADIUS)),
+                        int(extract.get("region_cells", regions.DEFAULT_CELLS)))
+    needed = _needed_images(species, exemplars, loaded, options["gallery"])
+    attention = {}
+    for m in loaded:
+        if m.attention is not None:
+            attention[m.name] = AttentionIndex(m.attention, needed[m.name])
+            peaks.prepare({i for ids in exemplars.values() for i in ids}, m.grid)
+    rep = Report(results_dir=results_dir, root=root_path, config=config, manifest=manifest, parts=parts, pairs=pairs,
+                 methods=loaded, names=names, species=species, exemplars=exemplars,
+                 images=ImageStore(root_path, paths), peaks=peaks, attention=attention, region_colours=colours,
+                 top_heads=int(analysis_options.get("top_heads", extract.get("top_heads", 4))), notes=notes)
+    rep.side = thumbnail_side(_count_thumbs(len(species), options["exemplars"], loaded,
+                                            min(HEADS_PER_EXEMPLAR, rep.top_heads), len(_pairs(rep)),
+                                            options["gallery"]))
+    genus = dict(zip(manifest["class_id"].astype(int), manifest["genus"])) if "genus" in manifest else {}
+    rep.genus_of = {k: (str(v) if v is not None and pd.notna(v) else None) for k, v in genus.items()}
+
+    context = {
+        "title": f"Trait report: {(config.get('dataset') or {}).get('name', results_dir.name)}",
+        "summary": summary_section(rep),
+        "atlas": atlas_section(rep, progress),
+        "pairs": pairs_section(rep),
+        "traits": traits_section(rep, options["gallery"]),
+        "comparison": comparison_section(rep),
+        "config_yaml": _config_text(config),
+        "notes": notes,
+        "region_legend": [{"name": r, "colour": c} for r, c in colours.items()],
+        "map_legend": plots.figure_uri(_colourbar_figure()),
+        "generated": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    if rep.images.missing:
+        notes.append(f"{len(rep.images.missing)} image(s) not found under the data set root, "
+                     f"e.g. {rep.images.missing[0]}.")
+    html = _environment().get_template("report.html.j2").render(**context)
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(out)
+    if progress:
+        print(f"report: {out} ({out.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - started:.1f} s)",
+              file=sys.stderr)
+    return out
+
+
+def _config_text(config: Mapping[str, Any]) -> str:
+    """The config as YAML (as JSON when it holds values YAML cannot represent)."""
+    try:
+        return yaml.safe_dump(dict(config), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    except yaml.YAMLError:
+        import json
+
+        return json.dumps(config, indent=2, default=str)
+
+
+def _colourbar_figure():
+    """The two colour scales of the map overlays."""
+    import matplotlib.pyplot as plt
+    from matplotlib import cm, colors
+
+    fig, axes = plt.subplots(2, 1, figsize=(3.2, 0.9))
+    for ax, cmap, norm, label in ((axes[0], plots.MAP_CMAP, colors.Normalize(0, 1), "attention (low → peak)"),
+                                  (axes[1], plots.DIFF_CMAP, colors.Normalize(-1, 1),
+                                   "difference: other class ← 0 → this class")):
+        fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), cax=ax, orientation="horizontal")
+        ax.set_xticks([])
+        ax.set_title(label, fontsize=7)
+    fig.subplots_adjust(hspace=1.6)
+    return fig
