@@ -101,7 +101,9 @@ def label_map(vocab: Sequence[str], width: float, height: float, out_hw: tuple[i
         vis = parts[parts["visible"].astype(bool) & parts["part_name"].isin(index)]
         if not len(vis):
             return out
-        scale = max(bbox[2], bbox[3]) if bbox is not None else max(width, height)
+        scale = max(bbox[2], bbox[3]) if bbox is not None else float("nan")
+        if not np.isfinite(scale) or scale <= 0:  # no box (or a null one): the image's longer side
+            scale = max(width, height)
         r = radius * scale
         px = vis["x"].to_numpy(np.float64)
         py = vis["y"].to_numpy(np.float64)
@@ -137,10 +139,10 @@ def region_masks(labels: np.ndarray, n_regions: int) -> np.ndarray:
     return labels[None] == np.arange(n_regions, dtype=labels.dtype)[:, None, None]
 
 
-def image_weights(vocab: Sequence[str], manifest: pd.DataFrame, parts: pd.DataFrame | None,
-                  grid: tuple[int, int], root=None, radius: float = DEFAULT_RADIUS,
-                  cells: int = DEFAULT_CELLS, mask_names: dict[int, str] | None = None) -> np.ndarray:
-    """(N, R, g_h * g_w) float32 patch weights for every manifest row, in row order.
+def iter_label_maps(vocab: Sequence[str], manifest: pd.DataFrame, parts: pd.DataFrame | None,
+                    work_hw: tuple[int, int], root=None, radius: float = DEFAULT_RADIUS,
+                    cells: int = DEFAULT_CELLS, mask_names: dict[int, str] | None = None):
+    """Yield ``(k, labels)``: the ``label_map`` of every manifest row (row k), at ``work_hw``.
 
     Reads the part masks (``mask_path`` relative to ``root``) where the
     manifest has them; else uses the keypoints of ``parts``.
@@ -149,19 +151,87 @@ def image_weights(vocab: Sequence[str], manifest: pd.DataFrame, parts: pd.DataFr
 
     from PIL import Image
 
-    out = np.zeros((len(manifest), len(vocab), grid[0] * grid[1]), dtype=np.float32)
+    if parts is not None and len(parts):
+        parts = parts[parts["image_id"].isin(manifest["image_id"])] if "image_id" in manifest else parts
     by_image = dict(tuple(parts.groupby("image_id"))) if parts is not None and len(parts) else {}
     if mask_names is None and parts is not None and len(parts):
         mask_names = dict(zip(parts["part_id"].astype(int), parts["part_name"].astype(str)))
     has_mask = "mask_path" in manifest.columns
-    work = (grid[0] * SAMPLES_PER_CELL, grid[1] * SAMPLES_PER_CELL)
     for k, row in enumerate(manifest.itertuples(index=False)):
         mask = None
         if has_mask and isinstance(row.mask_path, str) and root is not None:
-            with Image.open(Path(root) / row.mask_path) as im:
+            path = Path(root) / row.mask_path
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: part mask listed in the manifest (mask_path) is missing")
+            with Image.open(path) as im:
                 mask = np.asarray(im)
         bbox = (row.bbox_x, row.bbox_y, row.bbox_w, row.bbox_h) if hasattr(row, "bbox_w") else None
-        labels = label_map(vocab, row.width, row.height, work, parts=by_image.get(row.image_id),
+        yield k, label_map(vocab, row.width, row.height, work_hw, parts=by_image.get(row.image_id),
                            mask=mask, mask_names=mask_names, bbox=bbox, radius=radius, cells=cells)
+
+
+def image_weights(vocab: Sequence[str], manifest: pd.DataFrame, parts: pd.DataFrame | None,
+                  grid: tuple[int, int], root=None, radius: float = DEFAULT_RADIUS,
+                  cells: int = DEFAULT_CELLS, mask_names: dict[int, str] | None = None) -> np.ndarray:
+    """(N, R, g_h * g_w) float32 patch weights for every manifest row, in row order.
+
+    Reads the part masks (``mask_path`` relative to ``root``) where the
+    manifest has them; else uses the keypoints of ``parts``.
+    """
+    out = np.zeros((len(manifest), len(vocab), grid[0] * grid[1]), dtype=np.float32)
+    work = (grid[0] * SAMPLES_PER_CELL, grid[1] * SAMPLES_PER_CELL)
+    for k, labels in iter_label_maps(vocab, manifest, parts, work, root, radius, cells, mask_names):
         out[k] = patch_weights(labels, grid, len(vocab))
     return out
+
+
+def cell_distances(labels: np.ndarray, targets: np.ndarray, grid: tuple[int, int],
+                   width: float, height: float) -> np.ndarray:
+    """(g_h * g_w,) float32: distance in original-image pixels from each patch cell's centre to the
+    nearest sample point labelled with one of ``targets`` (region indices); ``inf`` when none is there.
+
+    ``labels`` is a label map whose size is a multiple of the grid; the cell
+    centre is taken at the sample just below and right of the exact centre
+    (half a sample's spacing off), and distances use the original image's
+    pixel spacing on each axis (the resize does not keep the aspect).
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    gh, gw = grid
+    h, w = labels.shape
+    hit = np.isin(labels, targets)
+    if not hit.any():
+        return np.full(gh * gw, np.inf, dtype=np.float32)
+    dist = distance_transform_edt(~hit, sampling=(height / h, width / w))
+    rows = np.arange(gh) * (h // gh) + (h // gh) // 2
+    cols = np.arange(gw) * (w // gw) + (w // gw) // 2
+    return dist[rows[:, None], cols[None, :]].reshape(-1).astype(np.float32)
+
+
+def image_geometry(vocab: Sequence[str], manifest: pd.DataFrame, parts: pd.DataFrame | None,
+                   grid: tuple[int, int], root=None, radius: float = DEFAULT_RADIUS,
+                   cells: int = DEFAULT_CELLS, targets: Sequence[np.ndarray | None] | None = None,
+                   progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Patch weights of every manifest row and, optionally, each cell's distance to target regions.
+
+    One pass over the images (each mask is read once): returns
+    ``(weights (N, R, G) float32, distances (N, G) float32 or None)``, where
+    ``distances[k]`` is ``cell_distances`` to the regions ``targets[k]``
+    (``inf`` everywhere when ``targets[k]`` is None or absent from the image).
+    """
+    n, cells_n = len(manifest), grid[0] * grid[1]
+    weights = np.zeros((n, len(vocab), cells_n), dtype=np.float32)
+    dist = np.full((n, cells_n), np.inf, dtype=np.float32) if targets is not None else None
+    work = (grid[0] * SAMPLES_PER_CELL, grid[1] * SAMPLES_PER_CELL)
+    widths = manifest["width"].to_numpy(np.float64)
+    heights = manifest["height"].to_numpy(np.float64)
+    it = iter_label_maps(vocab, manifest, parts, work, root, radius, cells)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, total=n, desc="regions", unit="img", mininterval=2.0)
+    for k, labels in it:
+        weights[k] = patch_weights(labels, grid, len(vocab))
+        if dist is not None and targets[k] is not None and len(targets[k]):
+            dist[k] = cell_distances(labels, np.asarray(targets[k]), grid, widths[k], heights[k])
+    return weights, dist
