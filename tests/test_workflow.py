@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+from html import escape
+
 import pandas as pd
 import pytest
 import yaml
@@ -81,6 +83,25 @@ def test_tiny_config_runs_end_to_end_and_then_has_nothing_to_do(run_snakemake, r
     top1 = evaluation.query("method == 'prompt_cam' and metric == 'top1'").iloc[0]
     assert top1["n"] == test_images and 0.0 <= top1["value"] <= 1.0
     assert top1["ci_lo"] <= top1["value"] <= top1["ci_hi"]
+
+    for method in ("prompt_cam", "intr"):
+        for table in ("predictions", "attention", "head_ranks", "region_effects", "trait_features",
+                      "baseline_maps", "traits", "trait_members", "regions", "contrasts", "head_types"):
+            assert (results / method / f"{table}.parquet").exists(), (method, table)
+        for rule in ("extract", "faithfulness", "analyze"):
+            assert (tmp_path / "logs" / "tiny" / method / f"{rule}.log").exists()
+    attention = pd.read_parquet(results / "prompt_cam" / "attention.parquet")
+    assert set(attention["image_id"]) == set(manifest.query("split == 'test'")["image_id"])
+    assert {("prompt_cam", "insertion_auc"), ("prompt_cam", "deletion_auc"), ("gradcam", "deletion_auc"),
+            ("rollout", "insertion_auc"), ("prompt_cam", "trait_recovery_top1"),
+            ("size_baseline", "trait_recovery_top1"), ("random", "trait_recovery_top1")} <= rows
+
+    html = (results / "report.html").read_text()
+    hostile = "<img src=x onerror=alert(1)>"
+    assert hostile in set(manifest["class_name"])  # config/tiny.yaml names a class folder so
+    assert hostile not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    for name in manifest["class_name"].unique():
+        assert escape(name, quote=False) in html, name
 
     second = run_snakemake(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stdout

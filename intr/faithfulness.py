@@ -1,0 +1,306 @@
+"""``intr faithfulness``: insertion/deletion AUC of the model's maps and of CAM baselines.
+
+The protocol is RISE's (Petsiuk et al., BMVC 2018), the one Prompt-CAM's
+Table 1 reports:
+
+* a heat map is brought to the input resolution (bilinear upsampling for a
+  patch-grid map; the CAMs of the ``grad-cam`` package already come at input
+  resolution) and the input's pixels are ranked by it, highest first (ties
+  keep raster order);
+* the blurred image is the input under a Gaussian blur of
+  ``sigma = blur_sigma * image size`` (reflect padding, applied to the
+  normalised tensor, which equals blurring the pixels since normalisation is
+  per-channel affine);
+* **deletion** starts from the image and replaces the top-ranked pixels by the
+  blurred image's pixels, **insertion** starts from the blurred image and puts
+  the top-ranked original pixels back, in ``steps`` equal steps (fractions
+  0, 1/steps, ..., 1 of the pixels; all channels of a pixel together);
+* the curve is the softmax probability of the **true** class under the model
+  **being explained**: for the model's own map (mean over the true class's
+  ``top_heads`` top-ranked heads, greedy blurring ranking) that is the model
+  itself; for Grad-CAM, Layer-CAM, Eigen-CAM and attention rollout it is the
+  linear probe on the same frozen backbone (``intr.baselines``), since that
+  is the classifier the CAMs explain.  Each method is thus scored against
+  its own classifier, as in the paper's comparison;
+* AUC is the trapezoid integral of the curve over the fraction of pixels,
+  in [0, 1].  Higher insertion and lower deletion mean a more faithful map.
+
+Every method explains the true class (not the predicted one), as the model's
+map does; Eigen-CAM and rollout are class-agnostic by construction.
+
+Outputs: ``baseline_maps.parquet`` (one row per image and method; the map on
+the patch grid, non-negative, summing to 1; CAMs average-pooled from input
+resolution) and ``metrics_faithfulness.parquet`` (``evaluation.parquet``
+layout: ``insertion_auc`` and ``deletion_auc`` per method with a bootstrap
+95 % interval over images).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
+from tqdm import tqdm
+
+from analysis.stats import metric_row
+from intr.baselines import CAM_METHODS, attention_rollout, backbone_vit, cam_maps, fit_linear_probe, pool_to_grid
+from intr.data.images import ImageSet, read_split
+from intr.ranking import rank_heads_by_blurring
+from intr.tables import ParquetStreamWriter, write_table
+from intr.train import load_model, resolve_device
+
+BASELINE_METHODS = (*CAM_METHODS, "rollout")
+
+
+def maps_schema(cells: int) -> pa.Schema:
+    """Arrow schema of ``baseline_maps.parquet`` for a grid of ``cells`` patches."""
+    return pa.schema([("image_id", pa.int32()), ("method", pa.string()), ("class_id", pa.int16()),
+                      ("attn", pa.list_(pa.float16(), cells))])
+
+
+# --------------------------------------------------------------------------- the RISE protocol
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (B, C, H, W) images with standard deviation ``sigma`` pixels.
+
+    Kernel width ``2 ceil(3 sigma) + 1`` (capped so that reflect padding fits
+    the image); ``sigma <= 0`` returns the images unchanged.
+    """
+    if sigma <= 0:
+        return images.clone()
+    h, w = images.shape[-2:]
+    half = min(int(math.ceil(3 * sigma)), h - 1, w - 1)
+    if half < 1:
+        return images.clone()
+    return tv_gaussian_blur(images, kernel_size=[2 * half + 1] * 2, sigma=[float(sigma)] * 2)
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, gh, gw) maps -> (B, H, W), bilinear (half-pixel centres, as an image resize)."""
+    return F.interpolate(maps.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def pixel_counts(pixels: int, steps: int) -> torch.Tensor:
+    """Pixels changed at each of the ``steps + 1`` points: round(k * pixels / steps)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.round(torch.arange(steps + 1, dtype=torch.float64) * pixels / steps).long()
+
+
+def target_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of ``target`` (B,) under ``logits`` (B, C), in float32."""
+    return logits.float().softmax(-1).gather(1, target.view(-1, 1)).squeeze(1)
+
+
+@torch.no_grad()
+def insertion_deletion_curves(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                              blurred: torch.Tensor, saliency: torch.Tensor, target: torch.Tensor,
+                              steps: int = 32, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Insertion and deletion curves, (B, steps + 1) each, of one heat map per image.
+
+    Args:
+        predict: ``images -> logits`` of the model being explained.
+        images: (B, C, H, W) inputs (normalised as the model expects).
+        blurred: (B, C, H, W) what deleted pixels become / insertion starts from.
+        saliency: (B, H, W) heat maps at input resolution (higher = more important).
+        target: (B,) the class whose probability is traced.
+        steps: number of equal steps from 0 to all pixels.
+        chunk: composite images per forward pass (several images' steps, both
+            curves, go into one pass).
+
+    Point k of a curve has the ``round(k H W / steps)`` top-ranked pixels
+    changed: inserted from the image into the blurred one (insertion) or
+    replaced by the blurred pixels (deletion).  Point 0 of deletion and the
+    last point of insertion are the image itself; the other ends are the
+    blurred image.
+    """
+    B, _, H, W = images.shape
+    if saliency.shape != (B, H, W):
+        raise ValueError(f"saliency must be {(B, H, W)}, got {tuple(saliency.shape)}")
+    device = images.device
+    n_pix = H * W
+    order = saliency.reshape(B, n_pix).float().argsort(dim=1, descending=True, stable=True)
+    position = torch.empty_like(order)
+    position.scatter_(1, order, torch.arange(n_pix, device=device).expand(B, -1))
+    counts = pixel_counts(n_pix, steps).to(device)
+    points = steps + 1
+    insertion = torch.empty(B * points, device=device)
+    deletion = torch.empty(B * points, device=device)
+    per_pass = max(1, chunk // 2)
+    for start in range(0, B * points, per_pass):
+        idx = torch.arange(start, min(start + per_pass, B * points), device=device)
+        b, k = idx // points, idx % points
+        changed = (position[b] < counts[k].unsqueeze(1)).view(-1, 1, H, W)
+        inserted = torch.where(changed, images[b], blurred[b])
+        deleted = torch.where(changed, blurred[b], images[b])
+        p = target_probability(predict(torch.cat([inserted, deleted])), torch.cat([target[b], target[b]]))
+        insertion[idx] = p[:len(idx)]
+        deletion[idx] = p[len(idx):]
+    return insertion.view(B, points), deletion.view(B, points)
+
+
+def curve_auc(curves: torch.Tensor, pixels: int | None = None) -> torch.Tensor:
+    """Trapezoid area (B,) under (B, steps + 1) curves over the fraction of pixels in [0, 1].
+
+    With ``pixels`` given the x positions are the exact fractions
+    ``round(k pixels / steps) / pixels``; otherwise ``k / steps``.
+    """
+    steps = curves.shape[1] - 1
+    if pixels is None:
+        x = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    else:
+        x = pixel_counts(pixels, steps).double() / pixels
+    return torch.trapezoid(curves.double().cpu(), x, dim=1)
+
+
+# --------------------------------------------------------------------------- maps
+
+
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(B, gh, gw) -> non-negative maps summing to 1 (uniform where a map is all zero)."""
+    m = maps.float().clamp_min(0).flatten(1)
+    total = m.sum(1, keepdim=True)
+    uniform = torch.full_like(m, 1.0 / m.shape[1])
+    return torch.where(total > 0, m / total.clamp_min(1e-30), uniform).view_as(maps)
+
+
+@torch.no_grad()
+def top_heads_map(model, images: torch.Tensor, target: torch.Tensor, top_heads: int) -> torch.Tensor:
+    """Mean (B, gh, gw) over ``target``'s ``top_heads`` top-ranked heads of the model's last-layer maps."""
+    _, maps = model.forward_with_maps(images, target.view(-1, 1))
+    rank = rank_heads_by_blurring(model, images, target).rank  # (B, heads), 1 = most important
+    k = max(1, min(int(top_heads), maps.shape[2]))
+    chosen = (rank <= k).to(maps.dtype)[..., None, None]
+    return (maps[:, 0] * chosen).sum(1) / k
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _sample_rows(rows: pd.DataFrame, images: int, seed: int) -> pd.DataFrame:
+    if images and images < len(rows):
+        keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=images, replace=False))
+        rows = rows.iloc[keep]
+    return rows.sort_values("image_id").reset_index(drop=True)
+
+
+def _patch_size(model, image_size: int, grid: tuple[int, int]) -> int:
+    vit = backbone_vit(model)
+    if vit is not None:
+        return int(vit.patch_embed.patch_size[0])
+    return int(round(image_size / grid[1]))
+
+
+def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="test",
+                     top_heads=4, images=300, steps=32, blur_sigma=0.05, batch_size=64,
+                     device="auto", seed=0, progress=True) -> pd.DataFrame:
+    """Write ``baseline_maps.parquet`` and ``metrics_faithfulness.parquet``; return the metric rows.
+
+    Args:
+        model_path: ``model.pt`` from ``intr train`` (Prompt-CAM or INTR).
+        manifest: ``manifest.parquet``.
+        root: the data set root.
+        out_maps: ``baseline_maps.parquet`` to write.
+        out_metrics: ``metrics_faithfulness.parquet`` to write.
+        split: the evaluation split.
+        top_heads: how many of the true class's top-ranked heads make the model's map.
+        images: images sampled from the split with a seeded RNG (0: all), sorted by image_id.
+        steps: insertion/deletion steps.
+        blur_sigma: the blur's sigma as a fraction of the image side.
+        batch_size: images per batch (curve forward passes take up to 4x as many composites).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        seed: sampling seed.
+        progress: progress bar.
+
+    All methods explain the true class.  The model's curves use the model's
+    probability, the baselines' curves the linear probe's (the classifier the
+    CAMs and rollout are computed on); see the module docstring.
+    """
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    model, config = load_model(model_path, map_location="cpu")
+    model.to(dev).eval()
+    method, size = config["method"], int(config["image_size"])
+    mean, std = config["normalization"]["mean"], config["normalization"]["std"]
+    rows = _sample_rows(read_split(manifest, split), int(images), seed)
+    data = ImageSet(root, rows, size, mean, std)
+    train_data = ImageSet(root, read_split(manifest, ["train", "val"]), size, mean, std)
+    probe = fit_linear_probe(model, train_data, int(config["num_classes"]), dev)
+    del train_data
+
+    with torch.no_grad():
+        model(data[0][0].unsqueeze(0).to(dev))  # INTR learns its grid from a forward pass
+    grid = tuple(int(g) for g in model.grid_size)
+    vit = backbone_vit(model)
+    methods = [method, *CAM_METHODS] + (["rollout"] if vit is not None else [])
+    metadata = {"method": method, "backbone": config["model"]["backbone"]["name"], "grid_h": grid[0],
+                "grid_w": grid[1], "patch_size": _patch_size(model, size, grid), "image_size": size,
+                "num_heads": int(model.num_heads), "split": split, "top_heads": int(top_heads),
+                "explained_class": "true_class", "methods": methods}
+    aucs = {(m, c): [] for m in methods for c in ("insertion_auc", "deletion_auc")}
+    correct = {"model": [], "linear_probe": []}
+    ends = {"model": [], "linear_probe": []}  # (p(image), p(blurred)) of each curve model
+    sigma = blur_sigma * size
+    model_predict = lambda x: model(x)  # noqa: E731
+    probe_predict = lambda x: probe(x)  # noqa: E731
+
+    with ParquetStreamWriter(out_maps, maps_schema(grid[0] * grid[1]), metadata) as writer:
+        for start in tqdm(range(0, len(data), batch_size), desc=f"faithfulness {method}",
+                          disable=not progress, leave=False):
+            idx = range(start, min(start + batch_size, len(data)))
+            batch = torch.stack([data[i][0] for i in idx]).to(dev)
+            target = data.labels[start:start + len(idx)].to(dev)
+            ids = data.image_ids[start:start + len(idx)].numpy().astype(np.int32)
+            blurred = gaussian_blur(batch, sigma)
+            with torch.no_grad():
+                correct["model"].append((model(batch).argmax(1) == target).cpu())
+                correct["linear_probe"].append((probe(batch).argmax(1) == target).cpu())
+
+            grid_maps = {method: top_heads_map(model, batch, target, top_heads)}
+            saliency = {method: upsample(grid_maps[method], (size, size))}
+            cams = cam_maps(probe, batch, target)
+            for name in CAM_METHODS:
+                saliency[name] = torch.from_numpy(cams[name]).to(dev)
+                grid_maps[name] = pool_to_grid(saliency[name], grid)
+            if vit is not None:
+                grid_maps["rollout"] = attention_rollout(vit, batch)
+                saliency["rollout"] = upsample(grid_maps["rollout"], (size, size))
+
+            for name in methods:
+                predict = model_predict if name == method else probe_predict
+                ins, dele = insertion_deletion_curves(predict, batch, blurred, saliency[name], target,
+                                                      steps, chunk=4 * batch_size)
+                aucs[(name, "insertion_auc")].append(curve_auc(ins, size * size))
+                if name in (method, CAM_METHODS[0]):
+                    ends["model" if name == method else "linear_probe"].append(ins[:, [-1, 0]].cpu())
+                aucs[(name, "deletion_auc")].append(curve_auc(dele, size * size))
+                flat = normalise_maps(grid_maps[name]).flatten(1).cpu().numpy().astype(np.float16)
+                writer.write(pa.table({
+                    "image_id": pa.array(ids, pa.int32()),
+                    "method": pa.array([name] * len(ids), pa.string()),
+                    "class_id": pa.array(target.cpu().numpy().astype(np.int16), pa.int16()),
+                    "attn": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.float16()),
+                                                              grid[0] * grid[1]),
+                }))
+
+    metrics = [metric_row(m, c, split, torch.cat(aucs[(m, c)]).numpy())
+               for m in methods for c in ("insertion_auc", "deletion_auc")]
+    table = pd.DataFrame(metrics)
+    accuracy = {k: float(torch.cat(v).float().mean()) for k, v in correct.items()}
+    ends_mean = {k: torch.cat(v).mean(0).tolist() for k, v in ends.items()}
+    write_table(table, out_metrics, metadata={
+        "method": method, "model": str(model_path), "split": split, "images": len(data),
+        "steps": int(steps), "blur_sigma": float(blur_sigma), "top_heads": int(top_heads),
+        "explained_class": "true_class", "curve_model": {method: method, **{b: "linear_probe" for b in methods[1:]}},
+        "top1_on_these_images": accuracy,
+        "mean_prob_image": {k: v[0] for k, v in ends_mean.items()},
+        "mean_prob_blurred": {k: v[1] for k, v in ends_mean.items()}})
+    return table
