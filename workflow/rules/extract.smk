@@ -21,7 +21,7 @@ rule extract:
         "logs/{dataset}/{method}/extract.log",
     benchmark:
         "logs/{dataset}/benchmarks/{method}_extract.tsv"
-    threads: 2
+    threads: 1  # small CPU models run fastest on one thread each, two jobs side by side; raise with --set-threads
     resources:
         mem_mb=8000,
         runtime=120,
@@ -48,7 +48,7 @@ rule faithfulness:
         "logs/{dataset}/{method}/faithfulness.log",
     benchmark:
         "logs/{dataset}/benchmarks/{method}_faithfulness.tsv"
-    threads: 2
+    threads: 1  # small CPU models run fastest on one thread each, two jobs side by side; raise with --set-threads
     resources:
         mem_mb=8000,
         runtime=120,

@@ -17,7 +17,7 @@ rule train:
         "logs/{dataset}/{method}/train.log",
     benchmark:
         "logs/{dataset}/benchmarks/{method}_train.tsv"
-    threads: 2
+    threads: 1  # small CPU models run fastest on one thread each, two jobs side by side; raise with --set-threads
     resources:
         mem_mb=8000,
         runtime=240,
@@ -43,7 +43,7 @@ rule evaluate:
         "logs/{dataset}/{method}/evaluate.log",
     benchmark:
         "logs/{dataset}/benchmarks/{method}_evaluate.tsv"
-    threads: 2
+    threads: 1  # small CPU models run fastest on one thread each, two jobs side by side; raise with --set-threads
     resources:
         mem_mb=8000,
         runtime=60,
