@@ -13,12 +13,15 @@ cores="${CORES:-2}"
 venv="${VENV-$here/.venv}"
 work="$(mktemp -d)"
 trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+echo "work folder: $work"
 
 git clone -q "$here" "$work/repo"
 cd "$work/repo"
 if [ -n "$venv" ] && [ -x "$venv/bin/python" ]; then
     ln -s "$venv" .venv
     touch .venv/.setup-done
+    # The reused venv's editable install points at the original checkout: run the clone's code instead.
+    export PYTHONPATH="$work/repo${PYTHONPATH:+:$PYTHONPATH}"
 fi
 start=$(date +%s)
 make run CORES="$cores" > "$work/run.log" 2>&1 || { tail -50 "$work/run.log"; exit 1; }
