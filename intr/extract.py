@@ -22,6 +22,8 @@ For each image of the evaluation split it writes (layouts in docs/tables.md):
 Look-alikes: the other classes of the same genus when the manifest has a
 ``genus`` column; otherwise the ``siblings_k`` classes the model confuses a
 class with most (summed softmax mass both ways on the split, a first pass).
+A genus with more than ``siblings_k`` other species keeps the ``siblings_k``
+of them the model confuses the class with most (source ``genus+confusion``).
 
 Streaming: images are decoded per batch (nothing is preloaded) and every
 batch's rows go straight to the Parquet writers, so memory does not grow with
@@ -299,16 +301,24 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
 
     looks = lookalikes_from_genus(full)
     source = "genus"
-    if looks is None:
-        source = "confusion"
+    if looks is None or max(map(len, looks.values()), default=0) > siblings_k:
+        # No genus, or genera larger than siblings_k: the classes the model confuses most
+        # (within the genus where there is one).
         probs, labels = [], []
         with torch.no_grad():
             for images, y, _ in tqdm(loader, desc=f"{method} confusion", disable=not progress, leave=False):
                 with autocast():
                     probs.append(model(images.to(dev)).float().softmax(1).cpu().numpy())
                 labels.append(y.numpy())
-        looks = lookalikes_from_confusion(np.concatenate(probs), np.concatenate(labels), num_classes,
-                                          min(siblings_k, num_classes - 1))
+        confused = lookalikes_from_confusion(np.concatenate(probs), np.concatenate(labels), num_classes,
+                                             num_classes - 1)
+        if looks is None:
+            source = "confusion"
+            looks = {c: order[:siblings_k] for c, order in confused.items()}
+        else:
+            source = "genus+confusion"
+            looks = {c: sib if len(sib) <= siblings_k else [j for j in confused[c] if j in sib][:siblings_k]
+                     for c, sib in looks.items()}
 
     regions = RegionSource.load(Path(manifest), rows, Path(root), region_radius, region_cells)
     with torch.no_grad():

@@ -185,3 +185,22 @@ def test_mask_regions_keypoint_discs_and_grid_cells():
     grid = regions.label_map(regions.region_vocabulary(None, cells=2), 40, 20, (2, 2), cells=2)
     assert grid.tolist() == [[0, 1], [2, 3]]
     assert regions.region_masks(grid, 4).sum() == 4
+
+
+@pytest.mark.parametrize("genus, source", [("one", "genus+confusion"), (None, "confusion")])
+def test_large_genera_and_missing_taxonomy_fall_back_to_the_most_confused_classes(
+        genus, source, tiny_models, tiny_dataset, tmp_path):
+    manifest, root = tiny_dataset
+    table = pd.read_parquet(manifest)
+    table["genus"] = genus  # one genus of 4 species, or no taxonomy at all
+    (tmp_path / "tables").mkdir()
+    table.to_parquet(tmp_path / "tables" / "manifest.parquet")
+    (tmp_path / "tables" / "parts.parquet").write_bytes((manifest.parent / "parts.parquet").read_bytes())
+    paths = ex.extract(tiny_models["intr"], tmp_path / "tables" / "manifest.parquet", root, tmp_path / "out",
+                       siblings_k=2, progress=False)
+    looks = io.load(paths["lookalikes"])
+    assert set(looks["source"]) == {source}
+    assert looks.groupby("class_a").size().tolist() == [2, 2, 2, 2]
+    assert not (looks["class_a"] == looks["class_b"]).any()
+    roles = io.load(paths["attention"], columns=["image_id", "query_role", "head"]).query("head == 0")
+    assert roles.groupby("image_id").size().max() <= 4  # true, 2 look-alikes, and pred when it is neither

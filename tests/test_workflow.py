@@ -103,6 +103,14 @@ def test_tiny_config_runs_end_to_end_and_then_has_nothing_to_do(run_snakemake, r
     for name in manifest["class_name"].unique():
         assert escape(name, quote=False) in html, name
 
+    report = run_snakemake("--report", tmp_path / "report.zip", "--configfile", tiny, cwd=tmp_path)
+    assert report.returncode == 0, report.stdout
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "report.zip") as archive:
+        names = archive.namelist()
+    assert any(name.endswith("report.html") and "results/tiny" in name for name in names), names[:20]
+
     second = run_snakemake(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stdout
     assert "Nothing to be done" in second.stdout
