@@ -38,7 +38,6 @@ layout: ``insertion_auc`` and ``deletion_auc`` per method with a bootstrap
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Callable
 
 import numpy as np

@@ -17,8 +17,6 @@ from torch import nn
 
 from intr.baselines import (BackboneFeatures, attention_rollout, backbone_vit, cam_maps, linear_from_logistic,
                             pool_to_grid, rollout, vit_attentions, LinearProbe)
-from intr.data.prepare import prepare_dataset
-from intr.data.synthetic import SyntheticConfig, synthesize
 from intr.faithfulness import (curve_auc, gaussian_blur, insertion_deletion_curves, normalise_maps,
                                run_faithfulness, target_probability, top_heads_map, upsample)
 from intr.models.backbones import normalization
@@ -274,12 +272,9 @@ def test_cams_are_class_specific_where_they_should_be():
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("faith")
-    synthesize(SyntheticConfig(genera=2, species_per_genus=2, images_per_species=10, image_size=32),
-               root / "data", progress=False)
-    prepare_dataset("synthetic", root / "data", root / "tables", val_fraction=0.25, progress=False)
-    return root / "tables" / "manifest.parquet", root / "data"
+def dataset(tiny_dataset) -> tuple[Path, Path]:
+    """The shared tiny synthetic set (tests/conftest.py)."""
+    return tiny_dataset
 
 
 @pytest.mark.parametrize("method", ["prompt_cam", "intr"])

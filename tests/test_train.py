@@ -18,8 +18,6 @@ import yaml
 
 import intr.train
 from intr.data.images import ImageSet, read_split
-from intr.data.prepare import prepare_dataset
-from intr.data.synthetic import SyntheticConfig, synthesize
 from intr.models.backbones import BackboneSpec, normalization
 from intr.models.prompt_cam import PromptCAM
 from intr.train import TrainingDiverged, TrainOptions, load_model, predict, train
@@ -35,13 +33,9 @@ LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_acc", "lr", "seconds"]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> tuple[Path, Path]:
-    """(manifest path, data set root) of 4 synthetic species, 32 px."""
-    root = tmp_path_factory.mktemp("synthetic")
-    synthesize(SyntheticConfig(genera=2, species_per_genus=2, images_per_species=12, image_size=32),
-               root / "data", progress=False)
-    prepare_dataset("synthetic", root / "data", root / "tables", val_fraction=0.25, progress=False)
-    return root / "tables" / "manifest.parquet", root / "data"
+def dataset(tiny_dataset) -> tuple[Path, Path]:
+    """(manifest path, data set root) of 4 synthetic species, 32 px (tests/conftest.py)."""
+    return tiny_dataset
 
 
 def child_env() -> dict[str, str]:
