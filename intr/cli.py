@@ -206,7 +206,7 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
     table = run_faithfulness(
         Path(args.model), Path(args.manifest), Path(args.root), Path(args.out_maps), Path(args.out_metrics),
         split=options.get("split", "test"), top_heads=options.get("top_heads", 4),
-        images=options.get("faithfulness_images", 300), steps=options.get("faithfulness_steps", 32),
+        images=options.get("faithfulness_images", 300), steps=options.get("faithfulness_steps", 16),
         blur_sigma=options.get("blur_sigma", 0.05), batch_size=options.get("batch_size", 64),
         device=options.get("device", "auto"), progress=not args.quiet)
     print(table.to_string(index=False, float_format="%.3f"))

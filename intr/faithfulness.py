@@ -199,7 +199,7 @@ def _patch_size(model, image_size: int, grid: tuple[int, int]) -> int:
 
 
 def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="test",
-                     top_heads=4, images=300, steps=32, blur_sigma=0.05, batch_size=64,
+                     top_heads=4, images=300, steps=16, blur_sigma=0.05, batch_size=64,
                      device="auto", seed=0, progress=True) -> pd.DataFrame:
     """Write ``baseline_maps.parquet`` and ``metrics_faithfulness.parquet``; return the metric rows.
 

@@ -189,12 +189,14 @@ def extract_resources_gpu(wildcards):
     return config["extract"]["gpus"]
 
 
-def section_json(name):
-    """A params function: config section `name` as JSON (handed to `--section-json`)."""
+def section_json(name, exclude=()):
+    """A params function: config section `name` as JSON (handed to `--section-json`).
+
+    Keys in `exclude` are left out, so changing them does not rerun this rule."""
     import json
 
     def section(wildcards):
-        return json.dumps(config[name], sort_keys=True)
+        return json.dumps({k: v for k, v in config[name].items() if k not in exclude}, sort_keys=True)
 
     return section
 

@@ -14,7 +14,7 @@ rule extract:
         trait_features="results/{dataset}/{method}/trait_features.parquet",
         lookalikes="results/{dataset}/{method}/lookalikes.parquet",
     params:
-        section=section_json("extract"),
+        section=section_json("extract", exclude=("faithfulness_images", "faithfulness_steps", "gpus")),
         root=data_root(),
         out=folder_of("attention"),
     log:
