@@ -47,6 +47,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_model_inputs(parser: argparse.ArgumentParser, manifest_help: str) -> None:
+    """--model, --manifest, --root: what every stage that runs a trained model reads."""
+    parser.add_argument("--model", required=True, help="model.pt from intr train")
+    parser.add_argument("--manifest", required=True, help=manifest_help)
+    parser.add_argument("--root", required=True, help="data set root")
+
+
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     from intr.data.synthetic import SyntheticConfig, synthesize
 
@@ -332,9 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "backbone, and (on data with part masks) how often the top-ranked head's peak lands on the "
         "planted distinguishing part, beside chance, the best fixed head and the lowest-ranked head.",
     )
-    ev.add_argument("--model", required=True, help="model.pt from intr train")
-    ev.add_argument("--manifest", required=True, help="manifest.parquet (parts and pairs tables beside it)")
-    ev.add_argument("--root", required=True, help="data set root")
+    _add_model_inputs(ev, "manifest.parquet (parts and pairs tables beside it)")
     ev.add_argument("--out", required=True, help="metrics table to write")
     ev.add_argument("--split", default="test", help="evaluation split (default test)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -358,9 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         "attention.parquet, head_ranks.parquet, region_effects.parquet, trait_features.parquet and "
         "lookalikes.parquet into --out (layouts in docs/tables.md).",
     )
-    ex.add_argument("--model", required=True, help="model.pt from intr train")
-    ex.add_argument("--manifest", required=True, help="manifest.parquet (parts.parquet beside it)")
-    ex.add_argument("--root", required=True, help="data set root")
+    _add_model_inputs(ex, "manifest.parquet (parts.parquet beside it)")
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--section-json", dest="section_json", help="the config's extract section as JSON")
     ex.add_argument("--split", help="split to extract (default test)")
@@ -378,9 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Eigen-CAM of a linear probe on the frozen backbone, attention rollout) and "
         "metrics_faithfulness.parquet (insertion_auc, deletion_auc per method).",
     )
-    fa.add_argument("--model", required=True, help="model.pt from intr train")
-    fa.add_argument("--manifest", required=True, help="manifest.parquet")
-    fa.add_argument("--root", required=True, help="data set root")
+    _add_model_inputs(fa, "manifest.parquet")
     fa.add_argument("--out-maps", dest="out_maps", required=True, help="baseline_maps.parquet to write")
     fa.add_argument("--out-metrics", dest="out_metrics", required=True, help="metrics table to write")
     fa.add_argument("--section-json", dest="section_json", help="the config's extract section as JSON")
