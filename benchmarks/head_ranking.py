@@ -47,7 +47,7 @@ import torch
 from intr.models.backbones import BackboneSpec, create_backbone
 from intr.models.prompt_cam import PromptCAM
 from intr.ranking import HeadRanking, rank_heads_by_blurring, rank_heads_naive
-from timing import choose_preset, resolve_device, synchronize
+from timing import choose_vit_preset, resolve_device, synchronize
 
 OFFICIAL_S_PER_IMAGE = 0.31  # the official loop on an H200 (ViT-B/16, 224 px, 200 classes)
 TARGET_SINGLE = 30.0
@@ -62,11 +62,8 @@ PRESETS = {
 
 
 def resolve_preset(args: argparse.Namespace, device: torch.device) -> str:
-    model_given = args.model is not None
-    name = choose_preset(args, device, PRESETS, ("model", "img_size", "classes", "batch", "naive_images", "repeats"))
-    preset = PRESETS[name]
-    args.model_kwargs = dict(preset["kwargs"]) if not model_given or args.model == preset["model"] else {}
-    return name
+    """Fill unset options from the preset (small on CPU, full on CUDA, unless --small/--full)."""
+    return choose_vit_preset(args, device, PRESETS, ("img_size", "classes", "batch", "naive_images", "repeats"))
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> PromptCAM:

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from intr.models.intr import INTR, build_intr, sine_position
-from timing import Trainer, add_timing_arguments, choose_preset, relative_max_diff, resolve_device
+from timing import (Trainer, add_timing_arguments, choose_preset, relative_max_diff, resolve_device,
+                    run_interleaved)
 
 OFFICIAL_IMG_S = 179.0  # the official INTR code on an H200, fp32, ResNet-50 512 px, 200 classes, batch 12
 TARGET_IMG_S = 3 * OFFICIAL_IMG_S  # 537
@@ -309,14 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                             device, compiled=args.compile, clip=clip(fast_model)))
     meta.append(dict(path=label, dtype=args.dtype, memory_format=args.memory_format, batch=args.batch,
                      compile=args.compile, fused_adamw=fused))
-    for trainer in trainers:
-        trainer.warmup(args.warmup)
-    # Interleaved rounds, median per path: a load change on a shared machine hits both paths alike.
-    steps_per_round = max(1, -(-args.steps // args.rounds))
-    for _ in range(args.rounds):
-        for trainer in trainers:
-            trainer.timed_round(steps_per_round)
-    rows = [dict(m, steps=steps_per_round * args.rounds, **t.summary()) for m, t in zip(meta, trainers)]
+    rows = run_interleaved(trainers, meta, args.warmup, args.steps, args.rounds)
 
     base = rows[0]["img_s"]
     print()

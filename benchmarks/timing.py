@@ -32,6 +32,19 @@ def choose_preset(args: argparse.Namespace, device: torch.device, presets: dict,
     return name
 
 
+def choose_vit_preset(args: argparse.Namespace, device: torch.device, presets: dict, keys: Sequence[str]) -> str:
+    """``choose_preset`` for a timm ViT preset (``model``, ``kwargs``): also sets ``args.model_kwargs``.
+
+    The preset's architecture overrides belong to its model name only: a
+    ``--model`` of another name gets none.
+    """
+    model_given = args.model is not None
+    name = choose_preset(args, device, presets, ("model", *keys))
+    preset = presets[name]
+    args.model_kwargs = dict(preset["kwargs"]) if not model_given or args.model == preset["model"] else {}
+    return name
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,3 +143,19 @@ class Trainer:
         return {"img_s": img_s, "s_per_step": self.images.shape[0] / img_s, "rounds_img_s": self.rounds,
                 "warmup_s": self.warmup_s,
                 **({"peak_mem_gib": self.peak_mem_gib} if self.device.type == "cuda" else {})}
+
+
+def run_interleaved(trainers: Sequence["Trainer"], meta: Sequence[dict], warmup: int, steps: int,
+                    rounds: int) -> list[dict]:
+    """Warm every path up, then time them in interleaved rounds; one row (meta + summary) per path.
+
+    Interleaving with the median per path means a load change on a shared
+    machine hits every path alike.
+    """
+    for trainer in trainers:
+        trainer.warmup(warmup)
+    steps_per_round = max(1, -(-steps // rounds))
+    for _ in range(rounds):
+        for trainer in trainers:
+            trainer.timed_round(steps_per_round)
+    return [dict(m, steps=steps_per_round * rounds, **t.summary()) for m, t in zip(meta, trainers)]

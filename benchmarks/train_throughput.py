@@ -40,7 +40,8 @@ from torch import nn
 
 from intr.models.backbones import BackboneSpec, create_backbone
 from intr.models.prompt_cam import PromptCAM
-from timing import Trainer, add_timing_arguments, choose_preset, relative_max_diff, resolve_device
+from timing import (Trainer, add_timing_arguments, choose_vit_preset, relative_max_diff, resolve_device,
+                    run_interleaved)
 
 TARGET_IMG_S = 2300.0
 OFFICIAL_IMG_S = {16: 222.0, 64: 251.0}  # official Prompt_CAM code on an H200, fp32
@@ -109,12 +110,7 @@ class ReferencePromptCAM(nn.Module):
 
 def resolve_preset(args: argparse.Namespace, device: torch.device) -> str:
     """Fill unset options from the preset (small on CPU, full on CUDA, unless --small/--full)."""
-    model_given = args.model is not None
-    name = choose_preset(args, device, PRESETS, ("model", "img_size", "classes", "batch", "steps", "warmup"))
-    preset = PRESETS[name]
-    # The preset's architecture overrides belong to its model name only.
-    args.model_kwargs = dict(preset["kwargs"]) if not model_given or args.model == preset["model"] else {}
-    return name
+    return choose_vit_preset(args, device, PRESETS, ("img_size", "classes", "batch", "steps", "warmup"))
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> PromptCAM:
@@ -224,14 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainers.append(Trainer(label, fast, sgd(fast_model, fused), images[:args.batch], labels[:args.batch],
                             amp_dtype, device, compiled=args.compile))
     meta.append(dict(path=label, dtype=args.dtype, batch=args.batch, compile=args.compile, fused_sgd=fused))
-    for trainer in trainers:
-        trainer.warmup(args.warmup)
-    # Interleaved rounds, median per path: a load change on a shared machine hits both paths alike.
-    steps_per_round = max(1, -(-args.steps // args.rounds))
-    for _ in range(args.rounds):
-        for trainer in trainers:
-            trainer.timed_round(steps_per_round)
-    rows = [dict(m, steps=steps_per_round * args.rounds, **t.summary()) for m, t in zip(meta, trainers)]
+    rows = run_interleaved(trainers, meta, args.warmup, args.steps, args.rounds)
 
     base = rows[0]["img_s"]
     print()
