@@ -61,14 +61,10 @@ class BackboneFeatures(nn.Module):
         super().__init__()
         self.backbone = model.backbone
         self.vit = backbone_vit(model)
+        self._probe_features = model.probe_features  # reads only the backbone (registered above)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.vit is not None:
-            tokens = self.vit.forward_features(images)
-            prefix = self.vit.num_prefix_tokens
-            cls = tokens[:, 0] if prefix else tokens.mean(1)
-            return torch.cat([cls, tokens[:, prefix:].mean(1)], dim=1)
-        return self.backbone.body(images)[-1].mean((-2, -1))
+        return self._probe_features(images)
 
     def target_layer(self) -> nn.Module:
         """The layer the CAMs read: the last ViT block's ``norm1``, or the CNN's last stage."""
@@ -96,6 +92,7 @@ class LinearProbe(nn.Module):
         return self.linear(self.features(images))
 
 
+@torch.no_grad()
 @torch.no_grad()
 def extract_features(features: nn.Module, images: Callable[[int], torch.Tensor], n: int,
                      device: torch.device, batch_size: int = 256) -> np.ndarray:

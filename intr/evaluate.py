@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from analysis.stats import metric_row
+from intr.baselines import BackboneFeatures, extract_features
 from intr.data.images import ImageSet, read_split
 from intr.ranking import rank_heads_by_blurring
 from intr.tables import read_table, write_table
@@ -69,16 +70,11 @@ def box_cells(box: tuple[float, float, float, float], size: tuple[int, int], gri
     return rows[:, None] & cols[None, :]
 
 
-@torch.no_grad()
 def probe_features(model: torch.nn.Module, data: ImageSet, device: torch.device,
                    batch_size: int = 256) -> np.ndarray:
     """The model's frozen-backbone features (``model.probe_features``) of every image."""
     model.eval()
-    feats = []
-    for start in range(0, len(data), batch_size):
-        images = torch.stack([data[i][0] for i in range(start, min(start + batch_size, len(data)))]).to(device)
-        feats.append(model.probe_features(images).float().cpu())
-    return torch.cat(feats).numpy()
+    return extract_features(BackboneFeatures(model), lambda i: data[i][0], len(data), device, batch_size)
 
 
 def linear_probe_correct(model, train: ImageSet, test: ImageSet, device: torch.device) -> np.ndarray:

@@ -34,7 +34,6 @@ a rerun recomputes them, and gives the same bytes of data.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from tqdm import tqdm
 
 from analysis import regions as reg
 from intr.data.images import ImageSet, read_split
+from intr.faithfulness import gaussian_blur
 from intr.ranking import rank_heads_by_blurring
 from intr.tables import ParquetStreamWriter, read_table
 from intr.train import load_model, resolve_device
@@ -89,14 +89,8 @@ def schemas(cells: int, feature_dim: int) -> dict[str, pa.Schema]:
 
 
 def blur_images(images: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
-    """Gaussian blur with sigma = ``sigma_fraction`` x the image side (reflect padding)."""
-    from torchvision.transforms.functional import gaussian_blur
-
-    side = max(images.shape[-2:])
-    sigma = max(sigma_fraction * side, 1e-3)
-    kernel = 2 * math.ceil(3 * sigma) + 1
-    kernel = min(kernel, 2 * (min(images.shape[-2:]) // 2) - 1)  # reflect padding must fit
-    return gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+    """Gaussian blur with sigma = ``sigma_fraction`` x the image side (the faithfulness test's blur)."""
+    return gaussian_blur(images, sigma_fraction * max(images.shape[-2:]))
 
 
 # ----------------------------------------------------------------------------- look-alikes
