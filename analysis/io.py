@@ -13,7 +13,6 @@ lists) into one numpy array per row; ``maps`` returns them stacked as one
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,23 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from analysis.tables import fixed_list_to_numpy, read_metadata
+
 MAP_COLUMN = "attn"
 
 
-def metadata(path: str | Path) -> dict[str, Any]:
-    """A table's key-value metadata (JSON values decoded)."""
-    raw = pq.read_schema(path).metadata or {}
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        k = key.decode()
-        if k == "pandas":
-            continue
-        text = value.decode()
-        try:
-            out[k] = json.loads(text)
-        except ValueError:
-            out[k] = text
-    return out
+metadata = read_metadata  # a table's key-value metadata (JSON values decoded)
 
 
 def _filter(table_path: str | Path, where: dict[str, Any]) -> Any:
@@ -58,13 +46,6 @@ def read(path: str | Path, columns: Sequence[str] | None = None, **where: Any) -
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such table (has its pipeline stage run?)")
     return pq.read_table(path, columns=list(columns) if columns else None, filters=_filter(path, where))
-
-
-def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
-    """(rows, width) array from a fixed_size_list column."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = array.type.list_size
-    return array.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, width)
 
 
 def load(path: str | Path, columns: Sequence[str] | None = None, **where: Any) -> pd.DataFrame:

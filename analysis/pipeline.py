@@ -32,12 +32,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from analysis import io
+from analysis import io, tables
 from analysis.contrasts import pair_contrasts, species_regions
 from analysis.localization import box_cells, localization_rows
 from analysis.recovery import attribute_rows, recovery_rows
 from analysis.regions import BACKGROUND, image_geometry, region_vocabulary
-from analysis.stats import EVALUATION_COLUMNS
+from analysis.tables import EVALUATION_COLUMNS, write_table
 from analysis.traits import cluster_traits, dominant_region, head_types
 
 DEFAULTS: dict[str, Any] = {
@@ -75,40 +75,8 @@ def _optional(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.exists() else None
 
 
-def _fixed_list(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    values = np.ascontiguousarray(values)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=value_type), values.shape[1])
-
-
-SCHEMAS = {
-    "traits": pa.schema([("trait", pa.int16()), ("name", pa.string()), ("dominant_region", pa.string()),
-                         ("purity", pa.float32()), ("size", pa.int32()), ("classes", pa.list_(pa.int16())),
-                         ("class_counts", pa.list_(pa.int32())), ("representatives", pa.list_(pa.int32()))]),
-    "trait_members": pa.schema([("member", pa.int32()), ("image_id", pa.int32()), ("class_id", pa.int16()),
-                                ("head", pa.int8()), ("rank", pa.int8()), ("trait", pa.int16()),
-                                ("umap_x", pa.float32()), ("umap_y", pa.float32()),
-                                ("dominant_region", pa.string())]),
-    "regions": pa.schema([("class_id", pa.int16()), ("region", pa.string()), ("mass", pa.float32()),
-                          ("mass_lo", pa.float32()), ("mass_hi", pa.float32()), ("density", pa.float32()),
-                          ("density_lo", pa.float32()), ("density_hi", pa.float32()), ("area", pa.float32()),
-                          ("n_images", pa.int32()), ("rank", pa.int16()), ("heads", pa.list_(pa.int8())),
-                          ("trait", pa.int16()), ("correct_only", pa.bool_())]),
-    "contrasts": pa.schema([("class_a", pa.int16()), ("class_b", pa.int16()), ("region", pa.string()),
-                            ("density_a", pa.float32()), ("difference", pa.float32()), ("occlusion", pa.float32()),
-                            ("combined", pa.float32()), ("rank_density", pa.int16()),
-                            ("rank_difference", pa.int16()), ("rank_occlusion", pa.int16()),
-                            ("rank_combined", pa.int16()), ("p_value", pa.float32()), ("q_value", pa.float32()),
-                            ("n_images", pa.int32()), ("planted", pa.bool_()), ("area", pa.float32())]),
-    "metrics_analysis": pa.schema([("method", pa.string()), ("metric", pa.string()), ("split", pa.string()),
-                                   ("value", pa.float64()), ("ci_lo", pa.float64()), ("ci_hi", pa.float64()),
-                                   ("n", pa.int64())]),
-}
-
-
-def _write(name: str, frame: pd.DataFrame | pa.Table, out_dir: Path, metadata: dict) -> None:
-    from intr.tables import write_table  # pyarrow only: intr/__init__ and intr.tables import no torch
-
-    write_table(frame, out_dir / f"{name}.parquet", metadata=metadata, schema=SCHEMAS.get(name))
+def _write(name: str, frame: pd.DataFrame | pa.Table, out_dir: Path, metadata: dict, **widths: int) -> None:
+    write_table(frame, out_dir / f"{name}.parquet", metadata=metadata, schema=tables.schema(name, **widths))
 
 
 def _pairs(pairs_table: pd.DataFrame | None, q_true_class: np.ndarray, q_cls: np.ndarray,
@@ -370,11 +338,11 @@ def analyze(method_dir, manifest, root, out_dir, options: dict | None = None, pr
     ht_table = pa.table({
         "head": pa.array(ht["head"].to_numpy(np.int8)), "head_type": pa.array(ht["head_type"].to_numpy(np.int16)),
         "dominant_region": pa.array(ht["dominant_region"].astype(str).tolist(), pa.string()),
-        "profile": _fixed_list(np.stack(ht["profile"].to_list()).astype(np.float32), pa.float32()),
+        "profile": tables.fixed_list_array(np.stack(ht["profile"].to_list()).astype(np.float32), pa.float32()),
         "type_dominant_region": pa.array(ht["type_dominant_region"].astype(str).tolist(), pa.string()),
         "consistency": pa.array(ht["consistency"].to_numpy(np.float32)),
         "n_maps": pa.array(ht["n_maps"].to_numpy(np.int32))})
-    _write("head_types", ht_table, out_dir, common)
+    _write("head_types", ht_table, out_dir, common, regions=R)
     _write("traits", traits, out_dir, common)
     _write("trait_members", trait_members, out_dir, common)
     _write("regions", regions, out_dir, common)

@@ -6,8 +6,6 @@ from typing import Sequence
 
 import numpy as np
 
-EVALUATION_COLUMNS = ("method", "metric", "split", "value", "ci_lo", "ci_hi", "n")
-
 
 def bootstrap_mean(values: Sequence[float] | np.ndarray, resamples: int = 2000, seed: int = 0,
                    level: float = 0.95) -> tuple[float, float, float]:

@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from intr.tables import write_table  # noqa: E402  (pyarrow only; no torch)
+from analysis import tables  # noqa: E402
+from analysis.tables import write_columns, write_table  # noqa: E402
 
 CUB_PARTS = {  # name: (u, v) inside the bird's box
     "back": (0.55, 0.35), "beak": (0.97, 0.30), "belly": (0.50, 0.72), "breast": (0.72, 0.58),
@@ -70,11 +71,6 @@ def _meta(method: str, grid: int, heads: int, split: str, feature_dim: int | Non
     if feature_dim:
         meta["feature_dim"] = feature_dim
     return meta
-
-
-def _fixed(values: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
-    values = np.ascontiguousarray(values)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=value_type), values.shape[1])
 
 
 def make_tables(out: str | Path, layout: str = "keypoints", classes: int = 200, images: int = 5794,
@@ -170,7 +166,7 @@ def make_tables(out: str | Path, layout: str = "keypoints", classes: int = 200, 
     })
     paths = {"manifest": res / "manifest.parquet", "method_dir": mdir, "root": root}
     write_table(manifest, paths["manifest"])
-    write_table(parts, res / "parts.parquet")
+    write_table(parts, res / "parts.parquet", schema=tables.schema("parts"))
 
     # ---- look-alike pairs and class attributes
     if pairs:
@@ -179,10 +175,7 @@ def make_tables(out: str | Path, layout: str = "keypoints", classes: int = 200, 
                 for a in range(classes) for b in range(a + 1, classes) if genus[a] == genus[b]]
         pairs_df = pd.DataFrame(rows, columns=["class_a", "class_b", "species_a", "species_b", "genus",
                                                "differing_parts", "n_differing"])
-        write_table(pairs_df, res / "lookalike_pairs.parquet", schema=pa.schema([
-            ("class_a", pa.int16()), ("class_b", pa.int16()), ("species_a", pa.string()),
-            ("species_b", pa.string()), ("genus", pa.string()), ("differing_parts", pa.list_(pa.string())),
-            ("n_differing", pa.int16())]))
+        write_table(pairs_df, res / "lookalike_pairs.parquet", schema=tables.schema("lookalike_pairs"))
     if attributes:
         groups = sorted({PART_GROUP.get(n, n) for n in names})
         attr = [(g, c) for g in groups for c in COLOURS]
@@ -212,10 +205,10 @@ def make_tables(out: str | Path, layout: str = "keypoints", classes: int = 200, 
     top5[~correct, 1] = label[~correct]
     prob_true = np.where(correct, rng.uniform(0.5, 1, images), rng.uniform(0.05, 0.4, images)).astype(np.float32)
     probs = np.sort(rng.dirichlet(np.ones(5), images).astype(np.float32), 1)[:, ::-1]
-    write_table(pa.table({
-        "image_id": pa.array(image_id), "label": pa.array(label), "pred": pa.array(pred),
-        "correct": pa.array(correct), "prob_true": pa.array(prob_true),
-        "top5_ids": _fixed(top5, pa.int16()), "top5_probs": _fixed(np.ascontiguousarray(probs), pa.float32())}),
+    write_columns("predictions", {
+        "image_id": image_id, "label": label, "pred": pred,
+        "correct": correct, "prob_true": prob_true,
+        "top5_ids": top5, "top5_probs": np.ascontiguousarray(probs)},
         mdir / "predictions.parquet", metadata=_meta(method, grid, heads, "test"))
 
     # ---- attention: true + siblings (one of them the prediction), every head
@@ -248,23 +241,23 @@ def make_tables(out: str | Path, layout: str = "keypoints", classes: int = 200, 
         noise /= noise.sum(1, keepdims=True)
         maps[sl] = (signal * bump + (1 - signal) * noise).astype(np.float16)
     meta = _meta(method, grid, heads, "test")
-    write_table(pa.table({
-        "image_id": pa.array(image_id[r_img]), "query_class": pa.array(r_cls), "query_role": pa.array(r_role),
-        "head": pa.array(r_head), "head_rank": pa.array(r_rank), "attn": _fixed(maps, pa.float16())}),
+    write_columns("attention", {
+        "image_id": image_id[r_img], "query_class": r_cls, "query_role": r_role,
+        "head": r_head, "head_rank": r_rank, "attn": maps},
         mdir / "attention.parquet", metadata=meta)
     true = r_role == "true"
-    write_table(pa.table({
-        "image_id": pa.array(image_id[r_img]), "class_id": pa.array(r_cls), "head": pa.array(r_head),
-        "rank": pa.array(r_rank), "prob_after_blur": pa.array(rng.random(len(r_img)).astype(np.float32))}),
+    write_columns("head_ranks", {
+        "image_id": image_id[r_img], "class_id": r_cls, "head": r_head,
+        "rank": r_rank, "prob_after_blur": (rng.random(len(r_img)).astype(np.float32))},
         mdir / "head_ranks.parquet", metadata=meta)
 
     # ---- trait features of the true class's top heads
     tf = true & (r_rank <= top_heads)
     embed = rng.normal(0, 1, (P, feature_dim)).astype(np.float32)
     feats = (embed[target[tf]] + rng.normal(0, 0.7, (tf.sum(), feature_dim))).astype(np.float16)
-    write_table(pa.table({
-        "image_id": pa.array(image_id[r_img[tf]]), "class_id": pa.array(r_cls[tf]), "head": pa.array(r_head[tf]),
-        "rank": pa.array(r_rank[tf]), "feature": _fixed(feats, pa.float16())}),
+    write_columns("trait_features", {
+        "image_id": image_id[r_img[tf]], "class_id": r_cls[tf], "head": r_head[tf],
+        "rank": r_rank[tf], "feature": feats},
         mdir / "trait_features.parquet", metadata=_meta(method, grid, heads, "test", feature_dim))
 
     # ---- region effects: every image x each look-alike x each region
@@ -282,12 +275,12 @@ def make_tables(out: str | Path, layout: str = "keypoints", classes: int = 200, 
     drop[e_r == sig_idx[e_a]] += 2.0
     drop[e_r == sig_idx[e_b]] -= 1.0
     drop *= area[e_img, e_r] > 0
-    write_table(pa.table({
-        "image_id": pa.array(image_id[e_img]), "class_a": pa.array(e_a.astype(np.int16)),
-        "class_b": pa.array(e_b.astype(np.int16)), "region": pa.array(np.array(vocab)[e_r]),
-        "area": pa.array(area[e_img, e_r].astype(np.float32)),
-        "margin": pa.array(rng.normal(3, 1, len(e_img)).astype(np.float32)), "margin_drop": pa.array(drop),
-        "prob_a_drop": pa.array(drop * 0.1)}), mdir / "region_effects.parquet", metadata=meta)
+    write_columns("region_effects", {
+        "image_id": image_id[e_img], "class_a": (e_a.astype(np.int16)),
+        "class_b": (e_b.astype(np.int16)), "region": (np.array(vocab)[e_r]),
+        "area": (area[e_img, e_r].astype(np.float32)),
+        "margin": (rng.normal(3, 1, len(e_img)).astype(np.float32)), "margin_drop": drop,
+        "prob_a_drop": drop * 0.1}, mdir / "region_effects.parquet", metadata=meta)
 
     # ---- baseline maps: a good one (on the signature part) and a diffuse one
     if baselines:
@@ -295,10 +288,10 @@ def make_tables(out: str | Path, layout: str = "keypoints", classes: int = 200, 
         bump = maps[rows].astype(np.float32)
         diffuse = rng.random((len(rows), G)).astype(np.float32)
         both = np.concatenate([bump, diffuse / diffuse.sum(1, keepdims=True)])
-        write_table(pa.table({
-            "image_id": pa.array(np.tile(image_id[r_img[rows]], 2)),
-            "method": pa.array(["gradcam"] * len(rows) + ["rollout"] * len(rows)),
-            "class_id": pa.array(np.tile(r_cls[rows], 2)), "attn": _fixed(both.astype(np.float16), pa.float16())}),
+        write_columns("baseline_maps", {
+            "image_id": (np.tile(image_id[r_img[rows]], 2)),
+            "method": (["gradcam"] * len(rows) + ["rollout"] * len(rows)),
+            "class_id": (np.tile(r_cls[rows], 2)), "attn": both.astype(np.float16)},
             mdir / "baseline_maps.parquet", metadata=meta)
     paths["signature"] = {c: names[signature[c]] for c in range(classes)}
     return paths

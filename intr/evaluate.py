@@ -33,7 +33,7 @@ from analysis.stats import metric_row
 from intr.baselines import BackboneFeatures, extract_features
 from intr.data.images import ImageSet, read_split
 from intr.ranking import rank_heads_by_blurring
-from intr.tables import read_table, write_table
+from analysis.tables import read_table, write_table
 from intr.train import resolve_device, load_model
 
 

@@ -47,45 +47,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from analysis import regions as reg
+from analysis import tables
 from intr.data.images import ImageSet, read_split
 from intr.faithfulness import gaussian_blur
 from intr.ranking import rank_heads_by_blurring
-from intr.tables import ParquetStreamWriter, read_table
+from analysis.tables import ParquetStreamWriter, read_table
 from intr.train import load_model, resolve_device
 
 ROLE_TRUE, ROLE_PRED, ROLE_SIBLING = "true", "pred", "sibling"
 TABLES = ("predictions", "attention", "head_ranks", "region_effects", "trait_features", "lookalikes")
-
-
-def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
-    """(rows, width) numpy -> fixed_size_list<dtype>[width]."""
-    values = np.ascontiguousarray(values)
-    flat = pa.array(values.reshape(-1), type=dtype)
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
-
-
-def schemas(cells: int, feature_dim: int) -> dict[str, pa.Schema]:
-    """Arrow schemas of the extraction tables."""
-    return {
-        "predictions": pa.schema([
-            ("image_id", pa.int32()), ("label", pa.int16()), ("pred", pa.int16()), ("correct", pa.bool_()),
-            ("prob_true", pa.float32()), ("top5_ids", pa.list_(pa.int16(), 5)),
-            ("top5_probs", pa.list_(pa.float32(), 5))]),
-        "attention": pa.schema([
-            ("image_id", pa.int32()), ("query_class", pa.int16()), ("query_role", pa.string()),
-            ("head", pa.int8()), ("head_rank", pa.int8()), ("attn", pa.list_(pa.float16(), cells))]),
-        "head_ranks": pa.schema([
-            ("image_id", pa.int32()), ("class_id", pa.int16()), ("head", pa.int8()), ("rank", pa.int8()),
-            ("prob_after_blur", pa.float32())]),
-        "region_effects": pa.schema([
-            ("image_id", pa.int32()), ("class_a", pa.int16()), ("class_b", pa.int16()), ("region", pa.string()),
-            ("area", pa.float32()), ("margin", pa.float32()), ("margin_drop", pa.float32()),
-            ("prob_a_drop", pa.float32())]),
-        "trait_features": pa.schema([
-            ("image_id", pa.int32()), ("class_id", pa.int16()), ("head", pa.int8()), ("rank", pa.int8()),
-            ("feature", pa.list_(pa.float16(), feature_dim))]),
-        "lookalikes": pa.schema([("class_a", pa.int16()), ("class_b", pa.int16()), ("source", pa.string())]),
-    }
 
 
 def blur_images(images: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
@@ -239,17 +209,6 @@ def _region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: t
     return {k: np.asarray(v) for k, v in cols.items()}
 
 
-def _rows_table(schema: pa.Schema, columns: dict[str, Any]) -> pa.Table:
-    arrays = []
-    for field in schema:
-        value = columns[field.name]
-        if pa.types.is_fixed_size_list(field.type):
-            arrays.append(_fixed_list(np.asarray(value), field.type.value_type))
-        else:
-            arrays.append(pa.array(np.asarray(value) if not isinstance(value, list) else value, type=field.type))
-    return pa.Table.from_arrays(arrays, schema=schema.remove_metadata())
-
-
 def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_dir: str | Path,
             split: str = "test", batch_size: int = 64, top_heads: int = 4, siblings_k: int = 3,
             region_radius: float = reg.DEFAULT_RADIUS, region_cells: int = reg.DEFAULT_CELLS,
@@ -327,7 +286,7 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
             "grid_w": grid[1], "patch_size": size // grid[0], "image_size": size, "num_heads": heads,
             "split": split, "num_classes": num_classes, "lookalike_source": source,
             "model": str(model_path)}
-    table_schemas = schemas(cells, feature_dim)
+    table_schemas = {name: tables.schema(name, cells=cells, feature_dim=feature_dim) for name in TABLES}
     out = Path(out_dir)
     paths = {name: out / f"{name}.parquet" for name in TABLES}
     extra = {"trait_features": {"feature_dim": feature_dim, "top_heads": top},
@@ -337,7 +296,7 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
                for name in TABLES}
     try:
         pairs = [(a, b) for a in sorted(looks) for b in looks[a]]
-        writers["lookalikes"].write(_rows_table(table_schemas["lookalikes"], {
+        writers["lookalikes"].write(tables.table_from_columns(table_schemas["lookalikes"], {
             "class_a": [a for a, _ in pairs], "class_b": [b for _, b in pairs], "source": [source] * len(pairs)}))
         for images, labels, index in tqdm(loader, desc=f"{method} extract", disable=not progress):
             _extract_batch(model, images.to(dev), labels.to(dev), index.numpy(), rows, looks, regions,
@@ -368,7 +327,7 @@ def _extract_batch(model, images, labels, index, rows, looks, regions, size, top
     p5[:, :k5] = top5.values.cpu().numpy()
     y = labels.cpu().numpy()
     pr = preds.cpu().numpy()
-    writers["predictions"].write(_rows_table(table_schemas["predictions"], {
+    writers["predictions"].write(tables.table_from_columns(table_schemas["predictions"], {
         "image_id": image_ids, "label": y, "pred": pr, "correct": y == pr,
         "prob_true": probs.gather(1, labels.view(-1, 1)).squeeze(1).cpu().numpy(),
         "top5_ids": ids5, "top5_probs": p5}))
@@ -387,12 +346,12 @@ def _extract_batch(model, images, labels, index, rows, looks, regions, size, top
     role_names = np.array([ROLE_TRUE, ROLE_PRED, ROLE_SIBLING])
     M = len(bi)
     flat_maps = maps[bi, ri].flatten(2).cpu().numpy()  # (M, H, cells)
-    writers["attention"].write(_rows_table(table_schemas["attention"], {
+    writers["attention"].write(tables.table_from_columns(table_schemas["attention"], {
         "image_id": np.repeat(image_ids[bi], H), "query_class": np.repeat(classes[bi, ri], H),
         "query_role": role_names[np.repeat(roles[bi, ri], H)].tolist(),
         "head": np.tile(np.arange(H), M), "head_rank": rank.reshape(-1),
         "attn": flat_maps.reshape(M * H, -1).astype(np.float16)}))
-    writers["head_ranks"].write(_rows_table(table_schemas["head_ranks"], {
+    writers["head_ranks"].write(tables.table_from_columns(table_schemas["head_ranks"], {
         "image_id": np.repeat(image_ids[bi], H), "class_id": np.repeat(classes[bi, ri], H),
         "head": np.tile(np.arange(H), M), "rank": rank.reshape(-1),
         "prob_after_blur": ranking.prob_after_blur.float().cpu().numpy().reshape(-1)}))
@@ -407,7 +366,7 @@ def _extract_batch(model, images, labels, index, rows, looks, regions, size, top
     m = m / m.sum(-1, keepdim=True).clamp_min(1e-12)
     sel = torch.gather(m, 1, chosen.unsqueeze(-1).expand(-1, -1, m.shape[-1]))  # (B, top, cells)
     pooled = sel @ feats  # (B, top, D)
-    writers["trait_features"].write(_rows_table(table_schemas["trait_features"], {
+    writers["trait_features"].write(tables.table_from_columns(table_schemas["trait_features"], {
         "image_id": np.repeat(image_ids, top), "class_id": np.repeat(y, top),
         "head": chosen.cpu().numpy().reshape(-1),
         "rank": torch.gather(true_rank, 1, chosen).cpu().numpy().reshape(-1),
@@ -420,7 +379,7 @@ def _extract_batch(model, images, labels, index, rows, looks, regions, size, top
         eff = _region_effects(model, images, labels, logits, masks, siblings, regions.vocab, blur_sigma,
                               chunk=max(1, images.shape[0]) * 4)
     if eff:
-        writers["region_effects"].write(_rows_table(table_schemas["region_effects"], {
+        writers["region_effects"].write(tables.table_from_columns(table_schemas["region_effects"], {
             "image_id": image_ids[eff["image"].astype(np.int64)], "class_a": y[eff["image"].astype(np.int64)],
             "class_b": eff["class_b"], "region": eff["region"].tolist(), "area": eff["area"],
             "margin": eff["margin"], "margin_drop": eff["margin_drop"], "prob_a_drop": eff["prob_a_drop"]}))

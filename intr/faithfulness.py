@@ -42,26 +42,20 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 from tqdm import tqdm
 
+from analysis import tables
 from analysis.stats import metric_row
+from analysis.tables import ParquetStreamWriter, write_table
 from intr.baselines import CAM_METHODS, attention_rollout, backbone_vit, cam_maps, fit_linear_probe, pool_to_grid
 from intr.data.images import ImageSet, read_split
 from intr.ranking import rank_heads_by_blurring
-from intr.tables import ParquetStreamWriter, write_table
 from intr.train import load_model, resolve_device
 
 BASELINE_METHODS = (*CAM_METHODS, "rollout")
-
-
-def maps_schema(cells: int) -> pa.Schema:
-    """Arrow schema of ``baseline_maps.parquet`` for a grid of ``cells`` patches."""
-    return pa.schema([("image_id", pa.int32()), ("method", pa.string()), ("class_id", pa.int16()),
-                      ("attn", pa.list_(pa.float16(), cells))])
 
 
 # --------------------------------------------------------------------------- the RISE protocol
@@ -251,7 +245,7 @@ def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="t
     model_predict = lambda x: model(x)  # noqa: E731
     probe_predict = lambda x: probe(x)  # noqa: E731
 
-    with ParquetStreamWriter(out_maps, maps_schema(grid[0] * grid[1]), metadata) as writer:
+    with ParquetStreamWriter(out_maps, tables.schema("baseline_maps", cells=grid[0] * grid[1]), metadata) as writer:
         for start in tqdm(range(0, len(data), batch_size), desc=f"faithfulness {method}",
                           disable=not progress, leave=False):
             idx = range(start, min(start + batch_size, len(data)))
@@ -282,13 +276,9 @@ def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="t
                     ends["model" if name == method else "linear_probe"].append(ins[:, [-1, 0]].cpu())
                 aucs[(name, "deletion_auc")].append(curve_auc(dele, size * size))
                 flat = normalise_maps(grid_maps[name]).flatten(1).cpu().numpy().astype(np.float16)
-                writer.write(pa.table({
-                    "image_id": pa.array(ids, pa.int32()),
-                    "method": pa.array([name] * len(ids), pa.string()),
-                    "class_id": pa.array(target.cpu().numpy().astype(np.int16), pa.int16()),
-                    "attn": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.float16()),
-                                                              grid[0] * grid[1]),
-                }))
+                writer.write(tables.table_from_columns(writer.schema, {
+                    "image_id": ids, "method": [name] * len(ids),
+                    "class_id": target.cpu().numpy().astype(np.int16), "attn": flat}))
 
     metrics = [metric_row(m, c, split, torch.cat(aucs[(m, c)]).numpy())
                for m in methods for c in ("insertion_auc", "deletion_auc")]

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from intr.data.images import ImageSet, read_split
 from intr.models.backbones import BackboneSpec, create_backbone, normalization
-from intr.tables import write_table
+from analysis.tables import write_table
 from intr.train import accuracy, lr_at
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "pretrain_synthetic_vit.yaml"

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from intr.data.images import ImageSet, read_split
 from intr.models.backbones import normalization
-from intr.tables import write_table
+from analysis.tables import write_table
 
 METHODS = ("prompt_cam", "intr")
 

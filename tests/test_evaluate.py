@@ -8,7 +8,7 @@ import pytest
 
 from analysis.stats import bootstrap_mean, metric_row
 from intr.evaluate import box_cells, cell_overlap, gather_evaluation, planted_parts_by_class
-from intr.tables import read_table, write_table
+from analysis.tables import read_table, write_table
 
 
 def test_cell_overlap_is_strict_at_least_one_pixel_per_cell():

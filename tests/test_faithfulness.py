@@ -21,7 +21,7 @@ from intr.faithfulness import (curve_auc, gaussian_blur, insertion_deletion_curv
                                run_faithfulness, target_probability, top_heads_map, upsample)
 from intr.models.backbones import normalization
 from intr.ranking import rank_heads_by_blurring
-from intr.tables import read_metadata
+from analysis.tables import read_metadata
 from intr.train import build_model, trainable_state
 
 VIT = {"name": "vit_tiny_patch16_224",

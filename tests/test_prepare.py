@@ -14,7 +14,7 @@ from PIL import Image
 from intr.cli import main
 from intr.data.cub import attribute_part
 from intr.data.prepare import PrepareError, prepare_dataset
-from intr.tables import read_metadata, read_table
+from analysis.tables import read_metadata, read_table
 
 CLASSES = {1: "001.Black_footed_Albatross", 2: "002.Laysan_Albatross", 3: "003.Groove_billed_Ani"}
 PARTS = {1: "back", 2: "beak", 3: "left eye"}

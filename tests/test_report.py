@@ -16,19 +16,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from intr.tables import write_table
+from analysis import tables
+from analysis.tables import write_columns, write_table
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 GRID = 8
 HEADS = {"prompt_cam": 6, "intr": 4}
 BASELINES = ("gradcam", "layercam", "eigencam", "rollout")
-
-
-def _fixed(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    values = np.asarray(values)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), dtype), values.shape[1])
 
 
 def _blob(cx: float, cy: float, size: float, sigma: float = 1.0) -> np.ndarray:
@@ -58,11 +55,10 @@ def _write_method(out: Path, method: str, manifest: pd.DataFrame, parts: pd.Data
     prob = np.where(last, 0.3, 0.9).astype(np.float32)
     top5 = np.stack([np.roll(np.arange(5), -1) if w else np.arange(5) for w in last]).astype(np.int16)
     top5[:, 0] = pred
-    write_table(pa.table({"image_id": pa.array(test["image_id"], pa.int32()), "label": pa.array(test["class_id"], pa.int16()),
-                          "pred": pa.array(pred, pa.int16()), "correct": pa.array(~last.to_numpy()),
-                          "prob_true": pa.array(prob), "top5_ids": _fixed(top5, pa.int16()),
-                          "top5_probs": _fixed(np.tile(np.linspace(0.9, 0.01, 5, dtype=np.float32), (len(test), 1)),
-                                               pa.float32())}), out / "predictions.parquet", meta)
+    write_columns("predictions", {"image_id": test["image_id"], "label": test["class_id"], "pred": pred,
+                                  "correct": ~last.to_numpy(), "prob_true": prob, "top5_ids": top5,
+                                  "top5_probs": np.tile(np.linspace(0.9, 0.01, 5, dtype=np.float32), (len(test), 1))},
+                  out / "predictions.parquet", meta)
 
     # attention: true class and its siblings; the query's rank-1 head peaks on the planted part
     rows = {"image_id": [], "query_class": [], "query_role": [], "head": [], "head_rank": [], "attn": []}
@@ -79,45 +75,39 @@ def _write_method(out: Path, method: str, manifest: pd.DataFrame, parts: pd.Data
                 rows["head_rank"].append(ranks[h])
                 rows["attn"].append(_blob(x, y, 64))
     attn = np.stack(rows.pop("attn")).reshape(len(rows["image_id"]), -1).astype(np.float16)
-    attention = pa.table({"image_id": pa.array(rows["image_id"], pa.int32()),
-                          "query_class": pa.array(rows["query_class"], pa.int16()),
-                          "query_role": pa.array(rows["query_role"], pa.string()),
-                          "head": pa.array(rows["head"], pa.int8()), "head_rank": pa.array(rows["head_rank"], pa.int8()),
-                          "attn": _fixed(attn, pa.float16())})
-    write_table(attention, out / "attention.parquet", meta)
-    write_table(pa.table({"image_id": attention["image_id"], "class_id": attention["query_class"],
-                          "head": attention["head"], "rank": attention["head_rank"],
-                          "prob_after_blur": pa.array(rng.random(attention.num_rows).astype(np.float32))}),
-                out / "head_ranks.parquet", meta)
+    write_columns("attention", {**rows, "attn": attn}, out / "attention.parquet", meta)
+    attention = pq.read_table(out / "attention.parquet")
+    write_columns("head_ranks", {"image_id": rows["image_id"], "class_id": rows["query_class"], "head": rows["head"],
+                                 "rank": rows["head_rank"],
+                                 "prob_after_blur": rng.random(attention.num_rows).astype(np.float32)},
+                  out / "head_ranks.parquet", meta)
 
     # baseline maps: the model's own and four CAM baselines per test image
     n = len(test)
     maps = rng.random((n * (1 + len(BASELINES)), GRID * GRID)).astype(np.float32)
     maps /= maps.sum(axis=1, keepdims=True)
-    write_table(pa.table({"image_id": pa.array(np.tile(test["image_id"], 1 + len(BASELINES)), pa.int32()),
-                          "method": pa.array(np.repeat([method, *BASELINES], n)),
-                          "class_id": pa.array(np.tile(test["class_id"], 1 + len(BASELINES)), pa.int16()),
-                          "attn": _fixed(maps.astype(np.float16), pa.float16())}), out / "baseline_maps.parquet", meta)
+    write_columns("baseline_maps", {"image_id": np.tile(test["image_id"], 1 + len(BASELINES)),
+                                    "method": np.repeat([method, *BASELINES], n),
+                                    "class_id": np.tile(test["class_id"], 1 + len(BASELINES)),
+                                    "attn": maps.astype(np.float16)}, out / "baseline_maps.parquet", meta)
     effects = [(r.image_id, r.class_id, b, reg) for r in test.itertuples() for b in siblings[r.class_id]
                for reg in regions_vocab]
     e = pd.DataFrame(effects, columns=["image_id", "class_a", "class_b", "region"])
-    write_table(pa.table({"image_id": pa.array(e["image_id"], pa.int32()), "class_a": pa.array(e["class_a"], pa.int16()),
-                          "class_b": pa.array(e["class_b"], pa.int16()), "region": pa.array(e["region"]),
-                          "area": pa.array(np.full(len(e), 0.05, np.float32)),
-                          "margin": pa.array(np.full(len(e), 2.0, np.float32)),
-                          "margin_drop": pa.array(rng.random(len(e)).astype(np.float32)),
-                          "prob_a_drop": pa.array(rng.random(len(e)).astype(np.float32))}),
-                out / "region_effects.parquet", meta)
+    write_columns("region_effects", {**{k: e[k] for k in e.columns}, "area": np.full(len(e), 0.05, np.float32),
+                                     "margin": np.full(len(e), 2.0, np.float32),
+                                     "margin_drop": rng.random(len(e)).astype(np.float32),
+                                     "prob_a_drop": rng.random(len(e)).astype(np.float32)},
+                  out / "region_effects.parquet", meta)
 
     # analysis tables
     R = len(regions_vocab)
     profiles = rng.random((heads, R)).astype(np.float32)
     profiles /= profiles.sum(axis=1, keepdims=True)
-    write_table(pa.table({"head": pa.array(range(heads), pa.int8()),
-                          "head_type": pa.array(np.arange(heads) % 2, pa.int16()),
-                          "dominant_region": pa.array([regions_vocab[i] for i in profiles.argmax(axis=1)]),
-                          "profile": _fixed(profiles, pa.float32())}), out / "head_types.parquet",
-                {**meta, "regions": regions_vocab})
+    dominant = [regions_vocab[i] for i in profiles.argmax(axis=1)]
+    write_columns("head_types", {"head": np.arange(heads), "head_type": np.arange(heads) % 2,
+                                 "dominant_region": dominant, "profile": profiles, "type_dominant_region": dominant,
+                                 "consistency": np.ones(heads, np.float32), "n_maps": np.full(heads, 10)},
+                  out / "head_types.parquet", {**meta, "regions": regions_vocab})
     member_rows = attention.to_pandas()
     member_rows = member_rows[(member_rows["query_role"] == "true") & (member_rows["head_rank"] <= 2)].reset_index(drop=True)
     trait_parts = ["crown", "beak", "breast"]
@@ -128,10 +118,7 @@ def _write_method(out: Path, method: str, manifest: pd.DataFrame, parts: pd.Data
                             "umap_x": (trait_of * 3 + rng.normal(0, 0.5, len(member_rows))).astype(np.float32),
                             "umap_y": rng.normal(0, 1, len(member_rows)).astype(np.float32),
                             "dominant_region": [trait_parts[t] for t in trait_of]})
-    write_table(pa.Table.from_pandas(members, preserve_index=False).cast(pa.schema([
-        ("member", pa.int32()), ("image_id", pa.int32()), ("class_id", pa.int16()), ("head", pa.int8()),
-        ("rank", pa.int8()), ("trait", pa.int16()), ("umap_x", pa.float32()), ("umap_y", pa.float32()),
-        ("dominant_region", pa.string())])), out / "trait_members.parquet", meta)
+    write_table(members, out / "trait_members.parquet", meta, schema=tables.schema("trait_members"))
     traits = []
     for t, name in enumerate(trait_parts):
         ms = members[members["trait"] == t]
@@ -140,10 +127,7 @@ def _write_method(out: Path, method: str, manifest: pd.DataFrame, parts: pd.Data
                        "size": len(ms), "classes": counts.index.astype(int).tolist(),
                        "class_counts": counts.to_numpy().astype(int).tolist(),
                        "representatives": ms["member"].head(5).astype(int).tolist()})
-    write_table(pa.Table.from_pylist(traits, schema=pa.schema([
-        ("trait", pa.int16()), ("name", pa.string()), ("dominant_region", pa.string()), ("purity", pa.float32()),
-        ("size", pa.int32()), ("classes", pa.list_(pa.int16())), ("class_counts", pa.list_(pa.int32())),
-        ("representatives", pa.list_(pa.int32()))])), out / "traits.parquet", meta)
+    write_table(pa.Table.from_pylist(traits, schema=tables.schema("traits")), out / "traits.parquet", meta)
     region_rows = []
     for c in classes:
         dens = rng.random(R) * 0.5
@@ -154,12 +138,9 @@ def _write_method(out: Path, method: str, manifest: pd.DataFrame, parts: pd.Data
                                 "mass_lo": dens[k] / 12, "mass_hi": dens[k] / 8, "density": dens[k],
                                 "density_lo": dens[k] * 0.8, "density_hi": dens[k] * 1.2, "area": 0.05,
                                 "n_images": 5, "rank": rank, "heads": [0, 2] if rank == 1 else [],
-                                "trait": trait_parts.index(regions_vocab[k]) if regions_vocab[k] in trait_parts else -1})
-    write_table(pa.Table.from_pylist(region_rows, schema=pa.schema([
-        ("class_id", pa.int16()), ("region", pa.string()), ("mass", pa.float32()), ("mass_lo", pa.float32()),
-        ("mass_hi", pa.float32()), ("density", pa.float32()), ("density_lo", pa.float32()),
-        ("density_hi", pa.float32()), ("area", pa.float32()), ("n_images", pa.int32()), ("rank", pa.int16()),
-        ("heads", pa.list_(pa.int8())), ("trait", pa.int16())])), out / "regions.parquet", meta)
+                                "trait": trait_parts.index(regions_vocab[k]) if regions_vocab[k] in trait_parts else -1,
+                                "correct_only": True})
+    write_table(pa.Table.from_pylist(region_rows, schema=tables.schema("regions")), out / "regions.parquet", meta)
     contrast_rows = []
     for a, b, differing in zip(pairs["class_a"], pairs["class_b"], pairs["differing_parts"]):
         for x, y in ((a, b), (b, a)):
@@ -173,13 +154,8 @@ def _write_method(out: Path, method: str, manifest: pd.DataFrame, parts: pd.Data
                                       "rank_density": rank, "rank_difference": rank, "rank_occlusion": rank,
                                       "rank_combined": rank, "p_value": 0.001 if rank == 1 else 0.5,
                                       "q_value": 0.01 if rank == 1 else 0.6, "n_images": 5,
-                                      "planted": regions_vocab[k] in set(differing)})
-    schema = pa.schema([("class_a", pa.int16()), ("class_b", pa.int16()), ("region", pa.string()),
-                        ("density_a", pa.float32()), ("difference", pa.float32()), ("occlusion", pa.float32()),
-                        ("combined", pa.float32()), ("rank_density", pa.int16()), ("rank_difference", pa.int16()),
-                        ("rank_occlusion", pa.int16()), ("rank_combined", pa.int16()), ("p_value", pa.float32()),
-                        ("q_value", pa.float32()), ("n_images", pa.int32()), ("planted", pa.bool_())])
-    write_table(pa.Table.from_pylist(contrast_rows, schema=schema), out / "contrasts.parquet", meta)
+                                      "planted": regions_vocab[k] in set(differing), "area": 0.05})
+    write_table(pa.Table.from_pylist(contrast_rows, schema=tables.schema("contrasts")), out / "contrasts.parquet", meta)
     ev = [(method, "top1", 0.81, 0.75, 0.86, n), (method, "top5", 1.0, 1.0, 1.0, n), ("chance", "top1", 0.25, None, None, n),
           ("linear_probe", "top1", 0.7, 0.6, 0.8, n)]
     for k, m in enumerate([method, *BASELINES]):
@@ -190,10 +166,7 @@ def _write_method(out: Path, method: str, manifest: pd.DataFrame, parts: pd.Data
                ("size_baseline", metric, 0.3, 0.2, 0.4, 4)]
     ev += [(method, "pointing_game", 0.7, 0.6, 0.8, n), ("chance", "pointing_game", 0.2, 0.15, 0.25, n)]
     frame = pd.DataFrame(ev, columns=["method", "metric", "value", "ci_lo", "ci_hi", "n"]).assign(split="test")
-    write_table(frame[["method", "metric", "split", "value", "ci_lo", "ci_hi", "n"]], out / "evaluation.parquet",
-                schema=pa.schema([("method", pa.string()), ("metric", pa.string()), ("split", pa.string()),
-                                  ("value", pa.float64()), ("ci_lo", pa.float64()), ("ci_hi", pa.float64()),
-                                  ("n", pa.int64())]))
+    write_table(frame[list(tables.EVALUATION_COLUMNS)], out / "evaluation.parquet", schema=tables.schema("evaluation"))
 
 
 def make_report_fixture(base: Path, hostile: bool = True, images_per_species: int = 8) -> dict:

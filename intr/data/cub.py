@@ -14,12 +14,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from analysis import tables
 from intr.data.prepare import (
-    CLASS_ATTRIBUTES_SCHEMA,
-    LOOKALIKE_PAIRS_SCHEMA,
-    PARTS_SCHEMA,
     PLANTED_TRAITS_COLUMNS,
-    REJECTED_SCHEMA,
     DatasetListing,
     PrepareError,
     empty_frame,
@@ -162,7 +159,7 @@ def read_parts(root: Path) -> pd.DataFrame:
     if not (names_path.is_file() and locs_path.is_file()):
         if names_path.is_file() or locs_path.is_file():
             warnings.warn(f"{root / 'parts'} needs both parts.txt and part_locs.txt; no parts table", stacklevel=3)
-        return empty_frame(PARTS_SCHEMA)
+        return empty_frame("parts")
     names = _unique_ids(read_list_file(names_path, {"part_id": int, "part_name": str}), "part_id", names_path)
     locs = read_list_file(locs_path, {"image_id": int, "part_id": int, "x": float, "y": float, "visible": int})
     unknown = set(locs["part_id"]) - set(names["part_id"])
@@ -170,7 +167,7 @@ def read_parts(root: Path) -> pd.DataFrame:
         raise PrepareError(f"{locs_path}: part_id {min(unknown)} is not in {names_path}")
     parts = locs.merge(names, on="part_id", how="left")
     parts["visible"] = parts["visible"] != 0
-    return parts[list(PARTS_SCHEMA.names)]
+    return parts[list(tables.schema("parts").names)]
 
 
 def attribute_part(name: str) -> str | None:
@@ -232,7 +229,7 @@ def read_class_attributes(root: Path, classes: pd.DataFrame) -> pa.Table | None:
         "part": np.tile(names["attribute_name"].map(attribute_part).to_numpy(), len(classes)),
         "value": values.reshape(-1),
     })
-    return pa.Table.from_pandas(table, schema=CLASS_ATTRIBUTES_SCHEMA, preserve_index=False)
+    return pa.Table.from_pandas(table, schema=tables.schema("class_attributes"), preserve_index=False)
 
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -265,8 +262,7 @@ def read_planted_traits(root: Path, classes: pd.DataFrame) -> pa.Table:
                                f"classes.txt but {species!r} here")
     traits["species_id"] = source_ids.astype(np.int16)
     traits["class_id"] = traits["species_id"].map(dict(zip(classes["source_class_id"], classes["class_id"])))
-    schema = pa.schema([(c, pa.int16() if c in ("species_id", "class_id") else pa.string()) for c in traits.columns])
-    return pa.Table.from_pandas(traits, schema=schema, preserve_index=False)
+    return pa.Table.from_pandas(traits, schema=tables.open_schema("planted_traits", traits.columns), preserve_index=False)
 
 
 def read_lookalike_pairs(root: Path, classes: pd.DataFrame) -> pa.Table:
@@ -288,7 +284,7 @@ def read_lookalike_pairs(root: Path, classes: pd.DataFrame) -> pa.Table:
         pairs[f"class_{side}"] = names.map(class_of)
     pairs["differing_parts"] = pairs["differing_parts"].map(lambda text: [p for p in text.split(";") if p])
     pairs["n_differing"] = pd.to_numeric(pairs["n_differing"])
-    return pa.Table.from_pandas(pairs, schema=LOOKALIKE_PAIRS_SCHEMA, preserve_index=False)
+    return pa.Table.from_pandas(pairs, schema=tables.schema("lookalike_pairs"), preserve_index=False)
 
 
 def genus_from_traits(traits: pa.Table, classes: pd.DataFrame, path: Path) -> pd.Series:
@@ -325,15 +321,15 @@ def read_cub(root: Path, synthetic: bool = False) -> DatasetListing:
     """
     classes = read_classes(root)
     images = read_images(root, classes)
-    tables = {}
+    extra_tables = {}
     attributes = read_class_attributes(root, classes)
     if attributes is not None:
-        tables["class_attributes"] = attributes
+        extra_tables["class_attributes"] = attributes
     if synthetic:
-        tables["planted_traits"] = read_planted_traits(root, classes)
-        tables["lookalike_pairs"] = read_lookalike_pairs(root, classes)
-        classes = classes.assign(genus=genus_from_traits(tables["planted_traits"], classes, root / "traits.csv"))
+        extra_tables["planted_traits"] = read_planted_traits(root, classes)
+        extra_tables["lookalike_pairs"] = read_lookalike_pairs(root, classes)
+        classes = classes.assign(genus=genus_from_traits(extra_tables["planted_traits"], classes, root / "traits.csv"))
         images["mask_path"] = mask_paths(root, images["image_path"])
     columns = ["image_id", "path", "class_id", "split", *BBOX_COLUMNS, "mask_path", "source_image_id"]
     return DatasetListing(images=images[columns], classes=classes[["class_id", "class_name", "genus"]],
-                          parts=read_parts(root), unread_rejects=empty_frame(REJECTED_SCHEMA), tables=tables)
+                          parts=read_parts(root), unread_rejects=empty_frame("rejected"), tables=extra_tables)

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis import tables
 from intr.data.prepare import (
-    PARTS_SCHEMA,
-    REJECTED_SCHEMA,
     DatasetListing,
     PrepareError,
     empty_frame,
@@ -89,7 +88,7 @@ def stray_files(root: Path, present: list[str]) -> pd.DataFrame:
     """
     rows = [{"path": f"{split}/{e.name}", "reason": "no_class", "detail": "file is not inside a class folder"}
             for split in present for e in visible_entries(root / split) if e.is_file()]
-    return pd.DataFrame(rows, columns=REJECTED_SCHEMA.names)
+    return pd.DataFrame(rows, columns=tables.schema("rejected").names)
 
 
 def read_imagefolder(root: Path) -> DatasetListing:
@@ -117,5 +116,5 @@ def read_imagefolder(root: Path) -> DatasetListing:
     images["source_image_id"] = None
     class_table = pd.DataFrame({"class_id": np.arange(len(classes), dtype=np.int16), "class_name": classes,
                                 "genus": [None] * len(classes)})
-    return DatasetListing(images=images, classes=class_table, parts=empty_frame(PARTS_SCHEMA),
+    return DatasetListing(images=images, classes=class_table, parts=empty_frame("parts"),
                           unread_rejects=stray_files(root, present), carve_val="val" not in split_of.values())

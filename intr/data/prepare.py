@@ -26,55 +26,14 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from intr.tables import ParquetStreamWriter, write_table
+from analysis import tables
+from analysis.tables import ParquetStreamWriter, write_table
 
 KINDS = ("cub", "imagefolder", "synthetic")
 DECODE_BATCH = 512
 # Every value rejected.parquet's reason column can take; no_class: an ImageFolder file outside any class folder.
 REJECT_REASONS = ("missing", "empty", "not_an_image", "truncated", "unreadable", "no_class")
 
-MANIFEST_SCHEMA = pa.schema([
-    ("image_id", pa.int32()),
-    ("path", pa.string()),
-    ("class_id", pa.int16()),
-    ("class_name", pa.string()),
-    ("split", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("bbox_x", pa.float32()),
-    ("bbox_y", pa.float32()),
-    ("bbox_w", pa.float32()),
-    ("bbox_h", pa.float32()),
-    ("genus", pa.string()),
-    ("mode", pa.string()),
-    ("mask_path", pa.string()),
-    ("source_image_id", pa.int32()),
-])
-PARTS_SCHEMA = pa.schema([
-    ("image_id", pa.int32()),
-    ("part_id", pa.int16()),
-    ("part_name", pa.string()),
-    ("x", pa.float32()),
-    ("y", pa.float32()),
-    ("visible", pa.bool_()),
-])
-REJECTED_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
-CLASS_ATTRIBUTES_SCHEMA = pa.schema([
-    ("class_id", pa.int16()),
-    ("attribute_id", pa.int16()),
-    ("attribute_name", pa.string()),
-    ("part", pa.string()),
-    ("value", pa.float32()),
-])
-LOOKALIKE_PAIRS_SCHEMA = pa.schema([
-    ("class_a", pa.int16()),
-    ("class_b", pa.int16()),
-    ("species_a", pa.string()),
-    ("species_b", pa.string()),
-    ("genus", pa.string()),
-    ("differing_parts", pa.list_(pa.string())),
-    ("n_differing", pa.int16()),
-])
 PLANTED_TRAITS_COLUMNS = ("species_id", "species", "genus", "part", "colour", "pattern", "state")
 # Tables a run writes only where the data has them; a run that does not write
 # one removes an old copy, so ``out`` never mixes two data sets.
@@ -95,7 +54,7 @@ class DatasetListing:
             ('train'/'val'/'test' as the source says), bbox_x/y/w/h,
             mask_path and source_image_id (nullable where unknown).
         classes: class_id (0-based, contiguous), class_name, genus (nullable).
-        parts: every part keypoint the data set lists (PARTS_SCHEMA columns).
+        parts: every part keypoint the data set lists (the parts table's columns).
         unread_rejects: files rejected without decoding (path, reason, detail).
         carve_val: whether 'val' is carved out of the training images.
         tables: further tables to write as they are, by name
@@ -136,9 +95,9 @@ class DecodedImage(NamedTuple):
     detail: str | None
 
 
-def empty_frame(schema: pa.Schema) -> pd.DataFrame:
-    """A DataFrame with no rows and the columns of ``schema``."""
-    return schema.empty_table().to_pandas()
+def empty_frame(name: str) -> pd.DataFrame:
+    """A DataFrame with no rows and the columns of table ``name`` (``analysis.tables``)."""
+    return tables.schema(name).empty_table().to_pandas()
 
 
 def strip_class_prefix(folder: str) -> str:
@@ -351,8 +310,8 @@ def write_manifest(listing: DatasetListing, images: pd.DataFrame, root: Path, ou
         progress: show a progress bar.
     """
     tally = _Tally()
-    rejected = ParquetStreamWriter(out / "rejected.parquet", REJECTED_SCHEMA)
-    manifest = ParquetStreamWriter(out / "manifest.parquet", MANIFEST_SCHEMA, metadata)
+    rejected = ParquetStreamWriter(out / "rejected.parquet", tables.schema("rejected"))
+    manifest = ParquetStreamWriter(out / "manifest.parquet", tables.schema("manifest"), metadata)
     try:
         rejected.write(listing.unread_rejects)
         tally.add_rejects(listing.unread_rejects)
@@ -385,7 +344,7 @@ def write_tables(listing: DatasetListing, kept_ids: np.ndarray, out: Path) -> No
         out: output folder.
     """
     parts = listing.parts[listing.parts["image_id"].isin(kept_ids)]
-    write_table(parts.sort_values(["image_id", "part_id"]), out / "parts.parquet", schema=PARTS_SCHEMA)
+    write_table(parts.sort_values(["image_id", "part_id"]), out / "parts.parquet", schema=tables.schema("parts"))
     for name, table in listing.tables.items():
         write_table(table, out / f"{name}.parquet")
     _remove_outputs(out, tuple(name for name in OPTIONAL_TABLES if name not in listing.tables))
