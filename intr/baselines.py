@@ -93,7 +93,6 @@ class LinearProbe(nn.Module):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def extract_features(features: nn.Module, images: Callable[[int], torch.Tensor], n: int,
                      device: torch.device, batch_size: int = 256) -> np.ndarray:
     """Features (n, F) of ``images(i)`` for i in range(n), batched."""

@@ -212,6 +212,7 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
     options = _section_json(args.section_json)
     table = run_faithfulness(
         Path(args.model), Path(args.manifest), Path(args.root), Path(args.out_maps), Path(args.out_metrics),
+        attention=Path(args.attention),
         split=options.get("split", "test"), top_heads=options.get("top_heads", 4),
         images=options.get("faithfulness_images", 300), steps=options.get("faithfulness_steps", 16),
         blur_sigma=options.get("blur_sigma", 0.05), batch_size=options.get("batch_size", 64),
@@ -382,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics_faithfulness.parquet (insertion_auc, deletion_auc per method).",
     )
     _add_model_inputs(fa, "manifest.parquet")
+    fa.add_argument("--attention", required=True,
+                    help="attention.parquet from intr extract for the same model and split (the model's maps)")
     fa.add_argument("--out-maps", dest="out_maps", required=True, help="baseline_maps.parquet to write")
     fa.add_argument("--out-metrics", dest="out_metrics", required=True, help="metrics table to write")
     fa.add_argument("--section-json", dest="section_json", help="the config's extract section as JSON")

@@ -28,6 +28,11 @@ Table 1 reports:
 Every method explains the true class (not the predicted one), as the model's
 map does; Eigen-CAM and rollout are class-agnostic by construction.
 
+The model's maps and head ranks are not recomputed here: they are read from
+the ``attention.parquet`` that ``intr extract`` wrote for the same model and
+split (float16 maps; the mean of a few of them moves the curves by float16
+rounding only).  The CAMs and rollout are other methods and need the network.
+
 Outputs: ``baseline_maps.parquet`` (one row per image and method; the map on
 the patch grid, non-negative, summing to 1; CAMs average-pooled from input
 resolution) and ``metrics_faithfulness.parquet`` (``evaluation.parquet``
@@ -38,6 +43,7 @@ layout: ``insertion_auc`` and ``deletion_auc`` per method with a bootstrap
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -47,12 +53,11 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 from tqdm import tqdm
 
-from analysis import tables
+from analysis import io, tables
 from analysis.stats import metric_row
 from analysis.tables import ParquetStreamWriter, write_table
 from intr.baselines import CAM_METHODS, attention_rollout, backbone_vit, cam_maps, fit_linear_probe, pool_to_grid
 from intr.data.images import ImageSet, read_split
-from intr.ranking import rank_heads_by_blurring
 from intr.train import load_model, resolve_device
 
 BASELINE_METHODS = (*CAM_METHODS, "rollout")
@@ -88,8 +93,8 @@ def pixel_counts(pixels: int, steps: int) -> torch.Tensor:
     return torch.round(torch.arange(steps + 1, dtype=torch.float64) * pixels / steps).long()
 
 
-def target_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Softmax probability of ``target`` (B,) under ``logits`` (B, C), in float32."""
+def true_class_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of the true class ``target`` (B,) under ``logits`` (B, C), in float32."""
     return logits.float().softmax(-1).gather(1, target.view(-1, 1)).squeeze(1)
 
 
@@ -134,7 +139,7 @@ def insertion_deletion_curves(predict: Callable[[torch.Tensor], torch.Tensor], i
         changed = (position[b] < counts[k].unsqueeze(1)).view(-1, 1, H, W)
         inserted = torch.where(changed, images[b], blurred[b])
         deleted = torch.where(changed, blurred[b], images[b])
-        p = target_probability(predict(torch.cat([inserted, deleted])), torch.cat([target[b], target[b]]))
+        p = true_class_probability(predict(torch.cat([inserted, deleted])), torch.cat([target[b], target[b]]))
         insertion[idx] = p[:len(idx)]
         deletion[idx] = p[len(idx):]
     return insertion.view(B, points), deletion.view(B, points)
@@ -165,20 +170,38 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, m / total.clamp_min(1e-30), uniform).view_as(maps)
 
 
-@torch.no_grad()
-def top_heads_map(model, images: torch.Tensor, target: torch.Tensor, top_heads: int) -> torch.Tensor:
-    """Mean (B, gh, gw) over ``target``'s ``top_heads`` top-ranked heads of the model's last-layer maps."""
-    _, maps = model.forward_with_maps(images, target.view(-1, 1))
-    rank = rank_heads_by_blurring(model, images, target).rank  # (B, heads), 1 = most important
-    k = max(1, min(int(top_heads), maps.shape[2]))
-    chosen = (rank <= k).to(maps.dtype)[..., None, None]
-    return (maps[:, 0] * chosen).sum(1) / k
+def top_heads_maps_from_attention(attention: str | Path, top_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model's map of every image in an extracted attention table.
+
+    The map is the mean of the true class's ``top_heads`` top-ranked heads
+    (``head_rank`` 1..top_heads of the rows with ``query_role == "true"``;
+    docs/tables.md), the stored float16 maps averaged in float32.
+
+    Args:
+        attention: ``attention.parquet`` from ``intr extract``.
+        top_heads: heads per map, clamped to 1..num_heads.
+
+    Returns:
+        ``(image_ids (N,) ascending, maps (N, grid_h, grid_w) float32)``.
+    """
+    k = max(1, min(int(top_heads), int(io.metadata(attention)["num_heads"])))
+    keys, maps = io.maps(attention, query_role="true", head_rank=list(range(1, k + 1)))
+    order = np.argsort(keys["image_id"].to_numpy(), kind="stable")
+    ids = keys["image_id"].to_numpy()[order]
+    if len(ids) % k or (ids.reshape(-1, k) != ids.reshape(-1, k)[:, :1]).any():
+        raise ValueError(f"{attention}: every image needs one true-class row for each rank 1..{k}")
+    return ids[::k].astype(np.int64), maps[order].reshape(-1, k, *maps.shape[1:]).mean(1)
 
 
 # --------------------------------------------------------------------------- the stage
 
 
-def _sample_rows(rows: pd.DataFrame, images: int, seed: int) -> pd.DataFrame:
+def _sample_extracted_rows(split_rows: pd.DataFrame, extracted_ids: np.ndarray, images: int,
+                           seed: int) -> pd.DataFrame:
+    """A seeded sample of ``images`` split rows (0: all) among those the attention table holds, by image_id."""
+    rows = split_rows[split_rows["image_id"].isin(extracted_ids)]
+    if rows.empty:
+        raise ValueError("the attention table holds no image of the split")
     if images and images < len(rows):
         keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=images, replace=False))
         rows = rows.iloc[keep]
@@ -192,9 +215,19 @@ def _patch_size(model, image_size: int, grid: tuple[int, int]) -> int:
     return int(round(image_size / grid[1]))
 
 
-def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="test",
-                     top_heads=4, images=300, steps=16, blur_sigma=0.05, batch_size=64,
-                     device="auto", seed=0, progress=True) -> pd.DataFrame:
+def _check_attention_table(attention: str | Path, method: str, split: str, grid: tuple[int, int]) -> None:
+    """Refuse an attention table of another method, split or patch grid than the model's."""
+    meta = io.metadata(attention)
+    found = (meta.get("method"), meta.get("split"), (int(meta["grid_h"]), int(meta["grid_w"])))
+    if found != (method, split, grid):
+        raise ValueError(f"{attention} holds (method, split, grid) {found}, "
+                         f"but faithfulness runs {(method, split, grid)}")
+
+
+def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | Path, out_maps: str | Path,
+                     out_metrics: str | Path, attention: str | Path, split: str = "test", top_heads: int = 4,
+                     images: int = 300, steps: int = 16, blur_sigma: float = 0.05, batch_size: int = 64,
+                     device: str = "auto", seed: int = 0, progress: bool = True) -> pd.DataFrame:
     """Write ``baseline_maps.parquet`` and ``metrics_faithfulness.parquet``; return the metric rows.
 
     Args:
@@ -203,9 +236,12 @@ def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="t
         root: the data set root.
         out_maps: ``baseline_maps.parquet`` to write.
         out_metrics: ``metrics_faithfulness.parquet`` to write.
+        attention: ``attention.parquet`` that ``intr extract`` wrote for this model and split;
+            the model's maps and head ranks are read from it.
         split: the evaluation split.
         top_heads: how many of the true class's top-ranked heads make the model's map.
-        images: images sampled from the split with a seeded RNG (0: all), sorted by image_id.
+        images: images sampled with a seeded RNG (0: all) from the split's images that the
+            attention table holds, sorted by image_id.
         steps: insertion/deletion steps.
         blur_sigma: the blur's sigma as a fraction of the image side.
         batch_size: images per batch (curve forward passes take up to 4x as many composites).
@@ -223,15 +259,17 @@ def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="t
     model.to(dev).eval()
     method, size = config["method"], int(config["image_size"])
     mean, std = config["normalization"]["mean"], config["normalization"]["std"]
-    rows = _sample_rows(read_split(manifest, split), int(images), seed)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size, device=dev))  # INTR learns its grid from a forward pass
+    grid = tuple(int(g) for g in model.grid_size)
+    _check_attention_table(attention, method, split, grid)
+    extracted_ids, extracted_maps = top_heads_maps_from_attention(attention, top_heads)
+    rows = _sample_extracted_rows(read_split(manifest, split), extracted_ids, int(images), seed)
     data = ImageSet(root, rows, size, mean, std)
     train_data = ImageSet(root, read_split(manifest, ["train", "val"]), size, mean, std)
     probe = fit_linear_probe(model, train_data, int(config["num_classes"]), dev)
     del train_data
 
-    with torch.no_grad():
-        model(data[0][0].unsqueeze(0).to(dev))  # INTR learns its grid from a forward pass
-    grid = tuple(int(g) for g in model.grid_size)
     vit = backbone_vit(model)
     methods = [method, *CAM_METHODS] + (["rollout"] if vit is not None else [])
     metadata = {"method": method, "backbone": config["model"]["backbone"]["name"], "grid_h": grid[0],
@@ -257,7 +295,8 @@ def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="t
                 correct["model"].append((model(batch).argmax(1) == target).cpu())
                 correct["linear_probe"].append((probe(batch).argmax(1) == target).cpu())
 
-            grid_maps = {method: top_heads_map(model, batch, target, top_heads)}
+            extracted = extracted_maps[np.searchsorted(extracted_ids, ids)]
+            grid_maps = {method: torch.from_numpy(extracted).to(dev)}
             saliency = {method: upsample(grid_maps[method], (size, size))}
             cams = cam_maps(probe, batch, target)
             for name in CAM_METHODS:
@@ -286,7 +325,8 @@ def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="t
     accuracy = {k: float(torch.cat(v).float().mean()) for k, v in correct.items()}
     ends_mean = {k: torch.cat(v).mean(0).tolist() for k, v in ends.items()}
     write_table(table, out_metrics, metadata={
-        "method": method, "model": str(model_path), "split": split, "images": len(data),
+        "method": method, "model": str(model_path), "attention": str(attention), "split": split,
+        "images": len(data),
         "steps": int(steps), "blur_sigma": float(blur_sigma), "top_heads": int(top_heads),
         "explained_class": "true_class", "curve_model": {method: method, **{b: "linear_probe" for b in methods[1:]}},
         "top1_on_these_images": accuracy,

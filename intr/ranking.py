@@ -38,7 +38,8 @@ class HeadRanking:
     prob: torch.Tensor
 
 
-def target_probability(target_logit: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def target_probability_from_logit(target_logit: torch.Tensor, logits: torch.Tensor,
+                                  target: torch.Tensor) -> torch.Tensor:
     """Softmax probability of the target when only its own logit changes.
 
     Args:
@@ -78,13 +79,13 @@ def rank_heads_by_blurring(model, images: torch.Tensor, target: torch.Tensor) ->
     for r in range(H):
         candidates = blurred.unsqueeze(1) | eye  # (B, K=H, H): blur set if head k is added
         head_out = torch.where(candidates.unsqueeze(-1), ctx.blurred.unsqueeze(1), ctx.normal.unsqueeze(1))
-        p = target_probability(ctx.finish(head_out), ctx.logits, target)  # (B, K)
+        p = target_probability_from_logit(ctx.finish(head_out), ctx.logits, target)  # (B, K)
         p = p.masked_fill(blurred, float("-inf"))
         choice = p.argmax(dim=1)
         order[:, r] = choice
         probs[:, r] = p.gather(1, choice.view(-1, 1)).squeeze(1)
         blurred[torch.arange(B), choice] = True
-    prob = target_probability(ctx.logits.gather(1, target.view(-1, 1)), ctx.logits, target).squeeze(1)
+    prob = target_probability_from_logit(ctx.logits.gather(1, target.view(-1, 1)), ctx.logits, target).squeeze(1)
     return _finish_ranking(order, probs, prob)
 
 

@@ -1,44 +1,54 @@
-"""The planted-part test's geometry, the bootstrap, and gathering metric tables."""
+"""Accuracy of the model and of the linear probe, the bootstrap, and gathering metric tables."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from analysis.stats import bootstrap_mean, metric_row
-from intr.evaluate import box_cells, cell_overlap, gather_evaluation, planted_parts_by_class
-from analysis.tables import read_table, write_table
+from intr.data.images import ImageSet, read_split
+from intr.evaluate import evaluate_model, gather_evaluation
+from analysis.tables import read_metadata, read_table, write_table
+from intr.train import load_model
 
 
-def test_cell_overlap_is_strict_at_least_one_pixel_per_cell():
-    mask = np.zeros((64, 64), dtype=np.uint8)
-    mask[8, 15] = 2          # one pixel in cell (1, 1) of an 8x8 grid
-    mask[40:48, 0:16] = 3    # cells (5, 0) and (5, 1)
-    mask[60, 60] = 4         # another part: not asked for
-    cells = cell_overlap(mask, [2, 3], (8, 8))
-    assert cells.sum() == 3
-    assert cells[1, 1] and cells[5, 0] and cells[5, 1] and not cells[7, 7]
+@pytest.mark.parametrize("method", ["prompt_cam", "intr"])
+def test_evaluate_writes_model_accuracy_and_the_linear_probe_only(method, tiny_models, tiny_dataset, tmp_path):
+    manifest, root = tiny_dataset
+    out = tmp_path / "metrics_model.parquet"
+    table = evaluate_model(tiny_models[method], manifest, root, out, split="test", batch_size=5,
+                           device="cpu", progress=False)
+    pd.testing.assert_frame_equal(read_table(out), table)
+    assert read_metadata(out)["split"] == "test"
+    assert list(zip(table["method"], table["metric"])) == [(method, "top1"), (method, "top5"),
+                                                          ("linear_probe", "top1")]
 
+    # The model's own logits on the split, in one pass, independently of intr.evaluate.
+    model, config = load_model(tiny_models[method])
+    norm = config["normalization"]
+    data = ImageSet(root, read_split(manifest, "test"), config["image_size"], norm["mean"], norm["std"])
+    with torch.no_grad():
+        logits = model.eval()(torch.stack([data[i][0] for i in range(len(data))]))
+    expected_top1 = (logits.argmax(1) == data.labels).float().mean().item()
+    rows = table.set_index(["method", "metric"])
+    assert rows.loc[(method, "top1"), "value"] == pytest.approx(expected_top1)
+    assert rows.loc[(method, "top5"), "value"] == 1.0  # 4 classes: the true one is always in the top 5
+    assert (table["n"] == len(data)).all() and (table["split"] == "test").all()
 
-def test_cell_overlap_follows_the_whole_image_resize_rule_for_other_sizes():
-    mask = np.zeros((30, 60), dtype=np.uint8)  # H=30, W=60 onto a 3x4 grid: cells are 10 x 15 px
-    mask[10, 14] = 1   # row 10 -> cell row 1; column 14 -> cell column 0
-    mask[29, 45] = 1   # last row -> 2; column 45 -> 3
-    cells = cell_overlap(mask, [1], (3, 4))
-    assert cells.nonzero()[0].tolist() == [1, 2] and cells.nonzero()[1].tolist() == [0, 3]
+    # The probe: logistic regression on the frozen features of train+val, scored on the split.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-
-def test_box_cells_are_the_cells_a_box_touches():
-    cells = box_cells((10.0, 0.0, 12.0, 9.0), (64, 64), (8, 8))  # x 10..22, y 0..9
-    assert cells.nonzero()[0].tolist() == [0, 0, 1, 1]
-    assert cells.nonzero()[1].tolist() == [1, 2, 1, 2]
-
-
-def test_planted_parts_are_the_union_over_siblings():
-    pairs = pd.DataFrame({"class_a": [0, 0, 1], "class_b": [1, 2, 2],
-                          "differing_parts": [["crown"], ["wing"], ["crown", "wing"]]})
-    assert planted_parts_by_class(pairs) == {0: {"crown", "wing"}, 1: {"crown", "wing"}, 2: {"wing", "crown"}}
+    fit = ImageSet(root, read_split(manifest, ["train", "val"]), config["image_size"], norm["mean"], norm["std"])
+    with torch.no_grad():
+        features = lambda d: model.probe_features(torch.stack([d[i][0] for i in range(len(d))])).numpy()  # noqa: E731
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000))
+        probe.fit(features(fit), fit.labels.numpy())
+        expected_probe = (probe.predict(features(data)) == data.labels.numpy()).mean()
+    assert rows.loc[("linear_probe", "top1"), "value"] == pytest.approx(expected_probe)
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_items():
@@ -56,11 +66,11 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_items():
 
 def test_gather_evaluation_concatenates_metric_tables(tmp_path):
     a = pd.DataFrame([metric_row("prompt_cam", "top1", "test", [1, 1, 0])])
-    b = pd.DataFrame([metric_row("chance", "peak_on_planted_part", "test", [0.2, 0.1])])
+    b = pd.DataFrame([metric_row("linear_probe", "top1", "test", [0.2, 0.1])])
     write_table(a, tmp_path / "a.parquet")
     write_table(b, tmp_path / "b.parquet")
     gather_evaluation([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "evaluation.parquet")
     table = read_table(tmp_path / "evaluation.parquet")
     assert list(table.columns) == ["method", "metric", "split", "value", "ci_lo", "ci_hi", "n"]
-    assert table["method"].tolist() == ["prompt_cam", "chance"]
+    assert table["method"].tolist() == ["prompt_cam", "linear_probe"]
     assert table["value"].tolist() == pytest.approx([2 / 3, 0.15])

@@ -17,12 +17,15 @@ from torch import nn
 
 from intr.baselines import (BackboneFeatures, attention_rollout, backbone_vit, cam_maps, linear_from_logistic,
                             pool_to_grid, rollout, vit_attentions, LinearProbe)
+from intr.data.images import ImageSet, read_split
+from intr.extract import extract
 from intr.faithfulness import (curve_auc, gaussian_blur, insertion_deletion_curves, normalise_maps,
-                               run_faithfulness, target_probability, top_heads_map, upsample)
+                               run_faithfulness, top_heads_maps_from_attention, true_class_probability,
+                               upsample)
 from intr.models.backbones import normalization
 from intr.ranking import rank_heads_by_blurring
 from analysis.tables import read_metadata
-from intr.train import build_model, trainable_state
+from intr.train import build_model, load_model, trainable_state
 
 VIT = {"name": "vit_tiny_patch16_224",
        "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4}}
@@ -103,8 +106,8 @@ def test_curve_ends_are_the_image_and_blurred_probabilities_and_chunking_does_no
     target = torch.tensor([0, 2, 3])
     ins, dele = insertion_deletion_curves(model, x, blurred, saliency, target, steps=5, chunk=7)
     with torch.no_grad():
-        p_image = target_probability(model(x), target)
-        p_blur = target_probability(model(blurred), target)
+        p_image = true_class_probability(model(x), target)
+        p_blur = true_class_probability(model(blurred), target)
     torch.testing.assert_close(dele[:, 0], p_image)
     torch.testing.assert_close(ins[:, -1], p_image)
     torch.testing.assert_close(dele[:, -1], p_blur)
@@ -152,17 +155,25 @@ def test_normalised_maps_are_non_negative_and_sum_to_one():
 
 
 @pytest.mark.parametrize("method", ["prompt_cam", "intr"])
-def test_top_heads_map_is_the_mean_of_the_top_ranked_heads(method):
-    model = tiny_model(method)
-    x, target = images(2), torch.tensor([1, 3])
+def test_model_map_read_from_extracted_attention_is_the_mean_of_the_top_ranked_heads(
+        method, tiny_models, tiny_dataset, tmp_path):
+    manifest, root = tiny_dataset
+    paths = extract(tiny_models[method], manifest, root, tmp_path, batch_size=8, top_heads=2,
+                    device="cpu", limit=6, progress=False)
+    model, config = load_model(tiny_models[method])
+    norm = config["normalization"]
+    data = ImageSet(root, read_split(manifest, "test").iloc[:6], config["image_size"], norm["mean"], norm["std"])
+    x = torch.stack([data[i][0] for i in range(len(data))])
     with torch.no_grad():
-        _, maps = model.forward_with_maps(x, target.view(-1, 1))
-    rank = rank_heads_by_blurring(model, x, target).rank
-    torch.testing.assert_close(top_heads_map(model, x, target, model.num_heads), maps[:, 0].mean(1))
-    best = rank.argmin(1)
-    torch.testing.assert_close(top_heads_map(model, x, target, 1), maps[torch.arange(2), 0, best])
-    two = torch.stack([maps[b, 0][rank[b] <= 2].mean(0) for b in range(2)])
-    torch.testing.assert_close(top_heads_map(model, x, target, 2), two)
+        _, maps = model.eval().forward_with_maps(x, data.labels.view(-1, 1))
+    true_maps = maps[:, 0]  # (B, heads, gh, gw)
+    rank = rank_heads_by_blurring(model, x, data.labels).rank  # (B, heads), 1 = most important
+    for k in (1, 2, model.num_heads):
+        ids, read_back = top_heads_maps_from_attention(paths["attention"], k)
+        assert ids.tolist() == data.image_ids.tolist()
+        expected = torch.stack([true_maps[b][rank[b] <= k].mean(0) for b in range(len(data))])
+        # The table stores float16: maps in [0, 1] carry a rounding error below 2^-11.
+        np.testing.assert_allclose(read_back, expected.numpy(), atol=1e-3)
 
 
 # --------------------------------------------------------------------------- rollout
@@ -281,9 +292,13 @@ def dataset(tiny_dataset) -> tuple[Path, Path]:
 def test_run_faithfulness_writes_both_tables(method, dataset, tmp_path):
     manifest, root = dataset
     model_path = save_model(method, tmp_path / method / "model.pt")
+    # The model's maps come from an extraction of the split's first 8 images; 6 of them are sampled.
+    attention = extract(model_path, manifest, root, tmp_path / "extract", batch_size=8, device="cpu", limit=8,
+                        progress=False)["attention"]
+    extracted_ids = read_split(manifest, "test")["image_id"].iloc[:8].tolist()
     out_maps, out_metrics = tmp_path / "baseline_maps.parquet", tmp_path / "metrics_faithfulness.parquet"
-    table = run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="test", top_heads=2,
-                             images=6, steps=4, batch_size=4, device="cpu", seed=0, progress=False)
+    table = run_faithfulness(model_path, manifest, root, out_maps, out_metrics, attention=attention, split="test",
+                             top_heads=2, images=6, steps=4, batch_size=4, device="cpu", seed=0, progress=False)
     methods = [method, "gradcam", "layercam", "eigencam", "rollout"]
 
     maps = pq.read_table(out_maps)
@@ -300,11 +315,15 @@ def test_run_faithfulness_writes_both_tables(method, dataset, tmp_path):
     assert len(df) == 6 * 5 and sorted(df["method"].unique()) == sorted(methods)
     test_rows = pd.read_parquet(manifest).query("split == 'test'").set_index("image_id")
     ids = df.loc[df["method"] == method, "image_id"].tolist()
-    assert ids == sorted(ids) and len(set(ids)) == 6 and set(ids) <= set(test_rows.index)
+    assert ids == sorted(ids) and len(set(ids)) == 6 and set(ids) <= set(extracted_ids)
     assert (df["class_id"].to_numpy() == test_rows.loc[df["image_id"], "class_id"].to_numpy()).all()
     attn = np.stack(df["attn"].to_numpy()).astype(np.float32)
     assert attn.shape == (30, 16) and (attn >= 0).all()
     np.testing.assert_allclose(attn.sum(1), 1.0, atol=5e-3)
+    # The model's rows are its extracted top-2-heads maps, normalised (two float16 roundings apart).
+    read_ids, read_maps = top_heads_maps_from_attention(attention, 2)
+    expected = normalise_maps(torch.from_numpy(read_maps[np.searchsorted(read_ids, ids)])).flatten(1).numpy()
+    np.testing.assert_allclose(attn[(df["method"] == method).to_numpy()], expected, atol=2e-3)
 
     metrics = pd.read_parquet(out_metrics)
     assert list(metrics.columns) == ["method", "metric", "split", "value", "ci_lo", "ci_hi", "n"]
@@ -316,5 +335,16 @@ def test_run_faithfulness_writes_both_tables(method, dataset, tmp_path):
     pd.testing.assert_frame_equal(metrics, table)
     mmeta = read_metadata(out_metrics)
     assert mmeta["images"] == 6 and mmeta["explained_class"] == "true_class"
+    assert mmeta["attention"] == str(attention)
     assert mmeta["curve_model"] == {method: method, "gradcam": "linear_probe", "layercam": "linear_probe",
                                     "eigencam": "linear_probe", "rollout": "linear_probe"}
+
+
+def test_run_faithfulness_refuses_an_attention_table_of_another_split(dataset, tmp_path):
+    manifest, root = dataset
+    model_path = save_model("prompt_cam", tmp_path / "model.pt")
+    attention = extract(model_path, manifest, root, tmp_path / "extract", split="val", batch_size=8,
+                        device="cpu", limit=2, progress=False)["attention"]
+    with pytest.raises(ValueError, match="split"):
+        run_faithfulness(model_path, manifest, root, tmp_path / "maps.parquet", tmp_path / "metrics.parquet",
+                         attention=attention, split="test", images=2, device="cpu", progress=False)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
 
 from intr.models.prompt_cam import PromptCAM
-from intr.ranking import rank_heads_by_blurring, rank_heads_naive
+from intr.faithfulness import true_class_probability
+from intr.ranking import rank_heads_by_blurring, rank_heads_naive, target_probability_from_logit
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 6}
 
@@ -76,3 +79,16 @@ def test_rank_is_a_permutation_and_last_removed_head_sees_everything_blurred() -
             lg, _ = model.forward_with_maps(images, target.view(-1, 1), blur=blur)
             single.append(lg.softmax(dim=1).gather(1, target.view(-1, 1)).squeeze(1))
     assert torch.equal(ranking.order[:, 0], torch.stack(single, dim=1).argmax(dim=1))
+
+
+def test_target_probability_from_logit_at_the_actual_logit_is_the_softmax_probability():
+    logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 3, 6, 2, 2])
+    actual = logits.gather(1, target.view(-1, 1))
+    torch.testing.assert_close(target_probability_from_logit(actual, logits, target).squeeze(1),
+                               logits.softmax(1)[torch.arange(5), target])
+    torch.testing.assert_close(true_class_probability(logits, target), logits.softmax(1)[torch.arange(5), target])
+    # Raising only the target's logit by log 3 triples its odds against the rest.
+    p = logits.softmax(1)[torch.arange(5), target]
+    raised = target_probability_from_logit(actual + math.log(3), logits, target).squeeze(1)
+    torch.testing.assert_close(raised / (1 - raised), 3 * p / (1 - p))
