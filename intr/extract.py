@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -286,100 +286,153 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
             "grid_w": grid[1], "patch_size": size // grid[0], "image_size": size, "num_heads": heads,
             "split": split, "num_classes": num_classes, "lookalike_source": source,
             "model": str(model_path)}
-    table_schemas = {name: tables.schema(name, cells=cells, feature_dim=feature_dim) for name in TABLES}
-    out = Path(out_dir)
-    paths = {name: out / f"{name}.parquet" for name in TABLES}
+    schemas = {name: tables.schema(name, cells=cells, feature_dim=feature_dim) for name in TABLES}
     extra = {"trait_features": {"feature_dim": feature_dim, "top_heads": top},
              "region_effects": {"regions": regions.vocab, "blur_sigma": blur_sigma,
                                 "region_radius": region_radius, "region_cells": region_cells}}
-    writers = {name: ParquetStreamWriter(paths[name], table_schemas[name], {**meta, **extra.get(name, {})})
-               for name in TABLES}
-    try:
+    run = BatchSettings(model, rows, looks, regions, size, top, blur_sigma, autocast)
+    with TableWriters(Path(out_dir), schemas, {name: {**meta, **extra.get(name, {})} for name in TABLES}) as writers:
         pairs = [(a, b) for a in sorted(looks) for b in looks[a]]
-        writers["lookalikes"].write(tables.table_from_columns(table_schemas["lookalikes"], {
-            "class_a": [a for a, _ in pairs], "class_b": [b for _, b in pairs], "source": [source] * len(pairs)}))
+        writers.write("lookalikes", {"class_a": [a for a, _ in pairs], "class_b": [b for _, b in pairs],
+                                     "source": [source] * len(pairs)})
         for images, labels, index in tqdm(loader, desc=f"{method} extract", disable=not progress):
-            _extract_batch(model, images.to(dev), labels.to(dev), index.numpy(), rows, looks, regions,
-                           size, top, blur_sigma, autocast, writers, table_schemas)
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    for w in writers.values():
-        w.close()
+            _extract_batch(run, writers, images.to(dev), labels.to(dev), index.numpy())
+    paths = writers.paths
     return paths
 
 
-@torch.no_grad()
-def _extract_batch(model, images, labels, index, rows, looks, regions, size, top, blur_sigma,
-                   autocast, writers, table_schemas) -> None:
-    B = images.shape[0]
-    image_ids = rows["image_id"].to_numpy()[index].astype(np.int64)
-    with autocast():
-        logits = model(images).float()
+class TableWriters:
+    """One atomic Parquet writer per extraction table; ``write(name, columns)`` appends rows.
+
+    Args:
+        out_dir: folder of the tables.
+        schemas: table name -> Arrow schema (``analysis.tables.schema``).
+        metadata: table name -> key-value metadata of that file.
+    """
+
+    def __init__(self, out_dir: Path, schemas: dict[str, pa.Schema], metadata: dict[str, dict]) -> None:
+        self.paths = {name: out_dir / f"{name}.parquet" for name in schemas}
+        self._writers = {name: ParquetStreamWriter(self.paths[name], schema, metadata[name])
+                         for name, schema in schemas.items()}
+
+    def write(self, name: str, columns: dict[str, Any]) -> None:
+        writer = self._writers[name]
+        writer.write(tables.table_from_columns(writer.schema, columns))
+
+    def __enter__(self) -> "TableWriters":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for writer in self._writers.values():
+            writer.__exit__(exc_type, exc, tb)
+
+
+@dataclass
+class BatchSettings:
+    """What every batch of an extraction shares."""
+
+    model: torch.nn.Module
+    rows: pd.DataFrame
+    lookalikes: dict[int, list[int]]
+    regions: RegionSource
+    image_size: int
+    top_heads: int
+    blur_sigma: float
+    autocast: Callable[[], Any]
+
+
+def prediction_columns(image_ids: np.ndarray, labels: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
+    """predictions.parquet rows of a batch: label, prediction, top-5 (padded with -1 below 5 classes)."""
     probs = logits.softmax(1)
-    preds = logits.argmax(1)
     k5 = min(5, logits.shape[1])
     top5 = probs.topk(k5, dim=1)
-    ids5 = np.full((B, 5), -1, dtype=np.int64)
-    p5 = np.zeros((B, 5), dtype=np.float32)
+    ids5 = np.full((len(image_ids), 5), -1, dtype=np.int64)
+    p5 = np.zeros((len(image_ids), 5), dtype=np.float32)
     ids5[:, :k5] = top5.indices.cpu().numpy()
     p5[:, :k5] = top5.values.cpu().numpy()
-    y = labels.cpu().numpy()
-    pr = preds.cpu().numpy()
-    writers["predictions"].write(tables.table_from_columns(table_schemas["predictions"], {
-        "image_id": image_ids, "label": y, "pred": pr, "correct": y == pr,
-        "prob_true": probs.gather(1, labels.view(-1, 1)).squeeze(1).cpu().numpy(),
-        "top5_ids": ids5, "top5_probs": p5}))
+    y, pred = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
+    return {"image_id": image_ids, "label": y, "pred": pred, "correct": y == pred,
+            "prob_true": probs.gather(1, labels.view(-1, 1)).squeeze(1).cpu().numpy(),
+            "top5_ids": ids5, "top5_probs": p5}
+
+
+def attention_columns(image_ids: np.ndarray, query: np.ndarray, role: np.ndarray, maps: np.ndarray,
+                      rank: np.ndarray) -> dict[str, Any]:
+    """attention.parquet rows: one per (query row, head); ``maps`` (M, H, cells), ``rank`` (M, H)."""
+    m, heads = rank.shape
+    role_names = np.array([ROLE_TRUE, ROLE_PRED, ROLE_SIBLING])
+    return {"image_id": np.repeat(image_ids, heads), "query_class": np.repeat(query, heads),
+            "query_role": role_names[np.repeat(role, heads)].tolist(), "head": np.tile(np.arange(heads), m),
+            "head_rank": rank.reshape(-1), "attn": maps.reshape(m * heads, -1).astype(np.float16)}
+
+
+def head_rank_columns(image_ids: np.ndarray, query: np.ndarray, rank: np.ndarray,
+                      prob_after_blur: np.ndarray) -> dict[str, Any]:
+    """head_ranks.parquet rows: one per (query row, head)."""
+    m, heads = rank.shape
+    return {"image_id": np.repeat(image_ids, heads), "class_id": np.repeat(query, heads),
+            "head": np.tile(np.arange(heads), m), "rank": rank.reshape(-1),
+            "prob_after_blur": prob_after_blur.reshape(-1)}
+
+
+def trait_feature_columns(model, images: torch.Tensor, image_ids: np.ndarray, labels: np.ndarray,
+                          true_maps: torch.Tensor, true_rank: torch.Tensor, top: int, autocast) -> dict[str, Any]:
+    """trait_features.parquet rows: the true class's ``top`` top-ranked heads' map-weighted patch features.
+
+    Args:
+        true_maps: (B, H, cells) the true class's maps; true_rank: (B, H) their ranks.
+    """
+    chosen = true_rank.argsort(dim=1)[:, :top]  # heads with rank 1..top
+    with autocast():
+        feats = model.patch_features(images).float()  # (B, cells, D)
+    m = true_maps / true_maps.sum(-1, keepdim=True).clamp_min(1e-12)
+    sel = torch.gather(m, 1, chosen.unsqueeze(-1).expand(-1, -1, m.shape[-1]))  # (B, top, cells)
+    pooled = sel @ feats  # (B, top, D)
+    b = len(image_ids)
+    return {"image_id": np.repeat(image_ids, top), "class_id": np.repeat(labels, top),
+            "head": chosen.cpu().numpy().reshape(-1), "rank": torch.gather(true_rank, 1, chosen).cpu().numpy().reshape(-1),
+            "feature": pooled.cpu().numpy().reshape(b * top, -1).astype(np.float16)}
+
+
+@torch.no_grad()
+def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tensor, labels: torch.Tensor,
+                   index: np.ndarray) -> None:
+    """Every table's rows for one batch of images (rows ``index`` of the split)."""
+    model, autocast = run.model, run.autocast
+    image_ids = run.rows["image_id"].to_numpy()[index].astype(np.int64)
+    with autocast():
+        logits = model(images).float()
+    writers.write("predictions", prediction_columns(image_ids, labels, logits))
+    y, pred = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
 
     # Maps of every query row, then the ranking of each real (not padding) row.
-    classes, roles = _query_classes(y, pr, looks)
+    classes, roles = _query_classes(y, pred, run.lookalikes)
     classes_t = torch.as_tensor(classes, device=images.device)
     with autocast():
         _, maps = model.forward_with_maps(images, classes_t)
-    maps = maps.float()  # (B, R, H, gh, gw)
-    H = maps.shape[2]
+    maps = maps.float().flatten(3)  # (B, R, H, cells)
     bi, ri = np.nonzero(roles >= 0)
     with autocast():
         ranking = rank_heads_by_blurring(model, images[bi], classes_t[bi, ri])
     rank = ranking.rank.cpu().numpy()  # (M, H)
-    role_names = np.array([ROLE_TRUE, ROLE_PRED, ROLE_SIBLING])
-    M = len(bi)
-    flat_maps = maps[bi, ri].flatten(2).cpu().numpy()  # (M, H, cells)
-    writers["attention"].write(tables.table_from_columns(table_schemas["attention"], {
-        "image_id": np.repeat(image_ids[bi], H), "query_class": np.repeat(classes[bi, ri], H),
-        "query_role": role_names[np.repeat(roles[bi, ri], H)].tolist(),
-        "head": np.tile(np.arange(H), M), "head_rank": rank.reshape(-1),
-        "attn": flat_maps.reshape(M * H, -1).astype(np.float16)}))
-    writers["head_ranks"].write(tables.table_from_columns(table_schemas["head_ranks"], {
-        "image_id": np.repeat(image_ids[bi], H), "class_id": np.repeat(classes[bi, ri], H),
-        "head": np.tile(np.arange(H), M), "rank": rank.reshape(-1),
-        "prob_after_blur": ranking.prob_after_blur.float().cpu().numpy().reshape(-1)}))
-
-    # Trait features: the true class's top-ranked heads (row r = 0 of every image).
-    true_rows = np.flatnonzero(ri == 0)  # one per image, in image order
-    true_rank = torch.as_tensor(rank[true_rows], device=images.device)  # (B, H)
-    chosen = true_rank.argsort(dim=1)[:, :top]  # heads with rank 1..top
-    with autocast():
-        feats = model.patch_features(images).float()  # (B, cells, D)
-    m = maps[:, 0].flatten(2)  # (B, H, cells)
-    m = m / m.sum(-1, keepdim=True).clamp_min(1e-12)
-    sel = torch.gather(m, 1, chosen.unsqueeze(-1).expand(-1, -1, m.shape[-1]))  # (B, top, cells)
-    pooled = sel @ feats  # (B, top, D)
-    writers["trait_features"].write(tables.table_from_columns(table_schemas["trait_features"], {
-        "image_id": np.repeat(image_ids, top), "class_id": np.repeat(y, top),
-        "head": chosen.cpu().numpy().reshape(-1),
-        "rank": torch.gather(true_rank, 1, chosen).cpu().numpy().reshape(-1),
-        "feature": pooled.cpu().numpy().reshape(B * top, -1).astype(np.float16)}))
+    writers.write("attention", attention_columns(image_ids[bi], classes[bi, ri], roles[bi, ri],
+                                                 maps[bi, ri].cpu().numpy(), rank))
+    writers.write("head_ranks", head_rank_columns(image_ids[bi], classes[bi, ri], rank,
+                                                  ranking.prob_after_blur.float().cpu().numpy()))
+    true_rows = np.flatnonzero(ri == 0)  # row 0 of every image is its true class, in image order
+    true_rank = torch.as_tensor(rank[true_rows], device=images.device)
+    writers.write("trait_features", trait_feature_columns(model, images, image_ids, y, maps[:, 0], true_rank,
+                                                          run.top_heads, autocast))
 
     # Region effects: every region of every image of the batch, blurred, in batched passes.
-    masks = [reg.region_masks(regions.labels(int(i), size), len(regions.vocab)) for i in index]
-    siblings = [looks.get(int(c), []) for c in y]
+    masks = [reg.region_masks(run.regions.labels(int(i), run.image_size), len(run.regions.vocab)) for i in index]
+    siblings = [run.lookalikes.get(int(c), []) for c in y]
     with autocast():
-        eff = _region_effects(model, images, labels, logits, masks, siblings, regions.vocab, blur_sigma,
+        eff = _region_effects(model, images, labels, logits, masks, siblings, run.regions.vocab, run.blur_sigma,
                               chunk=max(1, images.shape[0]) * 4)
     if eff:
-        writers["region_effects"].write(tables.table_from_columns(table_schemas["region_effects"], {
-            "image_id": image_ids[eff["image"].astype(np.int64)], "class_a": y[eff["image"].astype(np.int64)],
-            "class_b": eff["class_b"], "region": eff["region"].tolist(), "area": eff["area"],
-            "margin": eff["margin"], "margin_drop": eff["margin_drop"], "prob_a_drop": eff["prob_a_drop"]}))
+        owner = eff["image"].astype(np.int64)
+        writers.write("region_effects", {
+            "image_id": image_ids[owner], "class_a": y[owner], "class_b": eff["class_b"],
+            "region": eff["region"].tolist(), "area": eff["area"], "margin": eff["margin"],
+            "margin_drop": eff["margin_drop"], "prob_a_drop": eff["prob_a_drop"]})
