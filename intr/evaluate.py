@@ -32,9 +32,9 @@ from tqdm import tqdm
 from analysis.stats import metric_row
 from intr.baselines import BackboneFeatures, extract_features
 from intr.data.images import ImageSet, read_split
+from intr.models import load_model, resolve_device
 from intr.ranking import rank_heads_by_blurring
 from intr.tables import read_table, write_table
-from intr.train import resolve_device, load_model
 
 
 def planted_parts_by_class(pairs: pd.DataFrame) -> dict[int, set[str]]:
@@ -100,7 +100,6 @@ def _model_outputs(model, data: ImageSet, device: torch.device, batch_size: int,
         logits_all.append(logits.float().cpu())
         ranks.append(ranking.rank.cpu())
         peaks.append(maps[:, 0].flatten(2).argmax(-1).cpu())  # (B, heads) flat cell index
-    # INTR knows its feature grid only after a forward pass.
     return {"logits": torch.cat(logits_all), "rank": torch.cat(ranks).numpy(),
             "peak": torch.cat(peaks).numpy(), "grid": tuple(model.grid_size)}
 

@@ -51,9 +51,9 @@ from tqdm import tqdm
 from analysis.stats import metric_row
 from intr.baselines import CAM_METHODS, attention_rollout, backbone_vit, cam_maps, fit_linear_probe, pool_to_grid
 from intr.data.images import ImageSet, read_split
+from intr.models import load_model, resolve_device
 from intr.ranking import rank_heads_by_blurring
 from intr.tables import ParquetStreamWriter, write_table
-from intr.train import load_model, resolve_device
 
 BASELINE_METHODS = (*CAM_METHODS, "rollout")
 
@@ -235,8 +235,6 @@ def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="t
     probe = fit_linear_probe(model, train_data, int(config["num_classes"]), dev)
     del train_data
 
-    with torch.no_grad():
-        model(data[0][0].unsqueeze(0).to(dev))  # INTR learns its grid from a forward pass
     grid = tuple(int(g) for g in model.grid_size)
     vit = backbone_vit(model)
     methods = [method, *CAM_METHODS] + (["rollout"] if vit is not None else [])
