@@ -15,7 +15,8 @@ are computed once, only in the last decoder layer and only for the query rows
 whose maps are asked for.  Parameter names follow DETR's
 (``transformer.encoder.layers.N.self_attn.in_proj_weight`` ...) so DETR
 checkpoints load directly; DETR's 100 object queries are replaced by one per
-class.
+class.  Unlike DETR (any image size, padded and masked), a model is built for
+one square input size, so its map grid is known before the first forward pass.
 """
 
 from __future__ import annotations
