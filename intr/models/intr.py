@@ -191,15 +191,11 @@ class FeatureBackbone(nn.Module):
                                  f"{image_size} px: set its kwargs img_size to the image size")
             return tuple(int(g) for g in patch_embed.dynamic_feat_size((image_size, image_size)))
         # A CNN's output size depends on every stride, padding and rounding of its layers: let the
-        # layers compute it, on the meta device (shapes only, no arithmetic on real tensors).
+        # layers compute it on meta-device copies of the weights (shapes only: no arithmetic, and
+        # batch-norm statistics update the copies, never the real buffers).
         meta = {name: t.to("meta") for name, t in [*self.body.named_parameters(), *self.body.named_buffers()]}
-        was_training = self.body.training
-        self.body.eval()  # training-mode batch norm would update its running statistics
-        try:
-            probe = torch.zeros(1, 3, image_size, image_size, device="meta")
-            shape = torch.func.functional_call(self.body, meta, (probe,))[-1].shape
-        finally:
-            self.body.train(was_training)
+        probe = torch.zeros(2, 3, image_size, image_size, device="meta")
+        shape = torch.func.functional_call(self.body, meta, (probe,))[-1].shape
         return int(shape[-2]), int(shape[-1])
 
     def probe_features(self, images: torch.Tensor) -> torch.Tensor:
