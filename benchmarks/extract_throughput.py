@@ -44,7 +44,8 @@ def build_full(tmp: Path, images_per_species: int) -> tuple[Path, Path, Path]:
     from intr.data.prepare import prepare_dataset
     from intr.data.synthetic import SyntheticConfig, synthesize
     from intr.models.backbones import normalization
-    from intr.train import build_model, trainable_state
+    from intr.models import build_model
+    from intr.train import trainable_state
 
     data = tmp / "data"
     synthesize(SyntheticConfig(genera=50, species_per_genus=4, images_per_species=images_per_species,
@@ -52,7 +53,7 @@ def build_full(tmp: Path, images_per_species: int) -> tuple[Path, Path, Path]:
     prepare_dataset("synthetic", data, tmp / "tables", progress=False)
     options = {"backbone": {"name": "vit_base_patch16_224", "kwargs": {}}}
     torch.manual_seed(0)
-    model = build_model("prompt_cam", options, 200)
+    model = build_model("prompt_cam", options, 200, 224)
     mean, std = normalization(model.backbone)
     config = {"method": "prompt_cam", "model": options, "num_classes": 200, "image_size": 224,
               "train": {"seed": 0}, "normalization": {"mean": list(mean), "std": list(std)}}

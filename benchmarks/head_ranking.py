@@ -44,10 +44,11 @@ from typing import Iterator
 
 import torch
 
+from intr.models import resolve_device
 from intr.models.backbones import BackboneSpec, create_backbone
 from intr.models.prompt_cam import PromptCAM
 from intr.ranking import HeadRanking, rank_heads_by_blurring, rank_heads_naive
-from timing import choose_vit_preset, resolve_device, synchronize
+from timing import choose_vit_preset, synchronize
 
 OFFICIAL_S_PER_IMAGE = 0.31  # the official loop on an H200 (ViT-B/16, 224 px, 200 classes)
 TARGET_SINGLE = 30.0
@@ -68,7 +69,7 @@ def resolve_preset(args: argparse.Namespace, device: torch.device) -> str:
 
 def build_model(args: argparse.Namespace, device: torch.device) -> PromptCAM:
     if args.model_pt:
-        from intr.train import load_model
+        from intr.models import load_model
 
         model, config = load_model(args.model_pt, map_location="cpu")
         if not isinstance(model, PromptCAM):

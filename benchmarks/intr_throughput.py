@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from intr.models import resolve_device
 from intr.models.intr import INTR, build_intr, sine_position
-from timing import (Trainer, add_timing_arguments, choose_preset, relative_max_diff, resolve_device,
-                    run_interleaved)
+from timing import Trainer, add_timing_arguments, choose_preset, relative_max_diff, run_interleaved
 
 OFFICIAL_IMG_S = 179.0  # the official INTR code on an H200, fp32, ResNet-50 512 px, 200 classes, batch 12
 TARGET_IMG_S = 3 * OFFICIAL_IMG_S  # 537
@@ -156,7 +156,7 @@ def resolve_preset(args: argparse.Namespace, device: torch.device) -> str:
 
 def build_model(args: argparse.Namespace, device: torch.device) -> INTR:
     options = {"backbone": args.backbone, "transformer": args.transformer, "freeze_backbone": False}
-    return build_intr(options, args.classes).to(device)
+    return build_intr(options, args.classes, args.img_size).to(device)
 
 
 def param_groups(model: INTR) -> list[dict]:
@@ -260,10 +260,6 @@ def main(argv: list[str] | None = None) -> dict:
     ref_batch = args.ref_batch or args.batch
     images = torch.randn(max(args.batch, ref_batch), 3, args.img_size, args.img_size, generator=generator).to(device)
     labels = torch.randint(0, args.classes, (images.shape[0],), generator=generator).to(device)
-    with torch.no_grad():  # the feature grid is known after one forward pass
-        model.eval()
-        model(images[:1])
-        model.train()
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     grid, cfg = model.grid_size, model.cfg

@@ -1,10 +1,9 @@
-"""What the benchmark scripts share: device and preset choice, timing, the training-step timer."""
+"""What the benchmark scripts share: preset choice, timing, the training-step timer."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -12,15 +11,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is available")
-    return torch.device(name)
 
 
 def choose_preset(args: argparse.Namespace, device: torch.device, presets: dict, keys: Sequence[str]) -> str:

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from intr.models import resolve_device
 from intr.models.backbones import BackboneSpec, create_backbone
 from intr.models.prompt_cam import PromptCAM
-from timing import (Trainer, add_timing_arguments, choose_vit_preset, relative_max_diff, resolve_device,
-                    run_interleaved)
+from timing import Trainer, add_timing_arguments, choose_vit_preset, relative_max_diff, run_interleaved
 
 TARGET_IMG_S = 2300.0
 OFFICIAL_IMG_S = {16: 222.0, 64: 251.0}  # official Prompt_CAM code on an H200, fp32

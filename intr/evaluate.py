@@ -25,7 +25,7 @@ from analysis.stats import metric_row
 from analysis.tables import read_table, write_table
 from intr.baselines import BackboneFeatures, extract_features
 from intr.data.images import ImageSet, read_split
-from intr.train import resolve_device, load_model
+from intr.models import load_model, resolve_device
 
 
 def probe_features(model: torch.nn.Module, data: ImageSet, device: torch.device,

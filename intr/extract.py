@@ -48,11 +48,11 @@ from tqdm import tqdm
 
 from analysis import regions as reg
 from analysis import tables
+from analysis.tables import ParquetStreamWriter, read_table
 from intr.data.images import ImageSet, read_split
 from intr.faithfulness import gaussian_blur
+from intr.models import load_model, resolve_device
 from intr.ranking import rank_heads_by_blurring
-from analysis.tables import ParquetStreamWriter, read_table
-from intr.train import load_model, resolve_device
 
 ROLE_TRUE, ROLE_PRED, ROLE_SIBLING = "true", "pred", "sibling"
 TABLES = ("predictions", "attention", "head_ranks", "region_effects", "trait_features", "lookalikes")
@@ -273,11 +273,7 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
                      for c, sib in looks.items()}
 
     regions = RegionSource.load(Path(manifest), rows, Path(root), region_radius, region_cells)
-    with torch.no_grad():
-        probe = next(iter(loader))[0][:1].to(dev)
-        with autocast():
-            model.forward_with_maps(probe, torch.zeros(1, 1, dtype=torch.long, device=dev))
-            feature_dim = model.patch_features(probe).shape[-1]
+    feature_dim = int(model.patch_feature_dim)
     grid = tuple(int(g) for g in model.grid_size)
     cells = grid[0] * grid[1]
     heads = int(model.num_heads)

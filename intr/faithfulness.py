@@ -58,7 +58,7 @@ from analysis.stats import metric_row
 from analysis.tables import ParquetStreamWriter, write_table
 from intr.baselines import CAM_METHODS, attention_rollout, backbone_vit, cam_maps, fit_linear_probe, pool_to_grid
 from intr.data.images import ImageSet, read_split
-from intr.train import load_model, resolve_device
+from intr.models import load_model, resolve_device
 
 BASELINE_METHODS = (*CAM_METHODS, "rollout")
 
@@ -259,8 +259,6 @@ def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | P
     model.to(dev).eval()
     method, size = config["method"], int(config["image_size"])
     mean, std = config["normalization"]["mean"], config["normalization"]["std"]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, size, size, device=dev))  # INTR learns its grid from a forward pass
     grid = tuple(int(g) for g in model.grid_size)
     _check_attention_table(attention, method, split, grid)
     extracted_ids, extracted_maps = top_heads_maps_from_attention(attention, top_heads)

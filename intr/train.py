@@ -41,10 +41,9 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from intr.data.images import ImageSet, read_split
+from intr.models import build_model, read_checkpoint, resolve_device
 from intr.models.backbones import normalization
 from analysis.tables import write_table
-
-METHODS = ("prompt_cam", "intr")
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,39 +95,11 @@ class TrainOptions:
         return cls(**options)
 
 
-def build_model(method: str, model_options: Mapping[str, Any], num_classes: int) -> nn.Module:
-    """The model of ``method`` from its config section."""
-    if method == "prompt_cam":
-        from intr.models.prompt_cam import build_prompt_cam
-
-        return build_prompt_cam(model_options, num_classes)
-    if method == "intr":
-        from intr.models.intr import build_intr
-
-        return build_intr(model_options, num_classes)
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights that training changes (frozen backbone weights are left out)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n for n, _ in model.named_buffers() if not n.startswith("backbone.")}
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names | buffers}
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained model from ``model.pt`` (``weights_only=True``)."""
-    saved = torch.load(path, map_location=map_location, weights_only=True)
-    config = json.loads(saved["config"])
-    # A backbone without a weights file is random: rebuild it from the seed train() built it with.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(config["train"]["seed"]))
-        model = build_model(config["method"], config["model"], config["num_classes"])
-    missing = set(saved["state"]) - set(model.state_dict())
-    if missing:
-        raise ValueError(f"{path}: weights {sorted(missing)[:5]} do not belong to a {config['method']} model")
-    model.load_state_dict(saved["state"], strict=False)
-    return model.eval(), config
 
 
 # --------------------------------------------------------------------------- distributed
@@ -151,16 +122,6 @@ def _init_distributed(device: torch.device) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size())
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------- schedule and optimiser
@@ -288,7 +249,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
     config = {"method": method, "model": dict(model_options), "num_classes": num_classes,
               "image_size": image_size, "train": vars(opts) | {"workers": 0, "device": "auto"}}
     digest = _config_digest(config)
-    model = build_model(method, model_options, num_classes).to(device)
+    model = build_model(method, model_options, num_classes, image_size).to(device)
     mean, std = normalization(model.backbone if hasattr(model, "backbone") else model)
     config["normalization"] = {"mean": list(mean), "std": list(std)}
     train_set = ImageSet(root, train_rows, image_size, mean, std, train=True, seed=opts.seed)
@@ -302,7 +263,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
 
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     start_epoch, log, best = 0, [], {"epoch": 0, "val_acc": -1.0, "state": trainable_state(model)}
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
+    saved = read_checkpoint(ckpt_path) if ckpt_path.exists() else None
     if saved is not None and saved["digest"] != digest:
         # A changed config starts over; the old run's checkpoint is kept under another name.
         kept = ckpt_path.with_name(f"last-superseded-{saved['digest']}.pt")

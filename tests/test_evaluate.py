@@ -11,7 +11,7 @@ from analysis.stats import bootstrap_mean, metric_row
 from intr.data.images import ImageSet, read_split
 from intr.evaluate import evaluate_model, gather_evaluation
 from analysis.tables import read_metadata, read_table, write_table
-from intr.train import load_model
+from intr.models import load_model
 
 
 @pytest.mark.parametrize("method", ["prompt_cam", "intr"])

@@ -13,7 +13,7 @@ import intr.extract as ex
 from analysis import io, regions
 from intr.data.images import ImageSet, read_split
 from intr.ranking import rank_heads_by_blurring
-from intr.train import load_model
+from intr.models import load_model
 
 
 @pytest.fixture(scope="module", params=["prompt_cam", "intr"])

@@ -25,7 +25,8 @@ from intr.faithfulness import (curve_auc, gaussian_blur, insertion_deletion_curv
 from intr.models.backbones import normalization
 from intr.ranking import rank_heads_by_blurring
 from analysis.tables import read_metadata
-from intr.train import build_model, load_model, trainable_state
+from intr.models import build_model, load_model
+from intr.train import trainable_state
 
 VIT = {"name": "vit_tiny_patch16_224",
        "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4}}
@@ -39,11 +40,11 @@ MODELS = {
 
 def tiny_model(method: str, num_classes: int = 4, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(method, MODELS[method], num_classes).eval()
+    return build_model(method, MODELS[method], num_classes, 32).eval()
 
 
 def save_model(method: str, path: Path, num_classes: int = 4, seed: int = 0) -> Path:
-    """A random-weight ``model.pt`` that ``intr.train.load_model`` rebuilds exactly."""
+    """A random-weight ``model.pt`` that ``intr.models.load_model`` rebuilds exactly."""
     model = tiny_model(method, num_classes, seed)
     with torch.no_grad():
         for p in model.parameters():

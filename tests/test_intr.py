@@ -25,7 +25,7 @@ TRANSFORMER = {"d_model": 32, "heads": 4, "encoder_layers": 1, "decoder_layers":
 def tiny_intr(seed: int, num_classes: int = 5, query_scale: float = 1.0, **options) -> INTR:
     """A double-precision INTR on a tiny ViT, with non-trivial biases and norms, in eval mode."""
     torch.manual_seed(seed)
-    model = build_intr({"backbone": VIT, "transformer": TRANSFORMER, **options}, num_classes)
+    model = build_intr({"backbone": VIT, "transformer": TRANSFORMER, **options}, num_classes, image_size=32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.startswith("backbone."):
@@ -195,6 +195,39 @@ def test_resnet_backbone_has_frozen_batch_norm_and_returns_last_stage() -> None:
         torch.testing.assert_close(features, plain.forward_features(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backbone, image_size, grid", [
+    (VIT, 32, (4, 4)),  # 8 px patches
+    ({"name": "resnet18"}, 96, (3, 3)),  # stride 32
+    ({"name": "resnet50"}, 100, (4, 4)),  # stride 32, rounded up by the padded convolutions
+])
+def test_grid_is_known_at_construction_and_equals_the_maps_after_a_forward(backbone, image_size: int,
+                                                                          grid: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    model = build_intr({"backbone": backbone, "transformer": TRANSFORMER}, num_classes=3, image_size=image_size)
+    assert model.grid_size == grid  # before any forward pass
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, maps = model.eval().forward_with_maps(x, torch.tensor([[0], [2]]))
+    assert maps.shape == (2, 1, 4, *grid)
+
+
+def test_cnn_intr_refuses_images_of_another_size_than_its_grid() -> None:
+    # A CNN takes any size, but the maps would no longer fit the grid the tables are written with.
+    model = build_intr({"backbone": {"name": "resnet18"}, "transformer": TRANSFORMER}, num_classes=3, image_size=64)
+    with pytest.raises(ValueError, match="built for 64 px"):
+        model(torch.randn(1, 3, 96, 96))
+
+
+def test_grid_of_a_cnn_leaves_training_batch_norm_untouched() -> None:
+    torch.manual_seed(0)
+    backbone = FeatureBackbone(BackboneSpec("resnet18"), frozen_batch_norm=False).train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    assert backbone.grid_for(64) == (2, 2)
+    assert backbone.training and backbone.body.layer1[0].bn1.training
+    after = backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics included
+
+
 def detr_state(transformer: dict, backbone: str = "resnet50", seed: int = 0) -> dict[str, torch.Tensor]:
     """A state dict with DETR-R50's key names and shapes (random values)."""
     torch.manual_seed(seed)
@@ -223,7 +256,7 @@ def test_detr_checkpoint_loads_backbone_transformer_and_projection_but_not_queri
     path = tmp_path / "detr-r50.pth"
     torch.save({"model": state}, path)
     model = build_intr({"backbone": {"name": "resnet50"}, "transformer": TRANSFORMER,
-                        "detr_checkpoint": str(path)}, num_classes=5)
+                        "detr_checkpoint": str(path)}, num_classes=5, image_size=64)
     body = model.backbone.body
     assert torch.equal(body.conv1.weight, state["backbone.0.body.conv1.weight"])
     assert torch.equal(body.layer3[4].conv2.weight, state["backbone.0.body.layer3.4.conv2.weight"])
@@ -257,12 +290,13 @@ def test_mismatched_detr_checkpoint_is_a_value_error_naming_the_file(tmp_path, m
     path = tmp_path / f"detr-{mismatch}.pth"
     torch.save({"model": state}, path)
     with pytest.raises(ValueError, match="detr-" + mismatch):
-        build_intr(options | {"detr_checkpoint": str(path)}, num_classes=3)
+        build_intr(options | {"detr_checkpoint": str(path)}, num_classes=3, image_size=64)
 
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_freeze_backbone_decides_whether_backbone_trains(freeze: bool) -> None:
-    model = build_intr({"backbone": VIT, "transformer": TRANSFORMER, "freeze_backbone": freeze}, num_classes=3)
+    model = build_intr({"backbone": VIT, "transformer": TRANSFORMER, "freeze_backbone": freeze}, num_classes=3,
+                       image_size=32)
     backbone = [p.requires_grad for p in model.backbone.parameters()]
     rest = [p.requires_grad for n, p in model.named_parameters() if not n.startswith("backbone.")]
     assert backbone and all(rest)
@@ -287,7 +321,8 @@ def tiny_dataset(tmp_path_factory):
 
 def test_training_writes_best_epoch_and_load_model_rebuilds_it(tiny_dataset, tmp_path) -> None:
     from intr.data.images import ImageSet, read_split
-    from intr.train import load_model, train
+    from intr.models import load_model
+    from intr.train import train
 
     manifest, root = tiny_dataset
     options = {"backbone": VIT, "transformer": TRANSFORMER}
@@ -297,7 +332,7 @@ def test_training_writes_best_epoch_and_load_model_rebuilds_it(tiny_dataset, tmp
     log = pd.read_parquet(tmp_path / "train_log.parquet")
     assert log["epoch"].tolist() == [1, 2]
     assert log["train_loss"].map(math.isfinite).all()
-    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)  # torch itself: an independent read
     assert saved["epoch"] == summary["best_epoch"]
     model, config = load_model(tmp_path / "model.pt")
     assert isinstance(model, INTR) and not model.training
@@ -308,7 +343,7 @@ def test_training_writes_best_epoch_and_load_model_rebuilds_it(tiny_dataset, tmp
         assert torch.equal(model.state_dict()[key], value), key
     assert torch.equal(model.query_embed.weight, saved["state"]["query_embed.weight"])
     # The same weights loaded by hand give the same logits.
-    manual = build_intr(config["model"], config["num_classes"])
+    manual = build_intr(config["model"], config["num_classes"], config["image_size"])
     manual.load_state_dict(saved["state"])
     manual.eval()
     mean, std = config["normalization"]["mean"], config["normalization"]["std"]
@@ -320,5 +355,5 @@ def test_training_writes_best_epoch_and_load_model_rebuilds_it(tiny_dataset, tmp
     assert logits.shape == (len(batch), 4)
     # Training moved the weights away from a fresh model's.
     torch.manual_seed(0)
-    fresh = build_intr(config["model"], config["num_classes"])
+    fresh = build_intr(config["model"], config["num_classes"], config["image_size"])
     assert not torch.equal(fresh.query_embed.weight, model.query_embed.weight)

@@ -25,6 +25,7 @@ def test_shipped_weights_load_into_the_recipe_architecture():
     recipe = _recipe()
     spec = BackboneSpec.from_dict({**recipe["backbone"], "checkpoint": recipe["weights"]["file"]})
     model = create_backbone(spec).eval()
+    # Read with torch itself, not the project's loader: an independent check of what landed.
     state = torch.load(PACKAGE_DIR / recipe["weights"]["file"], map_location="cpu", weights_only=True)
     assert torch.equal(model.state_dict()["blocks.5.attn.qkv.weight"], state["blocks.5.attn.qkv.weight"])
     assert model.embed_dim == 96 and len(model.blocks) == 6 and model.patch_embed.patch_size == (8, 8)
@@ -71,7 +72,7 @@ def test_pretrain_writes_weights_that_load_into_the_recipe_architecture(tmp_path
     assert 0.0 <= result["test_acc"] <= 1.0
     spec = BackboneSpec.from_dict({**recipe["backbone"], "checkpoint": str(tmp_path / "backbone.pt")})
     model = create_backbone(spec)
-    state = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    state = torch.load(tmp_path / "backbone.pt", weights_only=True)  # torch itself: an independent read
     assert "head.weight" not in state  # the classifier over the pretraining species is dropped
     assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
     import pandas as pd

@@ -20,7 +20,8 @@ import intr.train
 from intr.data.images import ImageSet, read_split
 from intr.models.backbones import BackboneSpec, normalization
 from intr.models.prompt_cam import PromptCAM
-from intr.train import TrainingDiverged, TrainOptions, load_model, predict, train
+from intr.models import load_model
+from intr.train import TrainingDiverged, TrainOptions, predict, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = BackboneSpec(name="vit_tiny_patch16_224",
@@ -59,6 +60,7 @@ def read_log(out: Path) -> pd.DataFrame:
 
 
 def load(path: Path) -> dict:
+    # Read with torch itself, not the project's loader: what the files hold is checked independently.
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -203,7 +205,7 @@ def test_two_process_ddp_matches_single_process(dataset, tmp_path) -> None:
     # Training moved the weights, so agreeing means something.
     first = load(tmp_path / "single" / "checkpoints/last.pt")["state"]["class_prompts"]
     torch.manual_seed(TRAIN["seed"])
-    initial = intr.train.build_model("prompt_cam", MODEL, 4).class_prompts
+    initial = intr.train.build_model("prompt_cam", MODEL, 4, 32).class_prompts
     assert (first - initial).abs().max() > 1e-3
 
 

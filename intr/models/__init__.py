@@ -1,1 +1,8 @@
-"""Models: Prompt-CAM and INTR."""
+"""Models: Prompt-CAM and INTR behind one interface, one factory and one checkpoint loader."""
+
+from intr.models.checkpoint import load_model, read_checkpoint
+from intr.models.factory import METHODS, build_model, resolve_device
+from intr.models.protocol import BlurContext, InterpretableModel
+
+__all__ = ["METHODS", "BlurContext", "InterpretableModel", "build_model", "load_model", "read_checkpoint",
+           "resolve_device"]

@@ -20,6 +20,8 @@ import timm
 import torch
 from torch import nn
 
+from intr.models.checkpoint import read_checkpoint
+
 _PREFIXES = ("module.", "backbone.", "model.", "encoder.")
 
 
@@ -119,8 +121,7 @@ def check_shapes(model: nn.Module, weights: Mapping[str, torch.Tensor], path: st
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load local weights into ``model`` (``weights_only=True``); report what did not fit."""
     # DINO's training checkpoints also pickle their argparse Namespace; allow only that class.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path, trusted_classes=[argparse.Namespace])
     weights = convert_state_dict(state, model)
     check_shapes(model, weights, path, "checkpoint")
     missing, unexpected = model.load_state_dict(weights, strict=False)

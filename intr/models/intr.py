@@ -15,7 +15,8 @@ are computed once, only in the last decoder layer and only for the query rows
 whose maps are asked for.  Parameter names follow DETR's
 (``transformer.encoder.layers.N.self_attn.in_proj_weight`` ...) so DETR
 checkpoints load directly; DETR's 100 object queries are replaced by one per
-class.
+class.  Unlike DETR (any image size, padded and masked), a model is built for
+one square input size, so its map grid is known before the first forward pass.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from intr.models.backbones import BackboneSpec, check_shapes, create_backbone, resolve_checkpoint
-from intr.models.prompt_cam import BlurContext
+from intr.models.checkpoint import read_checkpoint
+from intr.models.protocol import BlurContext
 
 
 @dataclass
@@ -176,6 +178,26 @@ class FeatureBackbone(nn.Module):
             return tokens.transpose(1, 2).unflatten(-1, (gh, gw))
         return self.body(images)[-1]
 
+    def grid_for(self, image_size: int) -> tuple[int, int]:
+        """(h, w) of the feature map of a square image of side ``image_size``, without running the network.
+
+        Args:
+            image_size: input side in pixels.
+        """
+        if self.is_vit:
+            patch_embed = self.body.patch_embed
+            if not getattr(self.body, "dynamic_img_size", False) and tuple(patch_embed.img_size) != (image_size,) * 2:
+                raise ValueError(f"the ViT backbone takes {tuple(patch_embed.img_size)} px images, not "
+                                 f"{image_size} px: set its kwargs img_size to the image size")
+            return tuple(int(g) for g in patch_embed.dynamic_feat_size((image_size, image_size)))
+        # A CNN's output size depends on every stride, padding and rounding of its layers: let the
+        # layers compute it on meta-device copies of the weights (shapes only: no arithmetic, and
+        # batch-norm statistics update the copies, never the real buffers).
+        meta = {name: t.to("meta") for name, t in [*self.body.named_parameters(), *self.body.named_buffers()]}
+        probe = torch.zeros(2, 3, image_size, image_size, device="meta")
+        shape = torch.func.functional_call(self.body, meta, (probe,))[-1].shape
+        return int(shape[-2]), int(shape[-1])
+
     def probe_features(self, images: torch.Tensor) -> torch.Tensor:
         if self.is_vit:
             tokens = self.body.forward_features(images)
@@ -184,7 +206,7 @@ class FeatureBackbone(nn.Module):
 
 
 def _load_cnn_weights(body: nn.Module, path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     state = state.get("model", state)
     prefix = "backbone.0.body."
     if any(k.startswith(prefix) for k in state):
@@ -203,9 +225,11 @@ class INTR(nn.Module):
         backbone: a :class:`FeatureBackbone`.
         num_classes: number of classes (one decoder query each).
         cfg: transformer sizes.
+        image_size: side of the (square) input images, which fixes the feature grid.
     """
 
-    def __init__(self, backbone: FeatureBackbone, num_classes: int, cfg: TransformerConfig) -> None:
+    def __init__(self, backbone: FeatureBackbone, num_classes: int, cfg: TransformerConfig,
+                 image_size: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
@@ -214,7 +238,8 @@ class INTR(nn.Module):
         self.transformer = Transformer(cfg)
         self.query_embed = nn.Embedding(num_classes, cfg.d_model)
         self.presence_head = nn.Linear(cfg.d_model, 1)
-        self._grid: tuple[int, int] | None = None
+        self.image_size = image_size
+        self._grid = backbone.grid_for(image_size)
 
     @property
     def num_heads(self) -> int:
@@ -222,9 +247,12 @@ class INTR(nn.Module):
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        if self._grid is None:
-            raise RuntimeError("grid size is known after the first forward pass")
+        """(h, w) of the feature map, and so of every map, for ``image_size`` inputs."""
         return self._grid
+
+    @property
+    def patch_feature_dim(self) -> int:
+        return self.backbone.channels
 
     @property
     def pretrained_cfg(self) -> dict:
@@ -241,7 +269,9 @@ class INTR(nn.Module):
         """Encoder output and positional encoding, (B, h*w, d) each."""
         features = self.input_proj(self.backbone(images))
         b, d, h, w = features.shape
-        self._grid = (h, w)
+        if (h, w) != self._grid:
+            raise ValueError(f"images of {tuple(images.shape[-2:])} px give a {h}x{w} feature map; this INTR "
+                             f"was built for {self.image_size} px images ({self._grid[0]}x{self._grid[1]})")
         src = features.flatten(2).transpose(1, 2)
         pos = sine_position(b, h, w, d, src.device, src.dtype)
         for layer in self.transformer.encoder.layers:
@@ -318,7 +348,7 @@ def load_detr_checkpoint(model: INTR, path) -> None:
     ``input_proj.*`` load as they are; DETR's object queries, class and box
     heads are dropped (INTR has one query per class and a presence head).
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     state = state.get("model", state)
     mapped = {}
     for key, value in state.items():
@@ -335,14 +365,19 @@ def load_detr_checkpoint(model: INTR, path) -> None:
                          f"unexpected {unexpected[:8]}")
 
 
-def build_intr(options: Mapping[str, Any], num_classes: int) -> INTR:
+def build_intr(options: Mapping[str, Any], num_classes: int, image_size: int) -> INTR:
     """INTR from the config's ``model`` section.
 
-    Keys: ``backbone`` (BackboneSpec mapping), ``transformer`` (TransformerConfig
-    fields), ``detr_checkpoint`` (optional DETR weights), ``freeze_backbone``.
+    Args:
+        options: ``backbone`` (BackboneSpec mapping), ``transformer``
+            (TransformerConfig fields), ``detr_checkpoint`` (optional DETR
+            weights), ``freeze_backbone``.
+        num_classes: number of classes.
+        image_size: input side in pixels.
     """
     spec = BackboneSpec.from_dict(options["backbone"])
-    model = INTR(FeatureBackbone(spec), num_classes, TransformerConfig(**dict(options.get("transformer") or {})))
+    model = INTR(FeatureBackbone(spec), num_classes, TransformerConfig(**dict(options.get("transformer") or {})),
+                 image_size)
     if options.get("detr_checkpoint"):
         load_detr_checkpoint(model, resolve_checkpoint(options["detr_checkpoint"]))
     if options.get("freeze_backbone", False):

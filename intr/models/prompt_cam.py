@@ -16,8 +16,7 @@ maps are asked for.  The timm backbone is used unpatched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -25,24 +24,7 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from intr.models.backbones import BackboneSpec, create_backbone
-
-
-@dataclass
-class BlurContext:
-    """What head ranking needs for one target query row, computed once.
-
-    ``normal[b, h]`` is head h's attention output of the target row,
-    ``blurred[b, h]`` the output when its pre-softmax logits are all zero
-    (uniform attention); ``finish`` turns per-head outputs (B, K, H, hd) of K
-    candidate blur sets into the target logit (B, K); ``logits`` are the
-    unblurred logits of all classes (B, C).
-    """
-
-    normal: torch.Tensor
-    blurred: torch.Tensor
-    finish: Callable[[torch.Tensor], torch.Tensor]
-    logits: torch.Tensor
-    target: torch.Tensor
+from intr.models.protocol import BlurContext
 
 
 class PromptCAM(nn.Module):
@@ -80,6 +62,10 @@ class PromptCAM(nn.Module):
     @property
     def grid_size(self) -> tuple[int, int]:
         return tuple(self.backbone.patch_embed.grid_size)
+
+    @property
+    def patch_feature_dim(self) -> int:
+        return self.backbone.embed_dim
 
     def _with_prompts(self, x: torch.Tensor, depth: int) -> torch.Tensor:
         prompts = self.class_prompts[depth].to(x.dtype).expand(x.shape[0], -1, -1)
@@ -193,7 +179,16 @@ class PromptCAM(nn.Module):
         return feats[:, self.num_prefix:]
 
 
-def build_prompt_cam(options: Mapping[str, Any], num_classes: int) -> PromptCAM:
-    """Prompt-CAM from the config's ``model`` section (``backbone``: a BackboneSpec mapping)."""
+def build_prompt_cam(options: Mapping[str, Any], num_classes: int, image_size: int) -> PromptCAM:
+    """Prompt-CAM from the config's ``model`` section.
+
+    Args:
+        options: ``backbone``: a BackboneSpec mapping (a timm ViT).
+        num_classes: number of classes.
+        image_size: input side in pixels; the ViT must be made for it.
+    """
     backbone = create_backbone(BackboneSpec.from_dict(options["backbone"]), num_classes=0)
+    if tuple(backbone.patch_embed.img_size) != (image_size, image_size):
+        raise ValueError(f"the ViT backbone takes {tuple(backbone.patch_embed.img_size)} px images, not "
+                         f"{image_size} px: set its kwargs img_size to the image size")
     return PromptCAM(backbone, num_classes)

@@ -1,0 +1,82 @@
+"""What the rest of ``intr`` asks of a method's model: the interface Prompt-CAM and INTR share.
+
+Training calls the model for logits; extraction, head ranking, faithfulness
+and the CAM baselines read its last-layer maps, its blur context, its grid and
+its backbone's features.  Nothing outside ``intr.models`` uses more than this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BlurContext:
+    """What head ranking needs for one target query row, computed once.
+
+    ``normal[b, h]`` is head h's attention output of the target row,
+    ``blurred[b, h]`` the output when its pre-softmax logits are all zero
+    (uniform attention); ``finish`` turns per-head outputs (B, K, H, hd) of K
+    candidate blur sets into the target logit (B, K); ``logits`` are the
+    unblurred logits of all classes (B, C).
+    """
+
+    normal: torch.Tensor
+    blurred: torch.Tensor
+    finish: Callable[[torch.Tensor], torch.Tensor]
+    logits: torch.Tensor
+    target: torch.Tensor
+
+
+@runtime_checkable
+class InterpretableModel(Protocol):
+    """A classifier whose last attention layer has one query row per class.
+
+    Attributes:
+        backbone: the timm backbone module (the CAM baselines and the linear
+            probe read it; its ``pretrained_cfg`` gives the input normalisation).
+        num_classes: number of classes (one query row each).
+        num_heads: heads of the last attention layer (one map each).
+        grid_size: (grid_h, grid_w) of every map, known from construction.
+        patch_feature_dim: width D of ``patch_features``.
+    """
+
+    backbone: nn.Module
+    num_classes: int
+
+    @property
+    def num_heads(self) -> int: ...
+
+    @property
+    def grid_size(self) -> tuple[int, int]: ...
+
+    @property
+    def patch_feature_dim(self) -> int: ...
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, C) of images (B, 3, H, W)."""
+        ...
+
+    def forward_with_maps(self, images: torch.Tensor, classes: torch.Tensor,
+                          blur: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, C) and maps (B, R, heads, grid_h, grid_w) of the query rows ``classes`` (B, R).
+
+        ``blur`` (B, R, heads) bool zeroes those heads' pre-softmax logits for that row.
+        """
+        ...
+
+    def blur_context(self, images: torch.Tensor, target: torch.Tensor) -> BlurContext:
+        """What greedy head ranking (``intr.ranking``) needs for the ``target`` (B,) query rows."""
+        ...
+
+    def probe_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen backbone features (B, F) for a linear probe."""
+        ...
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B, grid_h * grid_w, patch_feature_dim): what each map cell looks at."""
+        ...
