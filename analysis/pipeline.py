@@ -674,7 +674,6 @@ def analyze(inputs: AnalysisInputs, out_dir: str | Path, options: dict | None = 
     data = read_data_tables(inputs)
     maps, image_id = read_maps(inputs.attention, grid)
     images = read_images(image_id, data.manifest, inputs.predictions, inputs.attention)
-    del image_id
     _log(progress, t0, f"read {len(maps.maps):,} maps ({method}, split {split}, grid {grid})")
 
     geometry = image_regions(images, data, grid, inputs.root, opts, progress)
