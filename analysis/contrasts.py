@@ -8,36 +8,27 @@ images with percentile bootstrap 95 % intervals (images resampled); regions
 are ranked by density.
 
 Per directed look-alike pair (A, B), over A's images (same rule), three
-scores per region, each a mean over images:
+scores per region, each a mean over images: (a) ``density_a``, A's density;
+(b) ``difference``, A's density minus B's (B's query on the same image, B's
+own top-ranked heads); (c) ``occlusion``, the drop of the A - B margin when
+the region is blurred (``region_effects.parquet``).
 
-(a) ``density_a``: density of A's top heads' mean map on A's images;
-(b) ``difference``: A's density minus B's (B's query on the same image,
-    B's own top-ranked heads);
-(c) ``occlusion``: the drop of the A - B margin when the region is blurred
-    (``region_effects.parquet``).
+``combined`` is ``COMBINED_RULE``: z-scores (across the pair's ranked
+regions) of (c) with weight 1 and of (b) with weight 0.05; (b) alone without
+region effects, (a) with neither. Why: the causal score (c) is what says where
+A differs from B; the attention difference (b) is consistent across images
+but both classes' queries look at the same part, so it cancels where the
+siblings differ, and only breaks near-ties. (a) is the same for every
+look-alike B of A, so it is kept beside them but left out. (Chosen on a
+held-out seed: trait recovery top-1, Prompt-CAM / INTR, (c) alone 0.92 / 0.88
+against 0.79 / 0.88 for the equal-weight mean of (b) and (c); the reported
+figures come from seed 0.)
 
-``combined`` ranks by the causal score first: z-scores (standardised
-across the pair's ranked regions) of (c) with weight 1 and of (b) with weight
-0.05, so the attention difference only breaks near-ties (with no region
-effects for the pair, (b) alone; with neither, (a)). Score (a) is kept in the
-table and the trait cards but left out of the combination: it is the same
-for every look-alike B of A, so it cannot say where A differs from *this* B.
-How the combination was chosen: on a held-out data set (the embedded default
-rendered with ``synthetic.seed: 1``, both models trained there), trait
-recovery top-1 over its 24 directed pairs, Prompt-CAM / INTR: equal-weight
-z-mean of (b)+(c) 0.79 / 0.88; (c) alone 0.92 / 0.88; (b) alone 0.58 / 0.75;
-z-mean of all three 0.67 / 0.83. Weighting each score by its split-half
-reliability across images did not help there (0.79 / 0.88): the attention
-difference is consistent across images, just not where the siblings differ
-(both classes' queries look at the same part, and their difference cancels
-there). The reported figures come from seed 0, which played no part in the
-choice. Regions are ranked on every score;
-``background`` is scored but not ranked (rank -1): it is not a trait. The
-p-value per region is a one-sided sign-flip permutation test over images of
-the per-image combined score (each image's scores standardised with the
-pair's region means and deviations): does the region stand out above the
-pair's average region more than chance sign flips of its images would
-produce. q-values: Benjamini-Hochberg across the pair's ranked regions.
+Every score is ranked; ``background`` is scored but not ranked (rank -1): it
+is not a trait. The p-value per region is a one-sided sign-flip permutation
+test over images of the per-image combined score (each image's scores
+standardised with the pair's region means and deviations); q-values:
+Benjamini-Hochberg across the pair's ranked regions.
 """
 
 from __future__ import annotations
@@ -48,10 +39,16 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.regions import region_density
+
 SCORES = ("density", "difference", "occlusion")
 COMBINED = ("occlusion", "difference")  # the pair-specific scores, causal first
 # The causal score leads; the attention difference only breaks near-ties (see the module docstring).
 COMBINED_WEIGHTS = {"occlusion": 1.0, "difference": 0.05}
+# The rule in words (the contrasts table's ``combined`` metadata).
+COMBINED_RULE = ("weighted mean of z-scores across the pair's ranked regions: "
+                 + ", ".join(f"{name} (weight {COMBINED_WEIGHTS[name]:g})" for name in COMBINED)
+                 + "; difference alone without region effects; density when neither exists")
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
@@ -206,8 +203,7 @@ def species_regions(q_class: np.ndarray, q_use: np.ndarray, mass: np.ndarray, ar
     """
     rng = np.random.default_rng(seed)
     R = len(vocab)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        density = np.where(area > 0, mass / area, np.nan)
+    density = region_density(mass, area)
     frames = []
     for c in np.unique(q_class):
         sel = q_class == c

@@ -12,6 +12,17 @@ every baseline in ``baseline_maps.parquet``, on the same images:
 * ``mass_on_planted_part``: the map's mass on the planted parts (only where
   planted parts are known). Reference ``size_baseline``: a uniform map over
   the cells inside the bird's box.
+* ``peak_on_planted_part`` (data with part masks and planted parts): over
+  correctly classified images whose class has a visible planted part, the
+  peak cell of the true class's top-ranked head (greedy blurring) overlaps a
+  planted part (``analysis.regions.cells_on_regions``). References:
+  ``chance`` (the share of the cells inside the bird's box that overlap),
+  ``best_fixed_head`` (the single head index that does best: an oracle) and
+  ``lowest_ranked_head``. Computed from ``attention.parquet`` (every head of
+  the true class, with its rank), so no network runs again.
+
+The bird's box is ``box_cells``: the cells whose centre lies inside it, the
+one box rule of every score here.
 """
 
 from __future__ import annotations
@@ -87,3 +98,27 @@ def localization_rows(method: str, split: str, model_maps: np.ndarray, baselines
             rows.append(metric_row("size_baseline", "mass_on_planted_part", split,
                                    (uni * region_of[usable]).sum(1), seed))
     return rows
+
+
+def peak_on_planted_part_rows(method: str, split: str, peaks: np.ndarray, ranks: np.ndarray,
+                              on_planted: np.ndarray, inside: np.ndarray, seed: int = 0) -> list[dict]:
+    """Evaluation rows of ``peak_on_planted_part`` for the top-ranked head and its three references.
+
+    Args:
+        method, split: the model's name and the evaluated split.
+        peaks: (n, H) flat index of each head's peak cell in the true class's map, on the n
+            usable images (correctly classified, a planted part of the class visible).
+        ranks: (n, H) each head's rank for the true class (1 = most important).
+        on_planted: (n, G) bool, the cells that overlap a planted part of the image's class.
+        inside: (n, G) bool, the cells inside the bird's box (``box_cells``).
+        seed: seed of the bootstrap intervals.
+    """
+    hits = np.take_along_axis(on_planted, peaks, axis=1)  # (n, H): head's peak on a planted part
+    image = np.arange(len(hits))
+    best_head = int(hits.mean(0).argmax()) if len(hits) else 0
+    chance = (on_planted & inside).sum(1) / inside.sum(1)
+    metric = "peak_on_planted_part"
+    return [metric_row(method, metric, split, hits[image, ranks.argmin(1)], seed),
+            metric_row("chance", metric, split, chance, seed),
+            metric_row("best_fixed_head", metric, split, hits[:, best_head] if len(hits) else [], seed),
+            metric_row("lowest_ranked_head", metric, split, hits[image, ranks.argmax(1)], seed)]

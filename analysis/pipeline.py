@@ -1,42 +1,49 @@
 """``intr analyze``: trait discovery on one method's extracted tables (no network, no torch).
 
-    >>> from analysis.pipeline import analyze
-    >>> metrics = analyze("results/synthetic/prompt_cam", "results/synthetic/manifest.parquet",
-    ...                   "results/synthetic/data", "results/synthetic/prompt_cam")
+    >>> from analysis.pipeline import AnalysisInputs, analyze
+    >>> inputs = AnalysisInputs.conventional("results/synthetic/prompt_cam",
+    ...                                      "results/synthetic/manifest.parquet", "results/synthetic/data")
+    >>> metrics = analyze(inputs, "results/synthetic/prompt_cam")
 
-Reads ``attention``, ``predictions``, ``region_effects``, ``trait_features``
-(and ``baseline_maps`` where present) from the method's folder; the
-manifest, and beside it ``parts``, ``lookalike_pairs``, ``class_attributes``
-where the data has them. Writes ``head_types``, ``traits``,
+Reads the tables named in ``AnalysisInputs`` (explicit paths; nothing is
+found by naming convention) and writes ``head_types``, ``traits``,
 ``trait_members``, ``regions``, ``contrasts`` and ``metrics_analysis``
-(docs/tables.md) and returns the metric rows.
+(docs/tables.md); returns the metric rows. The steps, one function each:
 
-Every map becomes a region-mass vector once (``analysis.regions``: the
-patch weights of each image are computed once per run and kept in memory;
-a map's mass is ``weights @ map``, vectorised in chunks). A (image, query
-class)'s *top map* is the mean of that query class's ``top_heads``
-best-ranked heads. Look-alike pairs: ``lookalike_pairs.parquet`` where the
-data has it (both directions); else every (true class, queried sibling)
-of the attention table, and its reverse.
+1. read maps: ``read_maps`` (``MapTable``: one row per image, query class
+   and head) and ``read_images`` (``ImageTable``: label, correctness and
+   manifest row per image);
+2. region mass: ``image_regions`` (``RegionGeometry``: the patch weights of
+   each image, computed once per run and kept in memory), ``region_mass``
+   (a map's mass is ``weights @ map``, vectorised in chunks) and ``top_maps``
+   (``TopMaps``: a (image, query class)'s top map is the mean of that query
+   class's ``top_heads`` best-ranked heads);
+3. head types and traits: ``discover_traits``;
+4. species regions: ``species_region_table``;
+5. contrasts: ``contrast_table``; look-alike pairs come from
+   ``lookalike_pairs.parquet`` where given (both directions), else every
+   (true class, queried sibling) of the attention table, and its reverse;
+6. ground-truth scores: ``ground_truth_scores``;
+7. write: ``write_tables``.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from analysis import io, tables
-from analysis.contrasts import pair_contrasts, species_regions
-from analysis.localization import box_cells, localization_rows
+from analysis.contrasts import COMBINED_RULE, pair_contrasts, species_regions
+from analysis.ground_truth import planted_parts_by_class
+from analysis.localization import box_cells, localization_rows, peak_on_planted_part_rows
 from analysis.recovery import attribute_rows, recovery_rows
-from analysis.regions import BACKGROUND, image_geometry, region_vocabulary
+from analysis.regions import BACKGROUND, cells_on_regions, image_geometry, region_density, region_vocabulary
 from analysis.tables import EVALUATION_COLUMNS, write_table
 from analysis.traits import cluster_traits, dominant_region, head_types
 
@@ -49,9 +56,278 @@ CHUNK = 8192
 OUTPUTS = ("head_types", "traits", "trait_members", "regions", "contrasts", "metrics_analysis")
 
 
+def _write(name: str, frame: pd.DataFrame, out_dir: Path, metadata: dict) -> None:
+    write_table(frame, out_dir / f"{name}.parquet", metadata=metadata, schema=tables.schema(name))
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnalysisInputs:
+    """Every table ``analyze`` reads, by explicit path (None: the data or run does not have it).
+
+    Attributes:
+        attention: ``attention.parquet`` (every map, with its head rank; grid in its metadata).
+        predictions: ``predictions.parquet`` (label, prediction, correct).
+        manifest: ``manifest.parquet``.
+        root: the data set root (part masks at ``root / mask_path``).
+        head_ranks: ``head_ranks.parquet``; the ranks are read from ``attention``'s
+            ``head_rank`` column (the same numbers), so this is declared, not read.
+        region_effects: ``region_effects.parquet`` (the occlusion score of the contrasts).
+        trait_features: ``trait_features.parquet`` (features the traits cluster on).
+        baseline_maps: ``baseline_maps.parquet`` (CAM baselines of the localization scores).
+        parts: ``parts.parquet`` (the regions: part masks or keypoints; without it, grid cells).
+        lookalike_pairs: ``lookalike_pairs.parquet`` (pairs and planted parts).
+        class_attributes: ``class_attributes.parquet`` (attribute precision on CUB).
+    """
+
+    attention: Path
+    predictions: Path
+    manifest: Path
+    root: Path
+    head_ranks: Path | None = None
+    region_effects: Path | None = None
+    trait_features: Path | None = None
+    baseline_maps: Path | None = None
+    parts: Path | None = None
+    lookalike_pairs: Path | None = None
+    class_attributes: Path | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                object.__setattr__(self, f.name, Path(value))
+
+    @classmethod
+    def conventional(cls, method_dir: str | Path, manifest: str | Path, root: str | Path) -> AnalysisInputs:
+        """The usual layout: a method's tables in ``method_dir``, the data tables beside the manifest.
+
+        Optional tables are filled in only where the file exists (for tests, benchmarks and
+        Python users; the workflow passes every path explicitly).
+
+        Args:
+            method_dir: ``results/{dataset}/{method}/``.
+            manifest: ``results/{dataset}/manifest.parquet``.
+            root: the data set root.
+        """
+        method_dir, manifest = Path(method_dir), Path(manifest)
+
+        def present(path: Path) -> Path | None:
+            return path if path.exists() else None
+
+        method_tables = {name: present(method_dir / f"{name}.parquet")
+                         for name in ("head_ranks", "region_effects", "trait_features", "baseline_maps")}
+        data_tables = {name: present(manifest.parent / f"{name}.parquet")
+                       for name in ("parts", "lookalike_pairs", "class_attributes")}
+        return cls(attention=method_dir / "attention.parquet", predictions=method_dir / "predictions.parquet",
+                   manifest=manifest, root=Path(root), **method_tables, **data_tables)
+
+
+@dataclass
+class DataTables:
+    """The data set's tables (None where the data has none)."""
+
+    manifest: pd.DataFrame
+    parts: pd.DataFrame | None
+    pairs: pd.DataFrame | None
+    attributes: pd.DataFrame | None
+
+
+@dataclass
+class MapTable:
+    """Every extracted map: one row per (image, query class, head) of ``attention.parquet``."""
+
+    image: np.ndarray        # (M,) index into the ImageTable
+    query_class: np.ndarray  # (M,)
+    role: np.ndarray         # (M,) str: 'true', 'pred' or 'sibling'
+    head: np.ndarray         # (M,)
+    head_rank: np.ndarray    # (M,) 1 = the most important head for that query class
+    maps: np.ndarray         # (M, G) float32
+
+
+@dataclass
+class ImageTable:
+    """One row per image of the attention table, in image_id order."""
+
+    image_id: np.ndarray     # (N,)
+    label: np.ndarray        # (N,) the true class
+    correct: np.ndarray      # (N,) bool, correctly classified
+    rows: pd.DataFrame       # the images' manifest rows, same order
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+    def index_of(self, image_id: np.ndarray) -> np.ndarray:
+        """Row of each image id; -1 where the image is not analysed."""
+        return pd.Index(self.image_id).get_indexer(np.asarray(image_id, dtype=np.int64))
+
+
+@dataclass
+class RegionGeometry:
+    """Per image: where the regions are, and the ground truth the scores need."""
+
+    vocab: list[str]
+    weights: np.ndarray              # (N, R, G) patch weights (``analysis.regions``)
+    area: np.ndarray                 # (N, R) the region's share of the image
+    dist: np.ndarray | None          # (N, G) each cell's distance to the pointing game's targets
+    planted: np.ndarray | None       # (N, R) bool, the planted parts of the image's class
+    scale: np.ndarray                # (N,) the bird box's longer side (the image's without a box)
+    inside: np.ndarray               # (N, G) bool, cells inside the bird's box (``box_cells``)
+
+    @property
+    def ranked(self) -> np.ndarray:
+        """(R,) bool, the regions that take part in rankings (not background)."""
+        return np.array([name != BACKGROUND for name in self.vocab])
+
+
+class KeyedRows:
+    """Distinct integer key tuples (e.g. (image, query class)), sorted, and a lookup of their position."""
+
+    def __init__(self, *columns: np.ndarray):
+        stacked = np.column_stack([np.asarray(c, dtype=np.int64) for c in columns])
+        self.keys, inverse = np.unique(stacked, axis=0, return_inverse=True)
+        self.group = inverse.reshape(-1)  # each input row's position in ``keys``
+        self._index = pd.MultiIndex.from_arrays(list(self.keys.T))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, *columns: np.ndarray) -> np.ndarray:
+        """Position of each key tuple in ``keys``; -1 where absent."""
+        if not len(self._index):
+            return np.full(len(columns[0]), -1, dtype=np.int64)
+        wanted = pd.MultiIndex.from_arrays([np.asarray(c, dtype=np.int64) for c in columns])
+        return self._index.get_indexer(wanted)
+
+
+def take_rows(values: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """``values[position]`` with NaN rows where ``position`` is -1 (the key was absent)."""
+    out = np.full((len(position),) + values.shape[1:], np.nan, dtype=values.dtype)
+    hit = position >= 0
+    out[hit] = values[position[hit]]
+    return out
+
+
 def _log(progress: bool, t0: float, text: str) -> None:
     if progress:
         print(f"[analyze {time.perf_counter() - t0:6.1f}s] {text}", flush=True)
+
+
+def _optional(path: Path | None) -> pd.DataFrame | None:
+    """The table, or None where no path is given or it has no rows."""
+    if path is None:
+        return None
+    frame = pd.read_parquet(path)
+    return frame if len(frame) else None
+
+
+def _options(options: dict | None) -> dict[str, Any]:
+    """The defaults overridden by the given options (None means "default", except for the k's)."""
+    given = {k: v for k, v in (options or {}).items() if v is not None or k in ("traits_k", "head_types_k")}
+    return {**DEFAULTS, **given}
+
+
+def attention_metadata(path: Path) -> tuple[str, str, tuple[int, int]]:
+    """(method, split, grid) of an attention table, from its metadata."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no attention table (run `intr extract` first)")
+    meta = io.metadata(path)
+    for key in ("grid_h", "grid_w"):
+        if key not in meta:
+            raise KeyError(f"{path}: metadata lacks {key!r} (every extraction table carries it)")
+    return str(meta.get("method", path.parent.name)), str(meta.get("split", "test")), \
+        (int(meta["grid_h"]), int(meta["grid_w"]))
+
+
+def read_data_tables(inputs: AnalysisInputs) -> DataTables:
+    """The manifest and the optional data tables."""
+    if not inputs.manifest.exists():
+        raise FileNotFoundError(f"{inputs.manifest}: no manifest (run `intr prepare` first)")
+    pairs = pd.read_parquet(inputs.lookalike_pairs) if inputs.lookalike_pairs is not None else None
+    attributes = pd.read_parquet(inputs.class_attributes) if inputs.class_attributes is not None else None
+    return DataTables(pd.read_parquet(inputs.manifest), _optional(inputs.parts), pairs, attributes)
+
+
+# --------------------------------------------------------------------------- 1. read maps
+
+
+def read_maps(path: Path, grid: tuple[int, int]) -> tuple[MapTable, np.ndarray]:
+    """Every map of the attention table, and the image id of each row."""
+    table = io.read(path, columns=["image_id", "query_class", "query_role", "head", "head_rank", "attn"])
+    maps = io.fixed_list_to_numpy(table.column("attn"))
+    if maps.shape[1] != grid[0] * grid[1]:
+        raise ValueError(f"{path}: maps have {maps.shape[1]} cells, metadata grid is {grid}")
+    image_id = table.column("image_id").to_numpy().astype(np.int64)
+    image = np.searchsorted(np.unique(image_id), image_id)
+    column = {name: table.column(name).to_numpy().astype(np.int64) for name in ("query_class", "head", "head_rank")}
+    role = table.column("query_role").to_numpy(zero_copy_only=False).astype(str)
+    return MapTable(image, column["query_class"], role, column["head"], column["head_rank"], maps), image_id
+
+
+def read_images(image_id: np.ndarray, manifest: pd.DataFrame, predictions: Path, source: Path) -> ImageTable:
+    """The analysed images (those of the attention table) with label, correctness and manifest row.
+
+    Args:
+        image_id: the attention table's image id per row.
+        manifest: the manifest; every analysed image must be in it.
+        predictions: ``predictions.parquet`` (the label falls back to the manifest's class).
+        source: the attention table's path (for the error message).
+    """
+    ids = np.unique(image_id)
+    by_id = manifest.set_index("image_id")
+    missing = np.setdiff1d(ids, by_id.index.to_numpy())
+    if len(missing):
+        raise KeyError(f"{source}: image_id {int(missing[0])} (and {len(missing) - 1} more) not in the manifest")
+    rows = by_id.loc[ids].reset_index()
+    preds = io.load(predictions, columns=["image_id", "label", "pred", "correct"])
+    pred = preds.drop_duplicates("image_id").set_index("image_id").reindex(ids)
+    label = np.where(pred["label"].notna(), pred["label"].fillna(-1), rows["class_id"]).astype(np.int64)
+    return ImageTable(ids, label, pred["correct"].fillna(False).to_numpy(bool), rows)
+
+
+# --------------------------------------------------------------------------- 2. region mass
+
+
+def planted_regions(pairs: pd.DataFrame | None, vocab: list[str], label: np.ndarray) -> np.ndarray | None:
+    """(N, R) bool: the planted parts of each image's class (None: the data plants none)."""
+    planted = planted_parts_by_class(pairs)
+    index = {name: i for i, name in enumerate(vocab)}
+    of_class = {c: [index[p] for p in parts if p in index] for c, parts in planted.items()}
+    if not any(of_class.values()):
+        return None
+    mask = np.zeros((len(label), len(vocab)), dtype=bool)
+    for k, c in enumerate(label):
+        mask[k, of_class.get(int(c), [])] = True
+    return mask
+
+
+def image_regions(images: ImageTable, data: DataTables, grid: tuple[int, int], root: Path,
+                  opts: dict[str, Any], progress: bool) -> RegionGeometry:
+    """Region weights of every image (each mask read once), with the ground truth of the scores.
+
+    The pointing game's targets: the planted parts of the image's class where the data plants
+    them; else the whole bird (every named part); without parts, none.
+    """
+    vocab = region_vocabulary(data.parts, int(opts["region_cells"]))
+    planted = planted_regions(data.pairs, vocab, images.label)
+    if planted is not None:
+        targets = [np.flatnonzero(m) for m in planted]
+    elif data.parts is not None:
+        targets = [np.flatnonzero([v != BACKGROUND for v in vocab])] * len(images)
+    else:
+        targets = None
+    rows = images.rows
+    weights, dist = image_geometry(vocab, rows, data.parts, grid, root, float(opts["region_radius"]),
+                                   int(opts["region_cells"]), targets, progress)
+    bbox = rows[["bbox_x", "bbox_y", "bbox_w", "bbox_h"]].to_numpy(np.float64) if "bbox_w" in rows else \
+        np.full((len(images), 4), np.nan)
+    width, height = rows["width"].to_numpy(np.float64), rows["height"].to_numpy(np.float64)
+    scale = np.where(np.isfinite(bbox[:, 2:]).all(1), np.nanmax(bbox[:, 2:], 1) if len(bbox) else 0,
+                     np.maximum(width, height))
+    return RegionGeometry(vocab, weights, weights.mean(-1), dist, planted, scale,
+                          box_cells(width, height, bbox, grid))
 
 
 def region_mass(maps: np.ndarray, weights: np.ndarray, img: np.ndarray) -> np.ndarray:
@@ -71,16 +347,135 @@ def group_mean(inverse: np.ndarray, values: np.ndarray, groups: int) -> np.ndarr
     return (out / np.maximum(counts, 1).reshape((-1,) + (1,) * (values.ndim - 1))).astype(np.float32)
 
 
-def _optional(path: Path) -> pd.DataFrame | None:
-    return pd.read_parquet(path) if path.exists() else None
+@dataclass
+class TopMaps:
+    """Per (image, query class): the mean of that query class's ``top_heads`` best-ranked heads' maps."""
+
+    keys: KeyedRows          # (image, query class), sorted
+    role: np.ndarray         # (Q,) the query's role (the first of its rows)
+    mass: np.ndarray         # (Q, R) region mass of the top map
+    density: np.ndarray      # (Q, R) mass / area (NaN where the region is absent)
+    true_position: np.ndarray  # (N,) each image's own (true class) top map; -1 where it has none
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.keys.keys[:, 0]
+
+    @property
+    def query_class(self) -> np.ndarray:
+        return self.keys.keys[:, 1]
 
 
-def _write(name: str, frame: pd.DataFrame | pa.Table, out_dir: Path, metadata: dict, **widths: int) -> None:
-    write_table(frame, out_dir / f"{name}.parquet", metadata=metadata, schema=tables.schema(name, **widths))
+def top_maps(maps: MapTable, mass: np.ndarray, images: ImageTable, area: np.ndarray, top_heads: int,
+             source: Path) -> TopMaps:
+    """The top map of every (image, query class) as region mass and density."""
+    top = maps.head_rank <= top_heads
+    keys = KeyedRows(maps.image[top], maps.query_class[top])
+    qmass = group_mean(keys.group, mass[top], len(keys))
+    density = region_density(qmass, area[keys.keys[:, 0]])
+    true_position = keys.find(np.arange(len(images)), images.label)
+    if not (true_position >= 0).any():
+        raise ValueError(f"{source}: no maps of the true class (query_role 'true') with head_rank <= {top_heads}")
+    role = pd.Series(maps.role[top]).groupby(keys.group).first().to_numpy()
+    return TopMaps(keys, role, qmass, density, true_position)
 
 
-def _pairs(pairs_table: pd.DataFrame | None, q_true_class: np.ndarray, q_cls: np.ndarray,
-           q_role: np.ndarray) -> pd.DataFrame:
+# --------------------------------------------------------------------------- 3. head types and traits
+
+
+def trait_member_rows(maps: MapTable, images: ImageTable, top_heads: int) -> np.ndarray:
+    """Rows of the true class's top-ranked heads (the trait members), by image id then rank."""
+    rows = np.flatnonzero((maps.head_rank <= top_heads) & (maps.query_class == images.label[maps.image]))
+    return rows[np.lexsort((maps.head_rank[rows], images.image_id[maps.image[rows]]))]
+
+
+def member_features(path: Path | None, image_id: np.ndarray, head: np.ndarray) -> np.ndarray | None:
+    """(members, D) the trait feature of each member (image id, head); NaN rows where none is stored."""
+    if path is None:
+        return None
+    table = io.read(path, columns=["image_id", "class_id", "head", "feature"])
+    values = io.fixed_list_to_numpy(table.column("feature"))
+    stored = pd.MultiIndex.from_arrays([table.column(c).to_numpy().astype(np.int64) for c in ("image_id", "head")])
+    first = np.flatnonzero(~stored.duplicated())  # a key stored twice: its first row
+    position = stored[first].get_indexer(pd.MultiIndex.from_arrays([image_id, head]))
+    return take_rows(values[first], position) if len(first) else \
+        np.full((len(image_id), values.shape[1]), np.nan, dtype=np.float32)
+
+
+def discover_traits(maps: MapTable, images: ImageTable, mass: np.ndarray, density: np.ndarray,
+                    geometry: RegionGeometry, features_path: Path | None, opts: dict[str, Any]
+                    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """Head types (every head of the true class) and traits (the true class's top-ranked heads).
+
+    Returns ``(head_types, traits, trait_members, member_rows)``; ``member_rows`` are the map
+    rows of the trait members, in ``trait_members`` order.
+    """
+    seed = int(opts["seed"])
+    own = maps.query_class == images.label[maps.image]
+    types = head_types(maps.head[own], images.label[maps.image[own]], mass[own], geometry.area[maps.image[own]],
+                       geometry.vocab, opts["head_types_k"], seed)
+    rows = trait_member_rows(maps, images, int(opts["top_heads"]))
+    member_id = images.image_id[maps.image[rows]]
+    members = pd.DataFrame({"image_id": member_id, "class_id": images.label[maps.image[rows]],
+                            "head": maps.head[rows], "rank": maps.head_rank[rows]})
+    features = member_features(features_path, member_id, maps.head[rows])
+    traits, trait_members = cluster_traits(members, mass[rows], density[rows], features, geometry.vocab,
+                                           opts["traits_k"], opts["traits_k_range"], seed, bool(opts["umap"]))
+    return types, traits, trait_members, rows
+
+
+# --------------------------------------------------------------------------- 4. species regions
+
+
+def used_images(images: ImageTable, tops: TopMaps) -> np.ndarray:
+    """Indices of the images that have a top map of their own class."""
+    return np.flatnonzero(tops.true_position >= 0)
+
+
+def species_region_table(maps: MapTable, images: ImageTable, tops: TopMaps, density: np.ndarray,
+                         geometry: RegionGeometry, members: pd.DataFrame, member_rows: np.ndarray,
+                         opts: dict[str, Any]) -> pd.DataFrame:
+    """regions.parquet: per class and region, the top map's mass and density (``species_regions``)."""
+    use = used_images(images, tops)
+    member_image = maps.image[member_rows]
+    return species_regions(images.label[use], images.correct[use], tops.mass[tops.true_position[use]],
+                           geometry.area[use], geometry.vocab, images.label[member_image],
+                           maps.head[member_rows], dominant_region(density[member_rows]),
+                           members["trait"].to_numpy(), images.correct[member_image],
+                           int(opts["bootstrap"]), int(opts["seed"]))
+
+
+# --------------------------------------------------------------------------- 5. contrasts
+
+
+@dataclass
+class RegionEffects:
+    """Occlusion score per (image, class A, class B): the A - B margin drop of blurring each region."""
+
+    keys: KeyedRows      # (image, class_a, class_b)
+    drop: np.ndarray     # (K, R), NaN where a region was not blurred
+
+
+def read_region_effects(path: Path | None, images: ImageTable, vocab: list[str]) -> RegionEffects | None:
+    """The region effects of the analysed images (regions outside the vocabulary warned about, dropped)."""
+    if path is None:
+        return None
+    effects = pd.read_parquet(path, columns=["image_id", "class_a", "class_b", "region", "margin_drop"])
+    unknown = set(effects["region"].unique()) - set(vocab)
+    if unknown:
+        warnings.warn(f"{path}: regions {sorted(unknown)[:5]} are not in the vocabulary {vocab}; ignored",
+                      stacklevel=3)
+        effects = effects[effects["region"].isin(vocab)]
+    image = images.index_of(effects["image_id"].to_numpy(np.int64))
+    effects, image = effects[image >= 0], image[image >= 0]
+    keys = KeyedRows(image, effects["class_a"].to_numpy(np.int64), effects["class_b"].to_numpy(np.int64))
+    drop = np.full((len(keys), len(vocab)), np.nan, dtype=np.float32)
+    region = effects["region"].map({name: i for i, name in enumerate(vocab)}).to_numpy(np.int64)
+    drop[keys.group, region] = effects["margin_drop"].to_numpy(np.float32)
+    return RegionEffects(keys, drop)
+
+
+def lookalike_pairs(pairs_table: pd.DataFrame | None, tops: TopMaps, label: np.ndarray) -> pd.DataFrame:
     """Directed look-alike pairs with their planted parts (None where unknown)."""
     if pairs_table is not None and len(pairs_table):
         a = pairs_table["class_a"].to_numpy(np.int64)
@@ -89,264 +484,182 @@ def _pairs(pairs_table: pd.DataFrame | None, q_true_class: np.ndarray, q_cls: np
             [None] * len(a)
         frame = pd.DataFrame({"class_a": np.r_[a, b], "class_b": np.r_[b, a], "planted": parts + parts})
     else:
-        sib = q_role != "true"
-        found = pd.DataFrame({"class_a": q_true_class[sib], "class_b": q_cls[sib]}).drop_duplicates()
+        sibling = tops.role != "true"
+        found = pd.DataFrame({"class_a": label[tops.image[sibling]],
+                              "class_b": tops.query_class[sibling]}).drop_duplicates()
         both = pd.concat([found, found.rename(columns={"class_a": "class_b", "class_b": "class_a"})])
         frame = both.drop_duplicates().assign(planted=None)
         frame = frame[frame["class_a"] != frame["class_b"]]
     return frame.drop_duplicates(["class_a", "class_b"]).sort_values(["class_a", "class_b"]).reset_index(drop=True)
 
 
-def analyze(method_dir, manifest, root, out_dir, options: dict | None = None, progress: bool = True) -> pd.DataFrame:
+def images_by_class(images: ImageTable, use: np.ndarray) -> dict[int, np.ndarray]:
+    """Per class, the images its scores average over: the correctly classified ones (all where none is)."""
+    out: dict[int, np.ndarray] = {}
+    for c in np.unique(images.label[use]):
+        sel = use[images.label[use] == c]
+        good = sel[images.correct[sel]]
+        out[int(c)] = good if len(good) else sel
+    return out
+
+
+def contrast_table(images: ImageTable, tops: TopMaps, geometry: RegionGeometry, effects: RegionEffects | None,
+                   pairs_table: pd.DataFrame | None, opts: dict[str, Any]) -> pd.DataFrame:
+    """contrasts.parquet: the three scores of every directed look-alike pair (``pair_contrasts``)."""
+    by_class = images_by_class(images, used_images(images, tops))
+    n_regions = len(geometry.vocab)
+
+    def per_image(a: int, b: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        imgs = by_class.get(a, np.zeros(0, np.int64))
+        dens_a = tops.density[tops.true_position[imgs]]
+        dens_b = take_rows(tops.density, tops.keys.find(imgs, np.full(len(imgs), b)))
+        occlusion = take_rows(effects.drop, effects.keys.find(imgs, np.full(len(imgs), a), np.full(len(imgs), b))) \
+            if effects is not None else np.full((len(imgs), n_regions), np.nan, np.float32)
+        return {"density": dens_a, "difference": dens_a - dens_b, "occlusion": occlusion}, geometry.area[imgs]
+
+    pairs = lookalike_pairs(pairs_table, tops, images.label)
+    pairs = pairs[pairs["class_a"].isin(by_class.keys())].reset_index(drop=True)
+    return pair_contrasts(pairs, per_image, geometry.vocab, geometry.ranked, int(opts["permutations"]),
+                          int(opts["seed"]))
+
+
+# --------------------------------------------------------------------------- 6. ground-truth scores
+
+
+def read_baseline_maps(path: Path | None, images: ImageTable, use: np.ndarray, method: str) -> dict[str, np.ndarray]:
+    """Per baseline, its map of each used image's true class ((n, G), NaN rows where it has none)."""
+    if path is None:
+        return {}
+    table = io.read(path, columns=["image_id", "method", "class_id", "attn"])
+    maps = io.fixed_list_to_numpy(table.column("attn"))
+    image = images.index_of(table.column("image_id").to_numpy().astype(np.int64))
+    name = table.column("method").to_numpy(zero_copy_only=False).astype(str)
+    cls = table.column("class_id").to_numpy().astype(np.int64)
+    keep = (image >= 0) & (cls == images.label[np.maximum(image, 0)]) & (name != method)
+    out = {}
+    for baseline in np.unique(name[keep]):
+        sel = keep & (name == baseline)
+        arr = np.full((len(images), maps.shape[1]), np.nan, dtype=np.float32)
+        arr[image[sel]] = maps[sel]
+        out[str(baseline)] = arr[use]
+    return out
+
+
+def own_maps_by_head(maps: MapTable, images: ImageTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, peaks, ranks): every head's peak cell and rank on the true class's map, (n, H) each.
+
+    Only images with the true class's map of every head are returned.
+    """
+    own = np.flatnonzero(maps.role == "true")
+    n_heads = int(maps.head[own].max()) + 1 if len(own) else 0
+    peaks = np.full((len(images), n_heads), -1, dtype=np.int64)
+    ranks = np.full((len(images), n_heads), -1, dtype=np.int64)
+    peaks[maps.image[own], maps.head[own]] = maps.maps[own].argmax(1)
+    ranks[maps.image[own], maps.head[own]] = maps.head_rank[own]
+    complete = np.flatnonzero((peaks >= 0).all(1) & (n_heads > 0))
+    return complete, peaks[complete], ranks[complete]
+
+
+def peak_scores(method: str, split: str, maps: MapTable, images: ImageTable, geometry: RegionGeometry,
+                seed: int) -> list[dict]:
+    """``peak_on_planted_part`` rows, on data with part masks and planted parts (else none)."""
+    has_mask = images.rows["mask_path"].notna().to_numpy() if "mask_path" in images.rows else \
+        np.zeros(len(images), bool)
+    if geometry.planted is None or not has_mask.any():
+        return []
+    on_planted = cells_on_regions(geometry.weights, geometry.planted)
+    image, peaks, ranks = own_maps_by_head(maps, images)
+    usable = has_mask[image] & on_planted[image].any(1) & images.correct[image]
+    image, peaks, ranks = image[usable], peaks[usable], ranks[usable]
+    return peak_on_planted_part_rows(method, split, peaks, ranks, on_planted[image], geometry.inside[image], seed)
+
+
+def ground_truth_scores(method: str, split: str, maps: MapTable, images: ImageTable, tops: TopMaps,
+                        geometry: RegionGeometry, contrasts: pd.DataFrame, data: DataTables,
+                        baseline_maps: Path | None, opts: dict[str, Any]) -> pd.DataFrame:
+    """metrics_analysis.parquet: localization, trait recovery, attribute precision, peak on planted part."""
+    seed = int(opts["seed"])
+    use = used_images(images, tops)
+    own = (maps.head_rank <= int(opts["top_heads"])) & (maps.query_class == images.label[maps.image])
+    model_maps = group_mean(maps.image[own], maps.maps[own], len(images))  # the true class's top map
+    baselines = read_baseline_maps(baseline_maps, images, use, method)
+    rows = localization_rows(method, split, model_maps[use], baselines, use, geometry.weights, geometry.dist,
+                             geometry.scale, geometry.inside, geometry.planted, float(opts["pointing_radius"]),
+                             seed)
+    rows += recovery_rows(contrasts, method, split, seed)
+    if data.attributes is not None and len(data.attributes) and len(contrasts):
+        rows += attribute_rows(contrasts, data.attributes, geometry.vocab, float(opts["attribute_threshold"]),
+                               method, split, seed)
+    rows += peak_scores(method, split, maps, images, geometry, seed)
+    return pd.DataFrame(rows, columns=list(EVALUATION_COLUMNS))
+
+
+# --------------------------------------------------------------------------- 7. write
+
+
+def write_tables(out_dir: Path, frames: dict[str, pd.DataFrame], method: str, split: str,
+                 vocab: list[str], top_heads: int) -> None:
+    """The six analysis tables, each with the run's metadata."""
+    common = {"method": method, "split": split, "regions": vocab, "top_heads": top_heads}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ht = frames["head_types"]
+    tables.write_columns("head_types", {
+        **{c: ht[c].to_numpy() for c in ("head", "head_type", "consistency", "n_maps")},
+        **{c: ht[c].astype(str).tolist() for c in ("dominant_region", "type_dominant_region")},
+        "profile": np.stack(ht["profile"].to_list()).astype(np.float32)},
+        out_dir / "head_types.parquet", common)
+    for name in ("traits", "trait_members", "regions"):
+        _write(name, frames[name], out_dir, common)
+    _write("contrasts", frames["contrasts"], out_dir, {**common, "combined": COMBINED_RULE})
+    _write("metrics_analysis", frames["metrics_analysis"], out_dir, {"method": method, "split": split})
+
+
+# --------------------------------------------------------------------------- the steps in order
+
+
+def analyze(inputs: AnalysisInputs, out_dir: str | Path, options: dict | None = None,
+            progress: bool = True) -> pd.DataFrame:
     """Run the trait analysis of one method and write its six tables.
 
     Args:
-        method_dir: ``results/{dataset}/{method}/`` with the extraction tables.
-        manifest: ``results/{dataset}/manifest.parquet`` (parts, lookalike_pairs and
-            class_attributes are read from beside it where present).
-        root: the data set root (part masks at ``root / mask_path``).
+        inputs: the tables to read (``AnalysisInputs``; ``AnalysisInputs.conventional`` for the
+            usual layout).
         out_dir: where the analysis tables go.
-        options: the config's ``analysis`` section plus ``region_radius`` and
-            ``region_cells`` from ``extract`` (defaults: ``DEFAULTS``); ``umap: false``
-            swaps UMAP for PCA coordinates.
+        options: the config's ``analysis`` section plus ``region_radius`` and ``region_cells``
+            from ``extract`` (defaults: ``DEFAULTS``); ``umap: false`` swaps UMAP for PCA
+            coordinates.
         progress: print stage timings.
 
     Returns:
         The metric rows (``metrics_analysis.parquet``, evaluation layout).
     """
     t0 = time.perf_counter()
-    opts = {**DEFAULTS, **{k: v for k, v in (options or {}).items() if v is not None or k in ("traits_k",
-                                                                                              "head_types_k")}}
-    method_dir, out_dir, root = Path(method_dir), Path(out_dir), Path(root)
-    manifest = Path(manifest)
-    data_dir = manifest.parent
-    k_top, seed = int(opts["top_heads"]), int(opts["seed"])
-    attn_path = method_dir / "attention.parquet"
-    meta = io.metadata(attn_path) if attn_path.exists() else {}
-    if not attn_path.exists():
-        raise FileNotFoundError(f"{attn_path}: no attention table (run `intr extract` first)")
-    for key in ("grid_h", "grid_w"):
-        if key not in meta:
-            raise KeyError(f"{attn_path}: metadata lacks {key!r} (every extraction table carries it)")
-    method = str(meta.get("method", method_dir.name))
-    split = str(meta.get("split", "test"))
-    grid = (int(meta["grid_h"]), int(meta["grid_w"]))
+    opts = _options(options)
+    method, split, grid = attention_metadata(inputs.attention)
+    data = read_data_tables(inputs)
+    maps, image_id = read_maps(inputs.attention, grid)
+    images = read_images(image_id, data.manifest, inputs.predictions, inputs.attention)
+    _log(progress, t0, f"read {len(maps.maps):,} maps ({method}, split {split}, grid {grid})")
 
-    # ---- inputs
-    if not manifest.exists():
-        raise FileNotFoundError(f"{manifest}: no manifest (run `intr prepare` first)")
-    man = pd.read_parquet(manifest)
-    parts = _optional(data_dir / "parts.parquet")
-    if parts is not None and not len(parts):
-        parts = None
-    pairs_table = _optional(data_dir / "lookalike_pairs.parquet")
-    attributes = _optional(data_dir / "class_attributes.parquet")
-    preds = io.load(method_dir / "predictions.parquet", columns=["image_id", "label", "pred", "correct"])
-    table = io.read(attn_path, columns=["image_id", "query_class", "query_role", "head", "head_rank", "attn"])
-    maps = io.fixed_list_to_numpy(table.column("attn"))
-    if maps.shape[1] != grid[0] * grid[1]:
-        raise ValueError(f"{attn_path}: maps have {maps.shape[1]} cells, metadata grid is {grid}")
-    image_id = table.column("image_id").to_numpy().astype(np.int64)
-    query = table.column("query_class").to_numpy().astype(np.int64)
-    role = table.column("query_role").to_numpy(zero_copy_only=False).astype(str)
-    head = table.column("head").to_numpy().astype(np.int64)
-    hrank = table.column("head_rank").to_numpy().astype(np.int64)
-    del table
-    _log(progress, t0, f"read {len(maps):,} maps ({method}, split {split}, grid {grid})")
-
-    img_ids = np.unique(image_id)
-    img = np.searchsorted(img_ids, image_id)
-    man_idx = man.set_index("image_id")
-    missing = np.setdiff1d(img_ids, man_idx.index.to_numpy())
-    if len(missing):
-        raise KeyError(f"{attn_path}: image_id {int(missing[0])} (and {len(missing) - 1} more) not in {manifest}")
-    rows = man_idx.loc[img_ids].reset_index()
-    pred_idx = preds.drop_duplicates("image_id").set_index("image_id").reindex(img_ids)
-    label = np.where(pred_idx["label"].notna(), pred_idx["label"].fillna(-1), rows["class_id"]).astype(np.int64)
-    correct = pred_idx["correct"].fillna(False).to_numpy(bool)
-    n_img = len(img_ids)
-    C = int(max(label.max(), query.max())) + 1
-
-    # ---- regions: weights (and distances to the targets of the pointing game) once per image
-    vocab = region_vocabulary(parts, int(opts["region_cells"]))
-    R = len(vocab)
-    index = {name: i for i, name in enumerate(vocab)}
-    ranked = np.array([v != BACKGROUND for v in vocab])
-    planted_by_class: dict[int, set[str]] = {}
-    if pairs_table is not None and "differing_parts" in pairs_table:
-        for a, b, dp in zip(pairs_table["class_a"], pairs_table["class_b"], pairs_table["differing_parts"]):
-            for c in (int(a), int(b)):
-                planted_by_class.setdefault(c, set()).update(p for p in dp if p in index)
-    planted_mask = None
-    if planted_by_class:
-        planted_mask = np.zeros((n_img, R), dtype=bool)
-        cls_mask = np.zeros((C, R), dtype=bool)
-        for c, ps in planted_by_class.items():
-            if c < C:
-                cls_mask[c, [index[p] for p in ps]] = True
-        planted_mask = cls_mask[label]
-        targets = [np.flatnonzero(m) for m in planted_mask]
-    elif parts is not None:
-        bird = np.flatnonzero(ranked)
-        targets = [bird] * n_img
-    else:
-        targets = None
-    weights, dist = image_geometry(vocab, rows, parts, grid, root, float(opts["region_radius"]),
-                                   int(opts["region_cells"]), targets, progress)
-    area = weights.mean(-1)  # (n_img, R): the region's share of the image
-    bbox = rows[["bbox_x", "bbox_y", "bbox_w", "bbox_h"]].to_numpy(np.float64) if "bbox_w" in rows else \
-        np.full((n_img, 4), np.nan)
-    width, height = rows["width"].to_numpy(np.float64), rows["height"].to_numpy(np.float64)
-    scale = np.where(np.isfinite(bbox[:, 2:]).all(1), np.nanmax(bbox[:, 2:], 1) if len(bbox) else 0,
-                     np.maximum(width, height))
-    _log(progress, t0, f"region weights of {n_img:,} images, {R} regions")
-
-    # ---- region mass of every map; top maps per (image, query class)
-    mass = region_mass(maps, weights, img)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        row_density = np.where(area[img] > 0, mass / area[img], np.nan)
-    top = hrank <= k_top
-    key = img * C + query
-    q_keys, q_inv = np.unique(key[top], return_inverse=True)
-    qmass = group_mean(q_inv, mass[top], len(q_keys))
-    q_img, q_cls = q_keys // C, q_keys % C
-    with np.errstate(invalid="ignore", divide="ignore"):
-        qdens = np.where(area[q_img] > 0, qmass / area[q_img], np.nan)
-    true_key = np.arange(n_img) * C + label
-    t_pos = np.searchsorted(q_keys, true_key)
-    has_true = (t_pos < len(q_keys)) & (q_keys[np.minimum(t_pos, len(q_keys) - 1)] == true_key)
-    if not has_true.any():
-        raise ValueError(f"{attn_path}: no maps of the true class (query_role 'true') with head_rank <= {k_top}")
-    q_role_of = pd.Series(role[top]).groupby(q_inv).first().to_numpy()
-    is_true_row = (query == label[img])
-    t_rows = top & is_true_row
-    model_maps = group_mean(img[t_rows], maps[t_rows], n_img)  # (n_img, G) the top maps of the true class
+    geometry = image_regions(images, data, grid, inputs.root, opts, progress)
+    _log(progress, t0, f"region weights of {len(images):,} images, {len(geometry.vocab)} regions")
+    mass = region_mass(maps.maps, geometry.weights, maps.image)
+    density = region_density(mass, geometry.area[maps.image])
+    tops = top_maps(maps, mass, images, geometry.area, int(opts["top_heads"]), inputs.attention)
     _log(progress, t0, "region mass of every map")
 
-    # ---- head types (every head of the true class)
-    ht = head_types(head[is_true_row], label[img[is_true_row]], mass[is_true_row], area[img[is_true_row]],
-                    vocab, opts["head_types_k"], seed)
+    types, traits, members, member_rows = discover_traits(maps, images, mass, density, geometry,
+                                                          inputs.trait_features, opts)
+    _log(progress, t0, f"{len(traits)} traits from {len(members):,} maps; {types['head_type'].nunique()} head types")
+    regions = species_region_table(maps, images, tops, density, geometry, members, member_rows, opts)
+    effects = read_region_effects(inputs.region_effects, images, geometry.vocab)
+    contrasts = contrast_table(images, tops, geometry, effects, data.pairs, opts)
+    _log(progress, t0, f"contrasts of {contrasts.groupby(['class_a', 'class_b']).ngroups} directed pairs")
 
-    # ---- traits: the true class's top-ranked heads
-    m_rows = np.flatnonzero(t_rows)
-    m_rows = m_rows[np.lexsort((hrank[m_rows], image_id[m_rows]))]
-    members = pd.DataFrame({"image_id": image_id[m_rows], "class_id": label[img[m_rows]], "head": head[m_rows],
-                            "rank": hrank[m_rows]})
-    features = None
-    tf_path = method_dir / "trait_features.parquet"
-    if tf_path.exists():
-        tf = io.read(tf_path, columns=["image_id", "class_id", "head", "feature"])
-        f_vals = io.fixed_list_to_numpy(tf.column("feature"))
-        H = int(max(head.max(), pc.max(tf.column("head")).as_py() or 0)) + 1
-        tf_key = tf.column("image_id").to_numpy().astype(np.int64) * H + tf.column("head").to_numpy().astype(np.int64)
-        order = np.argsort(tf_key, kind="stable")
-        tf_key = tf_key[order]
-        m_key = image_id[m_rows] * H + head[m_rows]
-        pos = np.minimum(np.searchsorted(tf_key, m_key), len(tf_key) - 1)
-        found = tf_key[pos] == m_key if len(tf_key) else np.zeros(len(m_key), bool)
-        features = np.full((len(m_rows), f_vals.shape[1]), np.nan, dtype=np.float32)
-        features[found] = f_vals[order[pos[found]]]
-        del f_vals, tf
-    traits, trait_members = cluster_traits(members, mass[m_rows], row_density[m_rows], features, vocab,
-                                           opts["traits_k"], opts["traits_k_range"], seed, bool(opts["umap"]))
-    _log(progress, t0, f"{len(traits)} traits from {len(members):,} maps; {ht['head_type'].nunique()} head types")
-
-    # ---- per species regions (trait cards)
-    use_img = np.flatnonzero(has_true)
-    m_region = dominant_region(row_density[m_rows])
-    regions = species_regions(label[use_img], correct[use_img], qmass[t_pos[use_img]], area[use_img], vocab,
-                              label[img[m_rows]], head[m_rows], m_region,
-                              trait_members["trait"].to_numpy(), correct[img[m_rows]],
-                              int(opts["bootstrap"]), seed)
-
-    # ---- look-alike contrasts
-    effects = None
-    re_path = method_dir / "region_effects.parquet"
-    if re_path.exists():
-        re = pd.read_parquet(re_path, columns=["image_id", "class_a", "class_b", "region", "margin_drop"])
-        unknown = set(re["region"].unique()) - set(vocab)
-        if unknown:
-            warnings.warn(f"{re_path}: regions {sorted(unknown)[:5]} are not in the vocabulary {vocab}; ignored",
-                          stacklevel=2)
-            re = re[re["region"].isin(vocab)]
-        e_img = np.searchsorted(img_ids, re["image_id"].to_numpy(np.int64))
-        ok = (e_img < n_img) & (img_ids[np.minimum(e_img, n_img - 1)] == re["image_id"].to_numpy(np.int64))
-        re, e_img = re[ok], e_img[ok]
-        e_key = (e_img * C + re["class_a"].to_numpy(np.int64)) * C + re["class_b"].to_numpy(np.int64)
-        e_keys, e_inv = np.unique(e_key, return_inverse=True)
-        e_vals = np.full((len(e_keys), R), np.nan, dtype=np.float32)
-        e_vals[e_inv, re["region"].map(index).to_numpy(np.int64)] = re["margin_drop"].to_numpy(np.float32)
-        effects = (e_keys, e_vals)
-        del re
-
-    by_class: dict[int, np.ndarray] = {}
-    for c in np.unique(label[use_img]):
-        sel = use_img[label[use_img] == c]
-        good = sel[correct[sel]]
-        by_class[int(c)] = good if len(good) else sel
-
-    def lookup(keys: np.ndarray, values: np.ndarray, want: np.ndarray) -> np.ndarray:
-        pos = np.minimum(np.searchsorted(keys, want), max(len(keys) - 1, 0))
-        hit = keys[pos] == want if len(keys) else np.zeros(len(want), bool)
-        out = np.full((len(want), R), np.nan, dtype=np.float32)
-        out[hit] = values[pos[hit]]
-        return out
-
-    def per_image(a: int, b: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        imgs = by_class.get(a, np.zeros(0, np.int64))
-        dens_a = qdens[t_pos[imgs]]
-        dens_b = lookup(q_keys, qdens, imgs * C + b)
-        occ = lookup(effects[0], effects[1], (imgs * C + a) * C + b) if effects is not None else \
-            np.full((len(imgs), R), np.nan, np.float32)
-        return {"density": dens_a, "difference": dens_a - dens_b, "occlusion": occ}, area[imgs]
-
-    pairs = _pairs(pairs_table, label[q_img], q_cls, q_role_of)
-    pairs = pairs[pairs["class_a"].isin(by_class.keys())].reset_index(drop=True)
-    contrasts = pair_contrasts(pairs, per_image, vocab, ranked, int(opts["permutations"]), seed)
-    _log(progress, t0, f"contrasts of {len(pairs)} directed pairs")
-
-    # ---- metrics
-    metrics: list[dict] = []
-    baselines: dict[str, np.ndarray] = {}
-    bl_path = method_dir / "baseline_maps.parquet"
-    if bl_path.exists():
-        bl = io.read(bl_path, columns=["image_id", "method", "class_id", "attn"])
-        bl_maps = io.fixed_list_to_numpy(bl.column("attn"))
-        b_img_id = bl.column("image_id").to_numpy().astype(np.int64)
-        b_method = bl.column("method").to_numpy(zero_copy_only=False).astype(str)
-        b_cls = bl.column("class_id").to_numpy().astype(np.int64)
-        b_img = np.minimum(np.searchsorted(img_ids, b_img_id), n_img - 1)
-        keep = (img_ids[b_img] == b_img_id) & (b_cls == label[b_img]) & (b_method != method)
-        for name in np.unique(b_method[keep]):
-            sel = keep & (b_method == name)
-            arr = np.full((n_img, bl_maps.shape[1]), np.nan, dtype=np.float32)
-            arr[b_img[sel]] = bl_maps[sel]
-            baselines[str(name)] = arr[use_img]
-        del bl, bl_maps
-    inside = box_cells(width, height, bbox, grid)
-    metrics += localization_rows(method, split, model_maps[use_img], baselines, use_img, weights, dist, scale,
-                                 inside, planted_mask, float(opts["pointing_radius"]), seed)
-    metrics += recovery_rows(contrasts, method, split, seed)
-    if attributes is not None and len(attributes) and len(contrasts):
-        metrics += attribute_rows(contrasts, attributes, vocab, float(opts["attribute_threshold"]), method,
-                                  split, seed)
-    metric_frame = pd.DataFrame(metrics, columns=list(EVALUATION_COLUMNS))
-
-    # ---- write
-    common = {"method": method, "split": split, "regions": vocab, "top_heads": k_top}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ht_table = pa.table({
-        "head": pa.array(ht["head"].to_numpy(np.int8)), "head_type": pa.array(ht["head_type"].to_numpy(np.int16)),
-        "dominant_region": pa.array(ht["dominant_region"].astype(str).tolist(), pa.string()),
-        "profile": tables.fixed_list_array(np.stack(ht["profile"].to_list()).astype(np.float32), pa.float32()),
-        "type_dominant_region": pa.array(ht["type_dominant_region"].astype(str).tolist(), pa.string()),
-        "consistency": pa.array(ht["consistency"].to_numpy(np.float32)),
-        "n_maps": pa.array(ht["n_maps"].to_numpy(np.int32))})
-    _write("head_types", ht_table, out_dir, common, regions=R)
-    _write("traits", traits, out_dir, common)
-    _write("trait_members", trait_members, out_dir, common)
-    _write("regions", regions, out_dir, common)
-    _write("contrasts", contrasts, out_dir, {**common, "combined": "mean z-score of difference and occlusion (density when neither exists)"})
-    _write("metrics_analysis", metric_frame, out_dir, {"method": method, "split": split})
+    metrics = ground_truth_scores(method, split, maps, images, tops, geometry, contrasts, data,
+                                  inputs.baseline_maps, opts)
+    write_tables(Path(out_dir), {"head_types": types, "traits": traits, "trait_members": members,
+                                 "regions": regions, "contrasts": contrasts, "metrics_analysis": metrics},
+                 method, split, geometry.vocab, int(opts["top_heads"]))
     _log(progress, t0, f"wrote {', '.join(OUTPUTS)} to {out_dir}")
-    return metric_frame
+    return metrics

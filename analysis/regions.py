@@ -134,6 +134,27 @@ def patch_weights(labels: np.ndarray, grid: tuple[int, int], n_regions: int) -> 
     return onehot.reshape(n_regions, gh, sh, gw, sw).mean(axis=(2, 4)).reshape(n_regions, gh * gw)
 
 
+def cells_on_regions(weights: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """(..., G) bool: the patch cell holds at least one sample point of a chosen region.
+
+    The cell-overlap rule of the ground-truth scores, on ``patch_weights``
+    (``SAMPLES_PER_CELL`` x ``SAMPLES_PER_CELL`` sample points per cell: every
+    mask pixel where a cell spans at most that many pixels a side, as on the
+    default synthetic data's 64 px images and 8 x 8 grid).
+
+    Args:
+        weights: (..., R, G) patch weights (``patch_weights``, ``image_weights``).
+        chosen: (..., R) bool, the regions asked for (e.g. an image's planted parts).
+    """
+    return ((weights > 0) & chosen[..., :, None]).any(axis=-2)
+
+
+def region_density(mass: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """Mass / area per region; NaN where the region is absent from the image (area 0)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(area > 0, mass / area, np.nan)
+
+
 def region_masks(labels: np.ndarray, n_regions: int) -> np.ndarray:
     """(n_regions, h, w) bool pixel masks from a label map (for blurring a region)."""
     return labels[None] == np.arange(n_regions, dtype=labels.dtype)[:, None, None]

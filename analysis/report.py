@@ -38,6 +38,8 @@ import pandas as pd
 import yaml
 
 from analysis import io, plots, regions
+from analysis.ground_truth import planted_parts_by_class
+from analysis.traits import dominant_region
 
 TEMPLATES = Path(__file__).parent / "templates"
 METHOD_TABLES = ("evaluation", "predictions", "head_ranks", "region_effects", "baseline_maps", "head_types",
@@ -185,9 +187,9 @@ class AttentionIndex:
 class PeakRegions:
     """The region a map falls on: its region of highest density (mass / area), by ``analysis.regions``.
 
-    The same rule as ``dominant_region`` in ``trait_members.parquet``: mass is
-    ``weights @ map``, area the region's share of the image's patches, and a
-    region absent from the image never wins.
+    The rule of ``dominant_region`` in ``trait_members.parquet`` (the same
+    functions): mass is ``weights @ map``, density mass / the region's share of
+    the image, and a region absent from the image never wins.
     """
 
     def __init__(self, manifest: pd.DataFrame, parts: pd.DataFrame | None, root: Path | None,
@@ -219,10 +221,9 @@ class PeakRegions:
         weights = self._cache.get(tuple(attn.shape), {}).get(int(image_id))
         if weights is None:
             return "?"
-        mass = weights @ attn.reshape(-1)
-        area = weights.sum(axis=1)
-        density = np.where(area > 0, mass / np.maximum(area, 1e-12), -np.inf)
-        return self.vocab[int(np.argmax(density))]
+        mass = weights @ attn.reshape(-1).astype(np.float32)
+        density = regions.region_density(mass, weights.mean(axis=1))
+        return self.vocab[int(dominant_region(density[None])[0])]
 
 
 class ImageStore:
@@ -715,11 +716,7 @@ def comparison_section(rep: Report) -> dict | None:
                              if "density_lo" in x.tables["regions"] else ["class_id", "region", "density", "mass"]]
     ry = y.tables["regions"][rx.columns.intersection(y.tables["regions"].columns)]
     joined = rx.merge(ry, on=["class_id", "region"], suffixes=(f"_{x.name}", f"_{y.name}"))
-    expected: dict[int, set[str]] = {}
-    if rep.pairs is not None and "differing_parts" in rep.pairs:
-        for p in rep.pairs.to_dict("records"):
-            for c in (int(p["class_a"]), int(p["class_b"])):
-                expected.setdefault(c, set()).update(str(v) for v in _as_list(p["differing_parts"]))
+    expected = planted_parts_by_class(rep.pairs)
     rows, agree, rhos = [], 0, []
     k = min(HEADS_PER_EXEMPLAR, rep.top_heads)
     for class_id in rep.species:

@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--keep", type=Path, default=None, help="write the tables here and keep them")
     args = parser.parse_args(argv)
-    from analysis.pipeline import analyze
+    from analysis.pipeline import AnalysisInputs, analyze
 
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)
@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         gen = time.perf_counter() - t0
         rss_gen = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         t0 = time.perf_counter()
-        metrics = analyze(paths["method_dir"], paths["manifest"], paths["root"], base / "analysis",
+        inputs = AnalysisInputs.conventional(paths["method_dir"], paths["manifest"], paths["root"])
+        metrics = analyze(inputs, base / "analysis",
                           {"permutations": args.permutations, "bootstrap": args.bootstrap}, progress=False)
         wall = time.perf_counter() - t0
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

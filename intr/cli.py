@@ -222,11 +222,14 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from analysis.pipeline import analyze
+    from dataclasses import fields
 
-    options = _section_json(args.section_json)
-    table = analyze(Path(args.method_dir), Path(args.manifest), Path(args.root), Path(args.out),
-                    options, progress=not args.quiet)
+    from analysis.pipeline import AnalysisInputs, analyze
+
+    # One flag per AnalysisInputs field (--head-ranks -> head_ranks); optional ones may be omitted.
+    given = {f.name: Path(getattr(args, f.name)) for f in fields(AnalysisInputs) if getattr(args, f.name) is not None}
+    inputs = AnalysisInputs(**given)
+    table = analyze(inputs, Path(args.out), _section_json(args.section_json), progress=not args.quiet)
     print(table.to_string(index=False, float_format="%.3f"))
     return 0
 
@@ -397,8 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a method's extraction tables and write head_types, traits, trait_members, "
         "regions, contrasts and metrics_analysis tables into --out.",
     )
-    an.add_argument("--method-dir", dest="method_dir", required=True, help="the method's results folder")
-    an.add_argument("--manifest", required=True, help="manifest.parquet (parts, pairs, attributes beside it)")
+    an.add_argument("--attention", required=True, help="attention.parquet (every map, with its head rank)")
+    an.add_argument("--predictions", required=True, help="predictions.parquet")
+    an.add_argument("--head-ranks", dest="head_ranks", help="head_ranks.parquet (declared input; the ranks "
+                    "are read from attention.parquet)")
+    an.add_argument("--region-effects", dest="region_effects", help="region_effects.parquet (occlusion score)")
+    an.add_argument("--trait-features", dest="trait_features", help="trait_features.parquet")
+    an.add_argument("--baseline-maps", dest="baseline_maps", help="baseline_maps.parquet (CAM baselines)")
+    an.add_argument("--manifest", required=True, help="manifest.parquet")
+    an.add_argument("--parts", help="parts.parquet (without it: grid-cell regions)")
+    an.add_argument("--lookalike-pairs", dest="lookalike_pairs", help="lookalike_pairs.parquet (planted parts)")
+    an.add_argument("--class-attributes", dest="class_attributes", help="class_attributes.parquet (CUB)")
     an.add_argument("--root", required=True, help="data set root (part masks)")
     an.add_argument("--out", required=True, help="output folder")
     an.add_argument("--section-json", dest="section_json", help="the config's analysis options as JSON")

@@ -19,7 +19,9 @@ import pytest
 
 from analysis import contrasts as C
 from analysis import recovery, regions, traits
-from analysis.pipeline import analyze
+from analysis.ground_truth import planted_parts_by_class
+from analysis.localization import box_cells, peak_on_planted_part_rows
+from analysis.pipeline import AnalysisInputs, analyze
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"permutations": 200, "bootstrap": 200, "umap": False, "traits_k_range": [3, 8]}
@@ -38,7 +40,8 @@ def synthetic(tmp_path_factory):
     base = tmp_path_factory.mktemp("synthetic")
     paths = _generator().make_tables(base, "masks", classes=12, images=240, heads=6, grid=8, feature_dim=16,
                                      genus_size=3, seed=1)
-    metrics = analyze(paths["method_dir"], paths["manifest"], paths["root"], base / "out", FAST, progress=False)
+    inputs = AnalysisInputs.conventional(paths["method_dir"], paths["manifest"], paths["root"])
+    metrics = analyze(inputs, base / "out", FAST, progress=False)
     return paths, metrics, base / "out"
 
 
@@ -48,7 +51,8 @@ def cub(tmp_path_factory):
     base = tmp_path_factory.mktemp("cub")
     paths = _generator().make_tables(base, "keypoints", classes=8, images=160, heads=8, grid=14, feature_dim=24,
                                      genus_size=4, pairs=False, seed=2)
-    metrics = analyze(paths["method_dir"], paths["manifest"], paths["root"], base / "out", FAST, progress=False)
+    inputs = AnalysisInputs.conventional(paths["method_dir"], paths["manifest"], paths["root"])
+    metrics = analyze(inputs, base / "out", FAST, progress=False)
     return paths, metrics, base / "out"
 
 
@@ -208,8 +212,9 @@ def test_embedding_handles_tiny_inputs():
 
 
 def test_missing_inputs_name_the_file(tmp_path):
+    inputs = AnalysisInputs.conventional(tmp_path / "m", tmp_path / "manifest.parquet", tmp_path)
     with pytest.raises(FileNotFoundError, match="attention.parquet"):
-        analyze(tmp_path / "m", tmp_path / "manifest.parquet", tmp_path, tmp_path / "o", FAST, progress=False)
+        analyze(inputs, tmp_path / "o", FAST, progress=False)
 
 
 def test_analysis_never_imports_torch():
@@ -224,3 +229,160 @@ def test_umap_coordinates_are_seeded_and_separate_clusters():
     assert a.shape == (40, 2) and np.isfinite(a).all() and np.allclose(a, b)
     gap = np.linalg.norm(a[:20].mean(0) - a[20:].mean(0))
     assert gap > 3 * max(a[:20].std(0).max(), a[20:].std(0).max())
+
+
+# --------------------------------------------------------------------------- explicit inputs, the CLI
+
+
+def test_conventional_inputs_fill_only_the_tables_that_exist(synthetic, cub):
+    paths, _, _ = synthetic
+    inputs = AnalysisInputs.conventional(paths["method_dir"], paths["manifest"], paths["root"])
+    assert inputs.attention == Path(paths["method_dir"]) / "attention.parquet"
+    assert inputs.lookalike_pairs == Path(paths["manifest"]).parent / "lookalike_pairs.parquet"
+    assert inputs.region_effects is not None and inputs.baseline_maps is not None
+    cub_paths = cub[0]
+    assert AnalysisInputs.conventional(cub_paths["method_dir"], cub_paths["manifest"],
+                                       cub_paths["root"]).lookalike_pairs is None  # no pairs table on CUB
+
+
+def test_cli_analyze_reads_exactly_the_paths_it_is_given(synthetic, tmp_path):
+    """Only the flags name inputs: left out, region effects are not found beside the attention table."""
+    import json
+
+    from intr.cli import main
+
+    paths, _, out = synthetic
+    method, data = Path(paths["method_dir"]), Path(paths["manifest"]).parent
+    argv = ["analyze", "--attention", str(method / "attention.parquet"),
+            "--predictions", str(method / "predictions.parquet"), "--manifest", str(paths["manifest"]),
+            "--parts", str(data / "parts.parquet"), "--lookalike-pairs", str(data / "lookalike_pairs.parquet"),
+            "--trait-features", str(method / "trait_features.parquet"), "--root", str(paths["root"]),
+            "--out", str(tmp_path), "--section-json", json.dumps(FAST), "--quiet"]
+    assert main(argv) == 0
+    con = pd.read_parquet(tmp_path / "contrasts.parquet")
+    assert con["occlusion"].isna().all()  # no --region-effects: no occlusion score
+    full = pd.read_parquet(out / "contrasts.parquet")
+    pd.testing.assert_series_equal(con["density_a"], full["density_a"])  # the rest as with every input
+    metrics = pd.read_parquet(tmp_path / "metrics_analysis.parquet")
+    assert "gradcam" not in set(metrics["method"])  # no --baseline-maps
+    assert "attribute_precision_at1" not in set(metrics["metric"])  # no --class-attributes
+
+
+def test_contrasts_metadata_states_the_weights_of_the_combined_score(synthetic):
+    meta = pq.read_schema(synthetic[2] / "contrasts.parquet").metadata[b"combined"].decode()
+    assert "occlusion (weight 1)" in meta and "difference (weight 0.05)" in meta
+    assert meta == C.COMBINED_RULE
+
+
+# --------------------------------------------------------------------------- geometry and ground truth
+
+
+def test_box_cells_count_the_cells_whose_centre_is_inside():
+    # 64 x 64 image, 8 x 8 grid: cell centres at 4, 12, 20, ... px. Box x 10..22, y 0..9.
+    cells = box_cells(np.array([64.0]), np.array([64.0]), np.array([[10.0, 0.0, 12.0, 9.0]]), (8, 8))
+    assert np.flatnonzero(cells[0]).tolist() == [1, 2]  # row 0, columns 1 and 2 (centres 12 and 20)
+    # no box: every cell; a box between cell centres: every cell (nothing would be left to score)
+    assert box_cells(np.array([64.0]), np.array([64.0]), np.full((1, 4), np.nan), (8, 8)).all()
+    assert box_cells(np.array([64.0]), np.array([64.0]), np.array([[5.0, 5.0, 2.0, 2.0]]), (8, 8)).all()
+
+
+def test_cell_overlap_is_at_least_one_mask_pixel_by_the_regions_rule():
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[8, 15] = 2          # one pixel in cell (1, 1) of an 8x8 grid
+    mask[40:48, 0:16] = 3    # cells (5, 0) and (5, 1)
+    mask[60, 60] = 4         # another part: not asked for
+    vocab = ["crown", "wing", "tail", regions.BACKGROUND]
+    labels = regions.label_map(vocab, 64, 64, (64, 64), mask=mask, mask_names={2: "crown", 3: "wing", 4: "tail"})
+    weights = regions.patch_weights(labels, (8, 8), len(vocab))
+    assert weights[0, 1 * 8 + 1] == pytest.approx(1 / 64)  # one of the cell's 64 sample points
+    cells = regions.cells_on_regions(weights, np.array([True, True, False, False])).reshape(8, 8)
+    assert np.argwhere(cells).tolist() == [[1, 1], [5, 0], [5, 1]]
+    both = regions.cells_on_regions(np.stack([weights, weights]), np.array([[False, False, True, False]] * 2))
+    assert both.shape == (2, 64) and np.flatnonzero(both[1]).tolist() == [7 * 8 + 7]
+
+
+def test_planted_parts_are_the_union_over_siblings():
+    pairs = pd.DataFrame({"class_a": [0, 0, 1], "class_b": [1, 2, 2],
+                          "differing_parts": [["crown"], np.array(["wing"]), ["crown", "wing"]]})
+    assert planted_parts_by_class(pairs) == {0: {"crown", "wing"}, 1: {"crown", "wing"}, 2: {"wing", "crown"}}
+    assert planted_parts_by_class(pairs.drop(columns="differing_parts")) == {}  # CUB: no planted traits
+    assert planted_parts_by_class(None) == {}
+
+
+def test_region_density_leaves_absent_regions_out():
+    density = regions.region_density(np.array([[0.2, 0.0, 0.5]]), np.array([[0.1, 0.0, 0.5]]))
+    assert density[0, 0] == pytest.approx(2.0) and np.isnan(density[0, 1]) and density[0, 2] == 1.0
+    assert traits.dominant_region(density).tolist() == [0]
+
+
+def test_peak_region_of_the_report_is_the_trait_members_dominant_region(synthetic):
+    """One peak-region rule: the report's PeakRegions names what trait_members.parquet says."""
+    from analysis import io
+    from analysis.report import PeakRegions
+
+    paths, _, out = synthetic
+    members = pd.read_parquet(out / "trait_members.parquet").iloc[::7]
+    keys, maps = io.maps(Path(paths["method_dir"]) / "attention.parquet", query_role="true")
+    position = {(int(i), int(h)): k for k, (i, h) in enumerate(zip(keys["image_id"], keys["head"]))}
+    peaks = PeakRegions(pd.read_parquet(paths["manifest"]), pd.read_parquet(Path(paths["manifest"]).parent /
+                                                                             "parts.parquet"),
+                        Path(paths["root"]), regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS)
+    peaks.prepare(members["image_id"], maps.shape[1:])
+    named = [peaks.peak(i, maps[position[(int(i), int(h))]]) for i, h in zip(members["image_id"], members["head"])]
+    assert named == members["dominant_region"].tolist()
+
+
+def test_peak_on_planted_part_rows_on_hand_made_heads():
+    on_planted = np.array([[True, False, False, False], [False, False, True, True]])
+    inside = np.array([[True, True, False, False], [True, True, True, True]])
+    peaks = np.array([[0, 1, 2], [2, 3, 0]])  # heads 0..2 of two images: hits [1,0,0] and [1,1,0]
+    ranks = np.array([[1, 3, 2], [2, 1, 3]])
+    rows = {r["method"]: r for r in peak_on_planted_part_rows("m", "test", peaks, ranks, on_planted, inside)}
+    assert rows["m"]["value"] == 1.0 and rows["m"]["n"] == 2  # top heads 0 and 1: both hit
+    assert rows["chance"]["value"] == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert rows["best_fixed_head"]["value"] == 1.0  # head 0 hits on both images
+    assert rows["lowest_ranked_head"]["value"] == 0.0  # heads 1 and 2: both miss
+    assert {r["metric"] for r in rows.values()} == {"peak_on_planted_part"}
+
+
+def test_peak_on_planted_part_matches_a_plain_loop_over_the_masks(synthetic):
+    """The table-based score against the definition, pixel by pixel (64 px images, 8 x 8 grid)."""
+    from PIL import Image
+
+    from analysis import io
+
+    paths, metrics, _ = synthetic
+    method, data = Path(paths["method_dir"]), Path(paths["manifest"]).parent
+    manifest = pd.read_parquet(paths["manifest"]).set_index("image_id")
+    part_id = dict(zip(*pd.read_parquet(data / "parts.parquet")[["part_name", "part_id"]].drop_duplicates()
+                       .to_numpy().T))
+    planted: dict[int, set] = {}
+    for a, b, parts in pd.read_parquet(data / "lookalike_pairs.parquet")[["class_a", "class_b",
+                                                                         "differing_parts"]].to_numpy():
+        for c in (a, b):
+            planted.setdefault(int(c), set()).update(parts)
+    correct = pd.read_parquet(method / "predictions.parquet").set_index("image_id")["correct"]
+    keys, maps = io.maps(method / "attention.parquet", query_role="true")
+    top, low, chance, by_head = [], [], [], []
+    for image_id, rows in keys.groupby("image_id"):
+        row = manifest.loc[image_id]
+        mask = np.asarray(Image.open(Path(paths["root"]) / row["mask_path"]))
+        ys, xs = np.nonzero(np.isin(mask, [part_id[p] for p in planted[int(row["class_id"])]]))
+        overlap = np.zeros((8, 8), bool)
+        overlap[ys * 8 // mask.shape[0], xs * 8 // mask.shape[1]] = True
+        if not correct[image_id] or not overlap.any():
+            continue
+        hits = {int(h): overlap.reshape(-1)[maps[k].argmax()] for k, h in zip(rows.index, rows["head"])}
+        rank = dict(zip(rows["head"].astype(int), rows["head_rank"]))
+        top.append(hits[min(rank, key=rank.get)])
+        low.append(hits[max(rank, key=rank.get)])
+        by_head.append([hits[h] for h in sorted(hits)])
+        centre = (np.arange(8) + 0.5) * 8
+        x, y, w, h = row[["bbox_x", "bbox_y", "bbox_w", "bbox_h"]]
+        inside = ((centre >= y) & (centre <= y + h))[:, None] & ((centre >= x) & (centre <= x + w))[None, :]
+        chance.append(overlap[inside].mean())
+    assert value(metrics, "prompt_cam", "peak_on_planted_part") == pytest.approx(np.mean(top))
+    assert value(metrics, "lowest_ranked_head", "peak_on_planted_part") == pytest.approx(np.mean(low))
+    assert value(metrics, "best_fixed_head", "peak_on_planted_part") == pytest.approx(np.mean(by_head, 0).max())
+    assert value(metrics, "chance", "peak_on_planted_part") == pytest.approx(np.mean(chance))
+    assert value(metrics, "prompt_cam", "peak_on_planted_part") > value(metrics, "chance", "peak_on_planted_part")
