@@ -200,6 +200,25 @@ def find_attribute_names(root: Path) -> Path | None:
     return None
 
 
+def find_attribute_values(root: Path) -> Path | None:
+    """class_attribute_labels_continuous.txt: under attributes/ or at the root.
+
+    Args:
+        root: data set root.
+    """
+    return next((p for p in (root / "attributes" / "class_attribute_labels_continuous.txt",
+                             root / "class_attribute_labels_continuous.txt") if p.is_file()), None)
+
+
+def has_class_attributes(root: Path) -> bool:
+    """Whether prepare writes class_attributes.parquet for this CUB-layout root (both attribute files found).
+
+    Args:
+        root: data set root.
+    """
+    return find_attribute_values(root) is not None and find_attribute_names(root) is not None
+
+
 def read_class_attributes(root: Path, classes: pd.DataFrame) -> pa.Table | None:
     """Per-class attribute strengths (0-100) in long form, or None where the data set has none.
 
@@ -207,8 +226,7 @@ def read_class_attributes(root: Path, classes: pd.DataFrame) -> pa.Table | None:
         root: data set root.
         classes: class_id and source_class_id of every class.
     """
-    values_path = next((p for p in (root / "attributes" / "class_attribute_labels_continuous.txt",
-                                    root / "class_attribute_labels_continuous.txt") if p.is_file()), None)
+    values_path = find_attribute_values(root)
     names_path = find_attribute_names(root)
     if values_path is None or names_path is None:
         if values_path or names_path:

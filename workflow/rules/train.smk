@@ -8,7 +8,7 @@ rule train:
         model="results/{dataset}/{method}/model.pt",
         log_table="results/{dataset}/{method}/train_log.parquet",
     params:
-        section=method_section_json,
+        config=method_config_json,
         root=data_root(),
         out=folder_of("model"),
         backbone=backbone_override,
@@ -26,19 +26,19 @@ rule train:
     conda:
         "../../environment.yml"
     shell:
-        "{params.launcher} --method {wildcards.method} --section-json {params.section:q}"
+        "{params.launcher} --method {wildcards.method} --config-json {params.config:q}"
         " --manifest {input.manifest:q} --root {params.root:q} --out {params.out:q}"
         " {params.backbone} --threads {threads} --quiet > {log:q} 2>&1"
 
 
 rule evaluate:
     input:
-        model=rules.train.output.model,
-        manifest=rules.prepare.output.manifest,
+        unpack(evaluate_inputs),
     output:
         metrics="results/{dataset}/{method}/metrics_model.parquet",
     params:
         root=data_root(),
+        config=config_json({"extract": ("split", "batch_size", "device")}),
     log:
         "logs/{dataset}/{method}/evaluate.log",
     benchmark:
@@ -53,7 +53,8 @@ rule evaluate:
         "../../environment.yml"
     shell:
         "intr evaluate --model {input.model:q} --manifest {input.manifest:q}"
-        " --root {params.root:q} --out {output.metrics:q} --threads {threads} --quiet > {log:q} 2>&1"
+        " --root {params.root:q} --out {output.metrics:q} --config-json {params.config:q}"
+        " --threads {threads} --quiet > {log:q} 2>&1"
 
 
 rule evaluation:
