@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from intr.data.attribute_files import find_attribute_names, find_attribute_values
 from intr.data.prepare import (
     CLASS_ATTRIBUTES_SCHEMA,
     LOOKALIKE_PAIRS_SCHEMA,
@@ -186,37 +187,6 @@ def attribute_part(name: str) -> str | None:
         return None
     part, _, aspect = group.rpartition("_")
     return part if part and aspect in ATTRIBUTE_ASPECTS else group
-
-
-def find_attribute_names(root: Path) -> Path | None:
-    """attributes.txt: under attributes/, at the root, or beside the root (where the CUB tarball puts it).
-
-    Args:
-        root: data set root.
-    """
-    for path in (root / "attributes" / "attributes.txt", root / "attributes.txt", root.parent / "attributes.txt"):
-        if path.is_file():
-            return path
-    return None
-
-
-def find_attribute_values(root: Path) -> Path | None:
-    """class_attribute_labels_continuous.txt: under attributes/ or at the root.
-
-    Args:
-        root: data set root.
-    """
-    return next((p for p in (root / "attributes" / "class_attribute_labels_continuous.txt",
-                             root / "class_attribute_labels_continuous.txt") if p.is_file()), None)
-
-
-def has_class_attributes(root: Path) -> bool:
-    """Whether prepare writes class_attributes.parquet for this CUB-layout root (both attribute files found).
-
-    Args:
-        root: data set root.
-    """
-    return find_attribute_values(root) is not None and find_attribute_names(root) is not None
 
 
 def read_class_attributes(root: Path, classes: pd.DataFrame) -> pa.Table | None:

@@ -25,7 +25,7 @@ rule analyze:
         mem_mb=4000,
         runtime=60,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
         "intr analyze --attention {input.attention:q} --predictions {input.predictions:q}"
         " --head-ranks {input.head_ranks:q} --region-effects {input.region_effects:q}"

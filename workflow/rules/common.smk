@@ -23,9 +23,24 @@ def intr_bin_dir():
     return str(bin_dir) if (bin_dir / "intr").exists() else None
 
 
+def conda_deployment():
+    """Whether rules run in their conda environments (--software-deployment-method conda)."""
+    from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+    return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+
+
 # Rules call `intr` from the environment Snakemake runs in, also when it was
-# started as .venv/bin/snakemake without activating that environment.
-if intr_bin_dir():
+# started as .venv/bin/snakemake without activating that environment. In conda
+# mode the rule's environment (workflow/envs/) holds the dependencies and `intr`
+# runs from this workflow's folder: the environment file cannot name this
+# repository for pip (Snakemake copies it elsewhere before building).
+if conda_deployment():
+    shell.prefix(
+        f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}}; "
+        'intr() { python -m intr.cli "$@"; }; '
+    )
+elif intr_bin_dir():
     shell.prefix(f'set -euo pipefail; export PATH={shlex.quote(intr_bin_dir())}:"$PATH"; ')
 
 
@@ -79,6 +94,18 @@ def prepare_inputs(wildcards):
     return inputs
 
 
+def _attribute_files():
+    """intr/data/attribute_files.py of this workflow, loaded by path (standard library only, so it
+    also loads where Snakemake runs without this package, as in conda mode)."""
+    import importlib.util
+
+    path = Path(workflow.basedir) / "intr" / "data" / "attribute_files.py"
+    spec = importlib.util.spec_from_file_location("attribute_files", path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
 def ground_truth_tables():
     """The tables `prepare` writes beyond manifest, parts and rejected, by data kind:
     the synthetic data brings its planted traits, look-alike pairs and class
@@ -88,9 +115,7 @@ def ground_truth_tables():
     if DATA_KIND == "synthetic":
         names = ("class_attributes", "planted_traits", "lookalike_pairs")
     elif DATA_KIND == "cub":
-        from intr.data.cub import has_class_attributes
-
-        names = ("class_attributes",) if has_class_attributes(Path(data_root())) else ()
+        names = ("class_attributes",) if _attribute_files().has_class_attributes(Path(data_root())) else ()
     else:
         names = ()
     return {name: f"results/{{dataset}}/{name}.parquet" for name in names}

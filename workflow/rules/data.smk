@@ -26,7 +26,7 @@ if DATA_KIND == "synthetic":
             runtime=30,
             cpus_per_task=cpus_from_threads,
         conda:
-            "../../environment.yml"
+            "../envs/trait-discovery.yaml"
         shell:
             "intr synthesize --out {params.out:q} --config-json {params.config:q}"
             " --workers {threads} --quiet > {log:q} 2>&1"
@@ -54,7 +54,7 @@ rule prepare:
         runtime=60,
         cpus_per_task=cpus_from_threads,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
         "intr prepare --root {params.root:q} --out {params.out:q} --config-json {params.config:q}"
         " --workers {threads} --quiet > {log:q} 2>&1"

@@ -32,7 +32,7 @@ rule extract:
         gpu=extract_resources_gpu,
         cpus_per_task=cpus_from_threads,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
         "intr extract --model {input.model:q} --manifest {input.manifest:q} --root {params.root:q}"
         " --out {params.out:q} --config-json {params.config:q} --threads {threads} --quiet > {log:q} 2>&1"
@@ -63,7 +63,7 @@ rule faithfulness:
         gpu=extract_resources_gpu,
         cpus_per_task=cpus_from_threads,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
         "intr faithfulness --model {input.model:q} --manifest {input.manifest:q} --attention {input.attention:q}"
         " --root {params.root:q} --out-maps {output.maps:q} --out-metrics {output.metrics:q}"

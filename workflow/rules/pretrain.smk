@@ -21,7 +21,7 @@ if pretrain_enabled():
             runtime=30,
             cpus_per_task=cpus_from_threads,
         conda:
-            "../../environment.yml"
+            "../envs/trait-discovery.yaml"
         shell:
             "intr synthesize --recipe {input.recipe:q}"
             " --out {params.out:q} --workers {threads} --quiet > {log:q} 2>&1"
@@ -45,7 +45,7 @@ if pretrain_enabled():
             runtime=30,
             cpus_per_task=cpus_from_threads,
         conda:
-            "../../environment.yml"
+            "../envs/trait-discovery.yaml"
         shell:
             "intr prepare --root {params.root:q} --out {params.out:q} --config-json {params.config:q}"
             " --workers {threads} --quiet > {log:q} 2>&1"
@@ -71,7 +71,7 @@ if pretrain_enabled():
             gpu=config["backbone_pretrain"]["gpus"],
             cpus_per_task=cpus_from_threads,
         conda:
-            "../../environment.yml"
+            "../envs/trait-discovery.yaml"
         shell:
             "intr pretrain --manifest {input.manifest:q} --root {params.root:q}"
             " --recipe {input.recipe:q} --out {output.weights:q}"

@@ -24,7 +24,7 @@ rule report:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
         "intr report --manifest {input.manifest:q} --parts {input.parts:q} {params.ground_truth} {params.methods}"
         " --root {params.root:q} --config-json {params.config:q} --out {output.html:q} --quiet > {log:q} 2>&1"

@@ -24,7 +24,7 @@ rule train:
         gpu=train_resources_gpu,
         cpus_per_task=cpus_from_threads,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
         "{params.launcher} --method {wildcards.method} --config-json {params.config:q}"
         " --manifest {input.manifest:q} --root {params.root:q} --out {params.out:q}"
@@ -50,7 +50,7 @@ rule evaluate:
         gpu=train_resources_gpu,
         cpus_per_task=cpus_from_threads,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
         "intr evaluate --model {input.model:q} --manifest {input.manifest:q}"
         " --root {params.root:q} --out {output.metrics:q} --config-json {params.config:q}"
@@ -71,6 +71,6 @@ rule evaluation:
         mem_mb=1000,
         runtime=10,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
         "intr evaluation {input:q} --out {output.evaluation:q} > {log:q} 2>&1"
