@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from analysis import io
+from analysis.config import defaults
 from analysis.contrasts import pair_contrasts, species_regions
 from analysis.localization import box_cells, localization_rows
 from analysis.recovery import attribute_rows, recovery_rows
@@ -40,11 +41,9 @@ from analysis.regions import BACKGROUND, image_geometry, region_vocabulary
 from analysis.stats import EVALUATION_COLUMNS
 from analysis.traits import cluster_traits, dominant_region, head_types
 
-DEFAULTS: dict[str, Any] = {
-    "top_heads": 4, "traits_k": None, "traits_k_range": [4, 16], "head_types_k": None, "permutations": 1000,
-    "bootstrap": 1000, "pointing_radius": 0.15, "attribute_threshold": 0.3, "seed": 0,
-    "region_radius": 0.15, "region_cells": 3, "umap": True,
-}
+# The config schema's defaults: the analysis section plus the region rule's two extract keys.
+DEFAULTS: dict[str, Any] = {**defaults("analysis"),
+                            **{k: defaults("extract")[k] for k in ("region_radius", "region_cells")}}
 CHUNK = 8192
 OUTPUTS = ("head_types", "traits", "trait_members", "regions", "contrasts", "metrics_analysis")
 

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from analysis.config import defaults
 from analysis.stats import metric_row
 from intr.baselines import BackboneFeatures, extract_features
 from intr.data.images import ImageSet, read_split
@@ -131,8 +132,12 @@ def planted_part_hits(rows: pd.DataFrame, root: Path, peak: np.ndarray, grid: tu
     return hits, chance, usable
 
 
+EXTRACT = defaults("extract")  # the config schema's defaults
+
+
 def evaluate_model(model_path: str | Path, manifest: str | Path, root: str | Path, out: str | Path,
-                   split: str = "test", batch_size: int = 64, device: str = "auto",
+                   split: str = EXTRACT["split"], batch_size: int = EXTRACT["batch_size"],
+                   device: str = EXTRACT["device"],
                    progress: bool = True) -> pd.DataFrame:
     """Write ``metrics_model.parquet`` for one trained model; return its rows.
 

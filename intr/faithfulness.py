@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 from tqdm import tqdm
 
+from analysis.config import defaults
 from analysis.stats import metric_row
 from intr.baselines import CAM_METHODS, attention_rollout, backbone_vit, cam_maps, fit_linear_probe, pool_to_grid
 from intr.data.images import ImageSet, read_split
@@ -198,9 +199,13 @@ def _patch_size(model, image_size: int, grid: tuple[int, int]) -> int:
     return int(round(image_size / grid[1]))
 
 
-def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split="test",
-                     top_heads=4, images=300, steps=16, blur_sigma=0.05, batch_size=64,
-                     device="auto", seed=0, progress=True) -> pd.DataFrame:
+EXTRACT = defaults("extract")  # the config schema's defaults
+
+
+def run_faithfulness(model_path, manifest, root, out_maps, out_metrics, split=EXTRACT["split"],
+                     top_heads=EXTRACT["top_heads"], images=EXTRACT["faithfulness_images"],
+                     steps=EXTRACT["faithfulness_steps"], blur_sigma=EXTRACT["blur_sigma"],
+                     batch_size=EXTRACT["batch_size"], device=EXTRACT["device"], seed=0, progress=True) -> pd.DataFrame:
     """Write ``baseline_maps.parquet`` and ``metrics_faithfulness.parquet``; return the metric rows.
 
     Args:
