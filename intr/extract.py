@@ -259,8 +259,7 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
             top_heads: int = EXTRACT["top_heads"], siblings_k: int = EXTRACT["siblings_k"],
             region_radius: float = EXTRACT["region_radius"], region_cells: int = EXTRACT["region_cells"],
             blur_sigma: float = EXTRACT["blur_sigma"], device: str = EXTRACT["device"], workers: int = 0,
-            amp: bool = True,
-            limit: int | None = None, progress: bool = True) -> dict[str, Path]:
+            amp: bool = True, limit: int | None = None, progress: bool = True) -> dict[str, Path]:
     """Write the extraction tables of one trained model into ``out_dir``.
 
     Args:
