@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain",
         help="train the small backbone of the embedded default on the pretraining species",
         description="Train the recipe's timm ViT from scratch on the synthetic pretraining set "
-        "(intr synthesize --set pretrain, then intr prepare) and save its weights without classifier.",
+        "(intr synthesize --recipe RECIPE, then intr prepare) and save its weights without classifier.",
     )
     pre.add_argument("--manifest", required=True, help="manifest.parquet of the prepared pretraining set")
     pre.add_argument("--root", required=True, help="root of the pretraining data set")
