@@ -29,7 +29,11 @@ def _add_config_options(parser: argparse.ArgumentParser, reads: str) -> None:
 
 
 def _config(args: argparse.Namespace) -> dict:
-    """The workflow config of --config or --config-json, validated, every missing key at its default."""
+    """The workflow config of --config or --config-json, validated, every missing key at its default.
+
+    Args:
+        args: the parsed arguments of a sub-command built with _add_config_options (neither flag: all defaults).
+    """
     from analysis.config import ConfigError, parse_config_json, read_config, validated
 
     try:
@@ -41,7 +45,12 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 def _config_section(args: argparse.Namespace, name: str) -> dict:
-    """Section ``name`` of the sub-command's config (see _config)."""
+    """Section ``name`` of the sub-command's config (see _config).
+
+    Args:
+        args: the parsed arguments.
+        name: a top-level key of the config schema.
+    """
     return _config(args)[name]
 
 
@@ -69,13 +78,16 @@ def _add_model_inputs(parser: argparse.ArgumentParser, manifest_help: str) -> No
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     from intr.data.synthetic import SyntheticConfig, synthesize
 
+    if args.recipe and (args.config or args.config_json):
+        raise SystemExit("intr synthesize: give --recipe or a config, not both")
     if args.recipe:  # the pretraining species: the recipe's data section, not a workflow config
         from intr.pretrain import load_recipe
 
         options = dict(load_recipe(args.recipe)["data"])
     else:
         options = _config_section(args, "synthetic")
-    workers = args.workers or options.pop("workers", 1)
+    config_workers = options.pop("workers", 1)
+    workers = args.workers or config_workers
     try:
         config = SyntheticConfig.from_dict(options)
     except (TypeError, ValueError) as err:
@@ -206,7 +218,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _method_tables(method_args: list[list[str]]) -> dict[str, dict[str, Path]]:
-    """--method NAME TABLE=PATH ... (repeated) as {method: {table: path}}, in the order given."""
+    """--method NAME TABLE=PATH ... (repeated) as {method: {table: path}}, in the order given.
+
+    Args:
+        method_args: the values of each --method flag.
+    """
     methods: dict[str, dict[str, Path]] = {}
     for name, *pairs in method_args:
         tables = methods.setdefault(name, {})
