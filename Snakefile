@@ -16,8 +16,10 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
+# The one schema of the config, shipped inside the package: every `intr`
+# sub-command validates its section against the same file (analysis/config.py).
 # (validate() reads the schema path relative to this file.)
-validate(config, "workflow/schemas/config.schema.yaml")
+validate(config, "analysis/schemas/config.schema.yaml")
 
 
 report: "workflow/report/workflow.rst"
@@ -37,9 +39,16 @@ localrules:
     all,
 
 
+# Every table of docs/tables.md is a target, so a deleted or half-written
+# table (e.g. attention.parquet) is rebuilt by the rule that writes it.
 rule all:
     default_target: True
     input:
         expand(rules.prepare.output, dataset=DATASET),
-        expand(rules.evaluation.output.evaluation, dataset=DATASET, method=METHODS),
+        expand(rules.train.output, dataset=DATASET, method=METHODS),
+        expand(rules.evaluate.output, dataset=DATASET, method=METHODS),
+        expand(rules.extract.output, dataset=DATASET, method=METHODS),
+        expand(rules.faithfulness.output, dataset=DATASET, method=METHODS),
+        expand(rules.analyze.output, dataset=DATASET, method=METHODS),
+        expand(rules.evaluation.output, dataset=DATASET, method=METHODS),
         expand(rules.report.output.html, dataset=DATASET),

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import io, tables
+from analysis.config import defaults
 from analysis.contrasts import COMBINED_RULE, pair_contrasts, species_regions
 from analysis.ground_truth import planted_parts_by_class
 from analysis.localization import box_cells, localization_rows, peak_on_planted_part_rows
@@ -47,11 +48,9 @@ from analysis.regions import BACKGROUND, cells_on_regions, image_geometry, regio
 from analysis.tables import EVALUATION_COLUMNS, write_table
 from analysis.traits import cluster_traits, dominant_region, head_types
 
-DEFAULTS: dict[str, Any] = {
-    "top_heads": 4, "traits_k": None, "traits_k_range": [4, 16], "head_types_k": None, "permutations": 1000,
-    "bootstrap": 1000, "pointing_radius": 0.15, "attribute_threshold": 0.3, "seed": 0,
-    "region_radius": 0.15, "region_cells": 3, "umap": True,
-}
+# The config schema's defaults: the analysis section plus the region rule's two extract keys.
+DEFAULTS: dict[str, Any] = {**defaults("analysis"),
+                            **{k: defaults("extract")[k] for k in ("region_radius", "region_cells")}}
 CHUNK = 8192
 OUTPUTS = ("head_types", "traits", "trait_members", "regions", "contrasts", "metrics_analysis")
 

@@ -35,9 +35,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.config import defaults
+
 BACKGROUND = "background"
-DEFAULT_RADIUS = 0.15
-DEFAULT_CELLS = 3
+DEFAULT_RADIUS = defaults("extract")["region_radius"]  # the config schema's defaults
+DEFAULT_CELLS = defaults("extract")["region_cells"]
 SAMPLES_PER_CELL = 8
 
 

@@ -38,6 +38,7 @@ import pandas as pd
 import yaml
 
 from analysis import io, plots, regions
+from analysis.config import validated
 from analysis.ground_truth import planted_parts_by_class
 from analysis.traits import dominant_region
 
@@ -122,30 +123,68 @@ class MethodData:
         return all(n in self.tables for n in names)
 
 
-def _read_optional(path: Path) -> pd.DataFrame | None:
-    if not path.is_file():
+def _read_optional(path: Path | None) -> pd.DataFrame | None:
+    if path is None or not path.is_file():
         return None
     return io.load(path)
 
 
-def load_method(results_dir: Path, method: str) -> MethodData:
-    """Read a method folder's tables; absent ones are listed in ``missing``."""
-    folder = results_dir / method
+@dataclass
+class ReportTables:
+    """Every table the report reads, each by its own path (the workflow declares each one).
+
+    Args:
+        manifest: ``manifest.parquet`` (required).
+        parts: ``parts.parquet`` (None: none; region names fall back to the coarse grid).
+        lookalike_pairs: ``lookalike_pairs.parquet`` (None: pairs come from the contrasts).
+        methods: per method, in report order, its tables by name (``METHOD_TABLES`` and
+            ``attention``); a name left out or a file not found drops what needs it, with a note.
+    """
+
+    manifest: Path
+    parts: Path | None = None
+    lookalike_pairs: Path | None = None
+    methods: dict[str, dict[str, Path]] = field(default_factory=dict)
+
+    @classmethod
+    def under(cls, results_dir: str | Path, methods: Sequence[str]) -> "ReportTables":
+        """The tables at their documented places under ``results/{dataset}`` (docs/tables.md).
+
+        Args:
+            results_dir: ``results/{dataset}``.
+            methods: method folders to report, in order.
+        """
+        results_dir = Path(results_dir)
+        return cls(manifest=results_dir / "manifest.parquet", parts=results_dir / "parts.parquet",
+                   lookalike_pairs=results_dir / "lookalike_pairs.parquet",
+                   methods={m: {name: results_dir / m / f"{name}.parquet" for name in (*METHOD_TABLES, "attention")}
+                            for m in methods})
+
+
+def load_method(method: str, tables: Mapping[str, Path]) -> MethodData:
+    """Read one method's tables; those not given or not found are listed in ``missing``.
+
+    Args:
+        method: the method's name (``prompt_cam``, ``intr``).
+        tables: its table paths by name (``METHOD_TABLES`` and ``attention``).
+    """
+    paths = {name: Path(path) for name, path in tables.items()}
+    folder = next(iter(paths.values())).parent if paths else Path(method)
     data = MethodData(method, folder)
     for name in METHOD_TABLES:
-        frame = _read_optional(folder / f"{name}.parquet")
+        frame = _read_optional(paths.get(name))
         if frame is None:
             data.missing.append(f"{name}.parquet")
         else:
             data.tables[name] = frame
-    attention = folder / "attention.parquet"
-    if attention.is_file():
+    attention = paths.get("attention")
+    if attention is not None and attention.is_file():
         data.attention = attention
         data.grid = io.grid_of(attention)
     else:
         data.missing.append("attention.parquet")
     if "head_types" in data.tables:
-        meta = io.metadata(folder / "head_types.parquet")
+        meta = io.metadata(paths["head_types"])
         names = meta.get("regions")
         data.head_regions = [str(r) for r in names] if isinstance(names, list) else None
     return data
@@ -257,7 +296,6 @@ class ImageStore:
 class Report:
     """Everything the sections share while the report is built."""
 
-    results_dir: Path
     root: Path | None
     config: dict
     manifest: pd.DataFrame
@@ -304,12 +342,6 @@ def _count_thumbs(n_species: int, exemplars: int, methods: Sequence[MethodData],
             + pairs * m * 8                           # look-alike maps
             + traits * gallery                        # trait galleries
             + n_species * (1 + m))                    # comparison
-
-
-def _report_options(config: Mapping[str, Any]) -> dict[str, int]:
-    options = dict(config.get("report") or {})
-    return {"max_species": int(options.get("max_species", 60)), "exemplars": int(options.get("exemplars", 3)),
-            "gallery": int(options.get("gallery", 8))}
 
 
 def _choose_exemplars(methods: Sequence[MethodData], manifest: pd.DataFrame, species: Sequence[int],
@@ -398,7 +430,7 @@ def _metric_table(ev: pd.DataFrame, metrics: Sequence[str], rows_are: str = "lab
 
 def summary_section(rep: Report) -> dict:
     manifest = rep.manifest
-    split = (rep.config.get("extract") or {}).get("split", "test")
+    split = rep.config["extract"]["split"]
     ev = _evaluation(rep.methods, split)
     known = set(ACCURACY_METRICS) | set(FAITHFULNESS_METRICS)
     truth_metrics = [m for m in dict.fromkeys(ev["metric"]) if m not in known]
@@ -419,8 +451,8 @@ def summary_section(rep: Report) -> dict:
                                               "top1": fmt(float(np.mean(p["correct"].astype(bool))))})
     splits = manifest["split"].value_counts()
     return {
-        "dataset": (rep.config.get("dataset") or {}).get("name", rep.results_dir.name),
-        "kind": (rep.config.get("dataset") or {}).get("kind", "?"),
+        "dataset": rep.config["dataset"]["name"],
+        "kind": rep.config["dataset"]["kind"],
         "n_images": len(manifest),
         "splits": [{"split": s, "n": int(n)} for s, n in splits.items()],
         "n_classes": len(rep.names),
@@ -457,7 +489,7 @@ def _ranked(rows: pd.DataFrame, rank: str, score: str) -> pd.DataFrame:
     return rows.sort_values(score, ascending=False)
 
 
-def _cards(rows: pd.DataFrame, trait_names: Mapping[int, str]) -> list[dict]:
+def _cards(rows: pd.DataFrame, trait_names: Mapping[int, str], colours: Mapping[str, str]) -> list[dict]:
     """Trait cards: a species' best regions with score, interval, support, heads and trait."""
     rows = _ranked(rows, "rank", "density").head(CARDS_PER_SPECIES)
     cards = []
@@ -471,17 +503,14 @@ def _cards(rows: pd.DataFrame, trait_names: Mapping[int, str]) -> list[dict]:
             "n_images": fmt(r.get("n_images")),
             "heads": ", ".join(str(h) for h in _as_list(r.get("heads"))) or "—",
             "trait": trait_names.get(trait, "—") if trait >= 0 else "—",
-            "colour": rep_colour(r["region"]),
+            "colour": region_colour(colours, r["region"]),
         })
     return cards
 
 
-_REGION_COLOURS: dict[str, str] = {}
-
-
-def rep_colour(region: str) -> str:
-    """The region's palette colour (set per report)."""
-    return _REGION_COLOURS.get(str(region), "#888888")
+def region_colour(colours: Mapping[str, str], region: str) -> str:
+    """The region's palette colour in this report (grey for a region the palette lacks)."""
+    return colours.get(str(region), "#888888")
 
 
 def atlas_section(rep: Report, progress: bool) -> dict:
@@ -508,7 +537,7 @@ def atlas_section(rep: Report, progress: bool) -> dict:
                 if len(rows):
                     entry["chart"] = plots.figure_uri(plots.ranked_regions_chart(
                         rows, rep.region_colours, title=f"{method_label(m.name)}: {name}"))
-                    entry["cards"] = _cards(rows, _trait_names(m))
+                    entry["cards"] = _cards(rows, _trait_names(m), rep.region_colours)
             per_method.append(entry)
         exemplars = []
         for image_id in rep.exemplars.get(class_id, []):
@@ -560,7 +589,8 @@ def _pairs(rep: Report) -> pd.DataFrame:
     return pairs.sort_values(["class_a", "class_b"]).head(MAX_PAIRS).reset_index(drop=True)
 
 
-def _contrast_rows(contrasts: pd.DataFrame, a: int, b: int, expected: set[str]) -> list[dict]:
+def _contrast_rows(contrasts: pd.DataFrame, a: int, b: int, expected: set[str],
+                   colours: Mapping[str, str]) -> list[dict]:
     rows = contrasts[(contrasts["class_a"] == a) & (contrasts["class_b"] == b)]
     order = "rank_combined" if "rank_combined" in rows else "combined"
     rows = _ranked(rows, "rank_combined", "combined").head(CONTRAST_ROWS)
@@ -574,7 +604,7 @@ def _contrast_rows(contrasts: pd.DataFrame, a: int, b: int, expected: set[str]) 
                     "p": fmt(r.get("p_value")), "q": fmt(r.get("q_value")),
                     "significant": r.get("q_value") is not None and pd.notna(r.get("q_value"))
                     and float(r["q_value"]) < 0.05,
-                    "planted": is_planted, "colour": rep_colour(r["region"])})
+                    "planted": is_planted, "colour": region_colour(colours, r["region"])})
     return out
 
 
@@ -622,8 +652,8 @@ def pairs_section(rep: Report) -> dict:
                 if maps:
                     item["maps"].append(maps)
             if "contrasts" in m.tables:
-                item["ab"] = _contrast_rows(m.tables["contrasts"], a, b, expected)
-                item["ba"] = _contrast_rows(m.tables["contrasts"], b, a, expected)
+                item["ab"] = _contrast_rows(m.tables["contrasts"], a, b, expected, rep.region_colours)
+                item["ba"] = _contrast_rows(m.tables["contrasts"], b, a, expected, rep.region_colours)
             if item["maps"] or item["ab"] or item["ba"]:
                 methods.append(item)
         out.append({"a": rep.name(a), "b": rep.name(b), "anchor_a": f"species-{a}", "anchor_b": f"species-{b}",
@@ -769,20 +799,18 @@ def _environment():
                               undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
-def build_report(results_dir: str | Path, root: str | Path | None, methods: Sequence[str], config: dict,
+def build_report(tables: ReportTables, root: str | Path | None, config: Mapping[str, Any] | None,
                  out_html: str | Path, progress: bool = True) -> Path:
     """Write the self-contained HTML trait report.
 
     Args:
-        results_dir: ``results/{dataset}``: manifest.parquet, parts.parquet,
-            lookalike_pairs.parquet (optional) and one folder per method with
-            its extraction and analysis tables (each optional: a missing one
-            drops what needs it, with a note in the report).
+        tables: every table to read, by path (``ReportTables.under(results_dir, methods)``
+            finds them at their documented places).
         root: the data set root; images are read from ``root / manifest.path``
             for the thumbnails (None or a missing folder: no thumbnails, noted).
-        methods: method folders to report, in order (``prompt_cam``, ``intr``).
-        config: the full workflow config; its ``report`` section sets
-            ``max_species``, ``exemplars`` and ``gallery``; it is shown verbatim.
+        config: the workflow config (validated here, missing keys at their
+            defaults); its ``report`` section sets ``max_species``, ``exemplars``
+            and ``gallery``; it is shown in the report.
         out_html: the report file (parent folders are created; written atomically).
         progress: a progress bar on stderr.
 
@@ -790,28 +818,27 @@ def build_report(results_dir: str | Path, root: str | Path | None, methods: Sequ
         ``out_html`` as a Path.
     """
     started = time.perf_counter()
-    results_dir = Path(results_dir)
+    config = validated(config)
     root_path = Path(root) if root is not None else None
-    manifest_path = results_dir / "manifest.parquet"
+    manifest_path = Path(tables.manifest)
     if not manifest_path.is_file():
         raise ReportError(f"{manifest_path}: no manifest (run `intr prepare` first)")
-    if not methods:
+    if not tables.methods:
         raise ReportError("build_report: no methods given")
     manifest = io.load(manifest_path)
     for column in ("image_id", "path", "class_id", "class_name", "split"):
         if column not in manifest:
             raise ReportError(f"{manifest_path}: column {column!r} missing")
-    parts = _read_optional(results_dir / "parts.parquet")
-    pairs = _read_optional(results_dir / "lookalike_pairs.parquet")
-    options = _report_options(config)
-    extract = config.get("extract") or {}
-    analysis_options = config.get("analysis") or {}
+    parts = _read_optional(tables.parts)
+    pairs = _read_optional(tables.lookalike_pairs)
+    options = config["report"]
+    extract = config["extract"]
     plots.setup()
 
     notes: list[str] = []
     loaded = []
-    for method in methods:
-        data = load_method(results_dir, method)
+    for method, method_tables in tables.methods.items():
+        data = load_method(method, method_tables)
         if len(data.missing) == len(METHOD_TABLES) + 1:
             notes.append(f"{method_label(method)}: no tables under {data.folder}; left out of the report.")
             continue
@@ -826,25 +853,23 @@ def build_report(results_dir: str | Path, root: str | Path | None, methods: Sequ
     names = dict(zip(classes["class_id"].astype(int), classes["class_name"].astype(str)))
     species = classes["class_id"].astype(int).tolist()[: options["max_species"]]
     exemplars = _choose_exemplars(loaded, manifest, species, options["exemplars"])
-    vocab = regions.region_vocabulary(parts, int(extract.get("region_cells", regions.DEFAULT_CELLS)))
+    vocab = regions.region_vocabulary(parts, extract["region_cells"])
     colours = plots.region_colours(vocab + sorted({str(r) for m in loaded if "regions" in m.tables
                                                    for r in m.tables["regions"]["region"].unique()} - set(vocab)))
-    _REGION_COLOURS.clear()
-    _REGION_COLOURS.update(colours)
 
     paths = dict(zip(manifest["image_id"].astype(int), manifest["path"].astype(str)))
-    peaks = PeakRegions(manifest, parts, root_path, float(extract.get("region_radius", regions.DEFAULT_RADIUS)),
-                        int(extract.get("region_cells", regions.DEFAULT_CELLS)))
+    peaks = PeakRegions(manifest, parts, root_path, extract["region_radius"],
+                        extract["region_cells"])
     needed = _needed_images(species, exemplars, loaded, options["gallery"])
     attention = {}
     for m in loaded:
         if m.attention is not None:
             attention[m.name] = AttentionIndex(m.attention, needed[m.name])
             peaks.prepare({i for ids in exemplars.values() for i in ids}, m.grid)
-    rep = Report(results_dir=results_dir, root=root_path, config=config, manifest=manifest, parts=parts, pairs=pairs,
+    rep = Report(root=root_path, config=config, manifest=manifest, parts=parts, pairs=pairs,
                  methods=loaded, names=names, species=species, exemplars=exemplars,
                  images=ImageStore(root_path, paths), peaks=peaks, attention=attention, region_colours=colours,
-                 top_heads=int(analysis_options.get("top_heads", extract.get("top_heads", 4))), notes=notes)
+                 top_heads=config["analysis"]["top_heads"], notes=notes)
     rep.side = thumbnail_side(_count_thumbs(len(species), options["exemplars"], loaded,
                                             min(HEADS_PER_EXEMPLAR, rep.top_heads), len(_pairs(rep)),
                                             options["gallery"]))
@@ -852,7 +877,7 @@ def build_report(results_dir: str | Path, root: str | Path | None, methods: Sequ
     rep.genus_of = {k: (str(v) if v is not None and pd.notna(v) else None) for k, v in genus.items()}
 
     context = {
-        "title": f"Trait report: {(config.get('dataset') or {}).get('name', results_dir.name)}",
+        "title": f"Trait report: {config['dataset']['name']}",
         "summary": summary_section(rep),
         "atlas": atlas_section(rep, progress),
         "pairs": pairs_section(rep),

@@ -83,7 +83,7 @@ def peak_rss_mb(model, manifest, root, out, limit, batch, device, threads) -> fl
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     cmd = [sys.executable, "-c", code, sys.executable, "-m", "intr.cli", "extract", "--model", str(model),
            "--manifest", str(manifest), "--root", str(root), "--out", str(out), "--limit", str(limit),
-           "--batch-size", str(batch), "--device", device, "--quiet"]
+           "--config-json", json.dumps({"extract": {"batch_size": batch, "device": device}}), "--quiet"]
     if threads:
         cmd += ["--threads", str(threads)]
     result = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)

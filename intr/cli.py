@@ -11,26 +11,47 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import yaml
 
+def _add_config_options(parser: argparse.ArgumentParser, reads: str) -> None:
+    """--config FILE or --config-json JSON: the one way options reach a sub-command.
 
-def _load_section(path: str | None, section: str) -> dict:
-    """Read ``section`` of a YAML file (or the whole file when it has no such key).
-
-    ``section`` may name alternatives, ``"synthetic|data"``: the first present wins.
+    Args:
+        parser: the sub-command's parser.
+        reads: which part of the config the sub-command reads (for --help).
     """
-    if not path:
-        return {}
-    p = Path(path)
-    if not p.exists():
-        raise SystemExit(f"intr: config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"intr: config file {p} must hold a mapping")
-    for name in section.split("|"):
-        if name in data:
-            return dict(data[name])
-    return dict(data)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="FILE",
+                       help=f"workflow config (YAML); {reads} is read, checked against the schema, "
+                       "missing keys at their defaults (config/README.md)")
+    where.add_argument("--config-json", dest="config_json", metavar="JSON",
+                       help="the same as JSON text, e.g. '{\"extract\": {\"split\": \"val\"}}' (the "
+                       "workflow's rules pass their sections this way)")
+
+
+def _config(args: argparse.Namespace) -> dict:
+    """The workflow config of --config or --config-json, validated, every missing key at its default.
+
+    Args:
+        args: the parsed arguments of a sub-command built with _add_config_options (neither flag: all defaults).
+    """
+    from analysis.config import ConfigError, parse_config_json, read_config, validated
+
+    try:
+        if args.config:
+            return validated(read_config(args.config))
+        return validated(parse_config_json(args.config_json) if args.config_json else {})
+    except ConfigError as err:
+        raise SystemExit(f"intr {args.command}: {err}") from err
+
+
+def _config_section(args: argparse.Namespace, name: str) -> dict:
+    """Section ``name`` of the sub-command's config (see _config).
+
+    Args:
+        args: the parsed arguments.
+        name: a top-level key of the config schema.
+    """
+    return _config(args)[name]
 
 
 def _set_threads(threads: int | None) -> None:
@@ -57,19 +78,21 @@ def _add_model_inputs(parser: argparse.ArgumentParser, manifest_help: str) -> No
 def _cmd_synthesize(args: argparse.Namespace) -> int:
     from intr.data.synthetic import SyntheticConfig, synthesize
 
-    options = _load_section(args.config, "synthetic|data")
-    for key in ("genera", "species_per_genus", "images_per_species", "image_size",
-                "seed", "train_fraction", "set"):
-        value = getattr(args, key)
-        if value is not None:
-            options[key] = value
-    if args.class_names:
-        options["class_names"] = args.class_names
+    if args.recipe and (args.config or args.config_json):
+        raise SystemExit("intr synthesize: give --recipe or a config, not both")
+    if args.recipe:  # the pretraining species: the recipe's data section, not a workflow config
+        from intr.pretrain import load_recipe
+
+        options = dict(load_recipe(args.recipe)["data"])
+    else:
+        options = _config_section(args, "synthetic")
+    config_workers = options.pop("workers", 1)
+    workers = args.workers or config_workers
     try:
         config = SyntheticConfig.from_dict(options)
     except (TypeError, ValueError) as err:
         raise SystemExit(f"intr synthesize: {err}") from err
-    summary = synthesize(config, Path(args.out), workers=args.workers, progress=not args.quiet)
+    summary = synthesize(config, Path(args.out), workers=workers, progress=not args.quiet)
     print(f"wrote {summary['images']} images of {summary['species']} species "
           f"({summary['genera']} genera) to {args.out}")
     return 0
@@ -78,15 +101,16 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from intr.data.prepare import PrepareError, prepare_dataset
 
+    options = _config_section(args, "dataset")
     try:
         summary = prepare_dataset(
-            kind=args.kind,
+            kind=options["kind"],
             root=Path(args.root),
             out=Path(args.out),
-            val_fraction=args.val_fraction,
-            max_reject_fraction=args.max_reject_fraction,
-            seed=args.seed,
-            taxonomy=Path(args.taxonomy) if args.taxonomy else None,
+            val_fraction=options["val_fraction"],
+            max_reject_fraction=options["max_reject_fraction"],
+            seed=options["seed"],
+            taxonomy=Path(options["taxonomy"]) if options["taxonomy"] else None,
             workers=args.workers,
             progress=not args.quiet,
         )
@@ -114,37 +138,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_section(args: argparse.Namespace) -> dict:
-    """The method's config section: from --section-json, else from --config's section."""
-    import copy
-    import json
-
-    if args.section_json:
-        section, where = json.loads(args.section_json), "--section-json"
-    elif args.config:
-        section, where = _load_section(args.config, args.method), args.config
-    else:
-        raise SystemExit("intr train: give --config FILE or --section-json JSON")
-    for key in ("model", "train"):
-        if key not in section:
-            raise SystemExit(f"intr: {where}: section '{args.method}' needs a '{key}' key")
-    section = copy.deepcopy(section)
-    if args.backbone_checkpoint:
-        section["model"]["backbone"]["checkpoint"] = str(Path(args.backbone_checkpoint).resolve())
-    return section
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from intr.train import TrainingDiverged, train
 
-    section = _method_section(args)
-    options = dict(section["train"])
-    if args.epochs is not None:
-        options["epochs"] = args.epochs
+    section = _config_section(args, args.method)
+    if args.backbone_checkpoint:
+        section["model"]["backbone"]["checkpoint"] = str(Path(args.backbone_checkpoint).resolve())
     _set_threads(args.threads)
     try:
-        result = train(args.method, section["model"], options, Path(args.manifest), Path(args.root),
-                       Path(args.out), image_size=int(section.get("image_size", 224)), progress=not args.quiet)
+        result = train(args.method, section["model"], section["train"], Path(args.manifest), Path(args.root),
+                       Path(args.out), image_size=section["image_size"], progress=not args.quiet)
     except (TrainingDiverged, ValueError, FileNotFoundError) as err:
         print(f"intr train: error: {err}", file=sys.stderr)
         return 1
@@ -156,9 +159,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from intr.evaluate import evaluate_model
 
+    options = _config_section(args, "extract")
     _set_threads(args.threads)
     table = evaluate_model(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
-                           split=args.split, device=args.device, progress=not args.quiet)
+                           split=options["split"], batch_size=options["batch_size"], device=options["device"],
+                           progress=not args.quiet)
     with_ci = table.assign(ci=lambda t: t.apply(lambda r: f"[{r.ci_lo:.3f}, {r.ci_hi:.3f}]", axis=1))
     print(with_ci[["method", "metric", "split", "value", "ci", "n"]].to_string(index=False, float_format="%.3f"))
     return 0
@@ -172,21 +177,6 @@ def _cmd_evaluation(args: argparse.Namespace) -> int:
     return 0
 
 
-def _section_json(text: str | None) -> dict:
-    """A config section handed over as JSON by the workflow (empty: defaults)."""
-    import json
-
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"intr: --section-json is not valid JSON: {err}")
-    if not isinstance(value, dict):
-        raise SystemExit("intr: --section-json must hold a JSON object")
-    return value
-
-
 EXTRACT_KEYS = ("split", "batch_size", "top_heads", "siblings_k", "region_radius", "region_cells",
                 "blur_sigma", "device")
 
@@ -195,10 +185,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from intr.extract import extract
 
     _set_threads(args.threads)
-    options = {k: v for k, v in _section_json(args.section_json).items() if k in EXTRACT_KEYS}
-    for key in ("split", "batch_size", "device"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
+    options = {k: v for k, v in _config_section(args, "extract").items() if k in EXTRACT_KEYS}
     paths = extract(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
                     workers=args.workers, limit=args.limit, progress=not args.quiet, **options)
     print(f"extract: {len(paths)} tables -> {args.out}")
@@ -209,14 +196,13 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
     from intr.faithfulness import run_faithfulness
 
     _set_threads(args.threads)
-    options = _section_json(args.section_json)
+    options = _config_section(args, "extract")
     table = run_faithfulness(
         Path(args.model), Path(args.manifest), Path(args.root), Path(args.out_maps), Path(args.out_metrics),
         attention=Path(args.attention),
-        split=options.get("split", "test"), top_heads=options.get("top_heads", 4),
-        images=options.get("faithfulness_images", 300), steps=options.get("faithfulness_steps", 16),
-        blur_sigma=options.get("blur_sigma", 0.05), batch_size=options.get("batch_size", 64),
-        device=options.get("device", "auto"), progress=not args.quiet)
+        split=options["split"], top_heads=options["top_heads"], images=options["faithfulness_images"],
+        steps=options["faithfulness_steps"], blur_sigma=options["blur_sigma"], batch_size=options["batch_size"],
+        device=options["device"], progress=not args.quiet)
     print(table.to_string(index=False, float_format="%.3f"))
     return 0
 
@@ -226,22 +212,40 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     from analysis.pipeline import AnalysisInputs, analyze
 
+    config = _config(args)
+    options = {**config["analysis"], **{k: config["extract"][k] for k in ("region_radius", "region_cells")}}
     # One flag per AnalysisInputs field (--head-ranks -> head_ranks); optional ones may be omitted.
     given = {f.name: Path(getattr(args, f.name)) for f in fields(AnalysisInputs) if getattr(args, f.name) is not None}
-    inputs = AnalysisInputs(**given)
-    table = analyze(inputs, Path(args.out), _section_json(args.section_json), progress=not args.quiet)
+    table = analyze(AnalysisInputs(**given), Path(args.out), options, progress=not args.quiet)
     print(table.to_string(index=False, float_format="%.3f"))
     return 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    from analysis.report import build_report
+def _method_tables(method_args: list[list[str]]) -> dict[str, dict[str, Path]]:
+    """--method NAME TABLE=PATH ... (repeated) as {method: {table: path}}, in the order given.
 
-    config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    if args.config_json:
-        config = _section_json(args.config_json)
-    out = build_report(Path(args.results), Path(args.root), args.methods, config, Path(args.out),
-                       progress=not args.quiet)
+    Args:
+        method_args: the values of each --method flag.
+    """
+    methods: dict[str, dict[str, Path]] = {}
+    for name, *pairs in method_args:
+        tables = methods.setdefault(name, {})
+        for pair in pairs:
+            table, sep, path = pair.partition("=")
+            if not sep or not table or not path:
+                raise SystemExit(f"intr report: --method {name}: expected TABLE=PATH, got {pair!r}")
+            tables[table] = Path(path)
+    return methods
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import ReportTables, build_report
+
+    config = _config(args)
+    tables = ReportTables(manifest=Path(args.manifest), parts=Path(args.parts) if args.parts else None,
+                          lookalike_pairs=Path(args.lookalike_pairs) if args.lookalike_pairs else None,
+                          methods=_method_tables(args.method))
+    out = build_report(tables, Path(args.root), config, Path(args.out), progress=not args.quiet)
     print(f"report -> {out}")
     return 0
 
@@ -261,22 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         "traits.csv and pairs.csv. The same options give byte-identical files.",
     )
     syn.add_argument("--out", required=True, help="output folder (the data set root)")
-    syn.add_argument("--config", help="YAML file; its 'synthetic' section (or the whole file) sets defaults")
-    syn.add_argument("--genera", type=int, help="number of genera (default 4)")
-    syn.add_argument("--species-per-genus", dest="species_per_genus", type=int,
-                     help="species per genus (default 3)")
-    syn.add_argument("--images-per-species", dest="images_per_species", type=int,
-                     help="images per species (default 100)")
-    syn.add_argument("--image-size", dest="image_size", type=int, help="square image side in px (default 64)")
-    syn.add_argument("--train-fraction", dest="train_fraction", type=float,
-                     help="fraction of each species marked as training images (default 0.5)")
-    syn.add_argument("--seed", type=int, help="random seed (default 0)")
-    syn.add_argument("--set", choices=["target", "pretrain"],
-                     help="'target' (default): the look-alike species to study; 'pretrain': "
-                     "the larger, disjoint species set for backbone pretraining")
-    syn.add_argument("--class-name", dest="class_names", action="append",
-                     help="replace the next generated species name (repeatable; a class folder name: no '/')")
-    syn.add_argument("--workers", type=int, default=1, help="worker processes (output does not depend on it)")
+    _add_config_options(syn, "its 'synthetic' section")
+    syn.add_argument("--recipe", help="render the pretraining species of this backbone recipe's data section "
+                     "(intr/configs/pretrain_synthetic_vit.yaml) instead of the config's synthetic section")
+    syn.add_argument("--workers", type=int,
+                     help="worker processes (default: the config's synthetic.workers; output does not depend on it)")
     syn.add_argument("--quiet", action="store_true", help="no progress bar")
     syn.set_defaults(func=_cmd_synthesize)
 
@@ -287,16 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         "rejected.parquet (and class_attributes.parquet, planted_traits.parquet, "
         "lookalike_pairs.parquet where the data has them) into --out.",
     )
-    prep.add_argument("--kind", required=True, choices=["cub", "imagefolder", "synthetic"],
-                      help="data set layout")
     prep.add_argument("--root", required=True, help="data set root folder")
     prep.add_argument("--out", required=True, help="folder for the tables")
-    prep.add_argument("--val-fraction", dest="val_fraction", type=float, default=0.1,
-                      help="fraction of training images held out as 'val' (per class; default 0.1)")
-    prep.add_argument("--max-reject-fraction", dest="max_reject_fraction", type=float, default=0.05,
-                      help="stop with an error when more than this fraction of images is rejected")
-    prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    prep.add_argument("--taxonomy", help="optional CSV with columns class_name,genus")
+    _add_config_options(prep, "its 'dataset' section")
     prep.add_argument("--workers", type=int, default=1, help="decoding processes")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(func=_cmd_prepare)
@@ -305,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain",
         help="train the small backbone of the embedded default on the pretraining species",
         description="Train the recipe's timm ViT from scratch on the synthetic pretraining set "
-        "(intr synthesize --set pretrain, then intr prepare) and save its weights without classifier.",
+        "(intr synthesize --recipe RECIPE, then intr prepare) and save its weights without classifier.",
     )
     pre.add_argument("--manifest", required=True, help="manifest.parquet of the prepared pretraining set")
     pre.add_argument("--root", required=True, help="root of the pretraining data set")
@@ -324,15 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun --nproc_per_node N -m intr.cli train ...",
     )
     tr.add_argument("--method", required=True, choices=["prompt_cam", "intr"])
-    tr.add_argument("--config", help="YAML config with a section named after the method "
-                    "(model: backbone..., train: optimiser..., image_size)")
-    tr.add_argument("--section-json", dest="section_json", help="the method's section as JSON (instead of --config)")
+    _add_config_options(tr, "the section named after --method")
     tr.add_argument("--backbone-checkpoint", dest="backbone_checkpoint",
                     help="override the backbone's weights file (e.g. a freshly pretrained one)")
     tr.add_argument("--manifest", required=True, help="manifest.parquet from intr prepare")
     tr.add_argument("--root", required=True, help="data set root")
     tr.add_argument("--out", required=True, help="output folder (model.pt, train_log.parquet, checkpoints/)")
-    tr.add_argument("--epochs", type=int, help="override the config's epochs")
     _add_run_options(tr)
     tr.set_defaults(func=_cmd_train)
 
@@ -345,8 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_inputs(ev, "manifest.parquet (parts and pairs tables beside it)")
     ev.add_argument("--out", required=True, help="metrics table to write")
-    ev.add_argument("--split", default="test", help="evaluation split (default test)")
-    ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _add_config_options(ev, "its 'extract' section (split, batch_size, device)")
     _add_run_options(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -369,10 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_inputs(ex, "manifest.parquet (parts.parquet beside it)")
     ex.add_argument("--out", required=True, help="output folder")
-    ex.add_argument("--section-json", dest="section_json", help="the config's extract section as JSON")
-    ex.add_argument("--split", help="split to extract (default test)")
-    ex.add_argument("--batch-size", dest="batch_size", type=int, help="images per forward pass (default 64)")
-    ex.add_argument("--device", help="auto, cpu or cuda")
+    _add_config_options(ex, "its 'extract' section")
     ex.add_argument("--workers", type=int, default=0, help="image-decoding processes")
     ex.add_argument("--limit", type=int, help="only the first N images (benchmarks)")
     _add_run_options(ex)
@@ -390,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="attention.parquet from intr extract for the same model and split (the model's maps)")
     fa.add_argument("--out-maps", dest="out_maps", required=True, help="baseline_maps.parquet to write")
     fa.add_argument("--out-metrics", dest="out_metrics", required=True, help="metrics table to write")
-    fa.add_argument("--section-json", dest="section_json", help="the config's extract section as JSON")
+    _add_config_options(fa, "its 'extract' section")
     _add_run_options(fa)
     fa.set_defaults(func=_cmd_faithfulness)
 
@@ -413,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--class-attributes", dest="class_attributes", help="class_attributes.parquet (CUB)")
     an.add_argument("--root", required=True, help="data set root (part masks)")
     an.add_argument("--out", required=True, help="output folder")
-    an.add_argument("--section-json", dest="section_json", help="the config's analysis options as JSON")
+    _add_config_options(an, "its 'analysis' section (and extract's region_radius, region_cells)")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
     an.set_defaults(func=_cmd_analyze)
 
@@ -422,11 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the self-contained HTML trait report",
         description="Build report.html from the results of one data set and its methods.",
     )
-    rp.add_argument("--results", required=True, help="results/{dataset} folder")
+    rp.add_argument("--manifest", required=True, help="manifest.parquet")
+    rp.add_argument("--parts", help="parts.parquet")
+    rp.add_argument("--lookalike-pairs", dest="lookalike_pairs", help="lookalike_pairs.parquet (where the data has it)")
+    rp.add_argument("--method", nargs="+", action="append", required=True, metavar="NAME TABLE=PATH",
+                    help="a method to report and its tables by name (file stems of docs/tables.md), e.g. "
+                    "--method prompt_cam attention=results/x/prompt_cam/attention.parquet evaluation=...; "
+                    "repeat per method; a table not given drops what needs it, with a note")
     rp.add_argument("--root", required=True, help="data set root (exemplar images)")
-    rp.add_argument("--methods", nargs="+", required=True, help="methods to report")
-    rp.add_argument("--config", help="the workflow config YAML shown in the report")
-    rp.add_argument("--config-json", dest="config_json", help="the workflow config as JSON (instead of --config)")
+    _add_config_options(rp, "the whole config (shown in the report; its 'report' section sets it)")
     rp.add_argument("--out", required=True, help="report.html to write")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
     rp.set_defaults(func=_cmd_report)

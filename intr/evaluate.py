@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from analysis.config import defaults
 from analysis.stats import metric_row
 from analysis.tables import read_table, write_table
 from intr.baselines import BackboneFeatures, extract_features
@@ -66,8 +67,12 @@ def model_logits(model: torch.nn.Module, data: ImageSet, device: torch.device, b
     return torch.cat(logits)
 
 
+EXTRACT = defaults("extract")  # the config schema's defaults
+
+
 def evaluate_model(model_path: str | Path, manifest: str | Path, root: str | Path, out: str | Path,
-                   split: str = "test", batch_size: int = 64, device: str = "auto",
+                   split: str = EXTRACT["split"], batch_size: int = EXTRACT["batch_size"],
+                   device: str = EXTRACT["device"],
                    progress: bool = True) -> pd.DataFrame:
     """Write ``metrics_model.parquet`` for one trained model; return its rows.
 

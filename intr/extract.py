@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from analysis import regions as reg
 from analysis import tables
+from analysis.config import defaults
 from analysis.tables import ParquetStreamWriter, read_table
 from intr.data.images import ImageSet, read_split
 from intr.faithfulness import gaussian_blur
@@ -209,11 +210,15 @@ def _region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: t
     return {k: np.asarray(v) for k, v in cols.items()}
 
 
+EXTRACT = defaults("extract")  # the config schema's defaults
+
+
 def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_dir: str | Path,
-            split: str = "test", batch_size: int = 64, top_heads: int = 4, siblings_k: int = 3,
-            region_radius: float = reg.DEFAULT_RADIUS, region_cells: int = reg.DEFAULT_CELLS,
-            blur_sigma: float = 0.05, device: str = "auto", workers: int = 0, amp: bool = True,
-            limit: int | None = None, progress: bool = True) -> dict[str, Path]:
+            split: str = EXTRACT["split"], batch_size: int = EXTRACT["batch_size"],
+            top_heads: int = EXTRACT["top_heads"], siblings_k: int = EXTRACT["siblings_k"],
+            region_radius: float = EXTRACT["region_radius"], region_cells: int = EXTRACT["region_cells"],
+            blur_sigma: float = EXTRACT["blur_sigma"], device: str = EXTRACT["device"], workers: int = 0,
+            amp: bool = True, limit: int | None = None, progress: bool = True) -> dict[str, Path]:
     """Write the extraction tables of one trained model into ``out_dir``.
 
     Args:

@@ -54,6 +54,7 @@ from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 from tqdm import tqdm
 
 from analysis import io, tables
+from analysis.config import defaults
 from analysis.stats import metric_row
 from analysis.tables import ParquetStreamWriter, write_table
 from intr.baselines import CAM_METHODS, attention_rollout, backbone_vit, cam_maps, fit_linear_probe, pool_to_grid
@@ -224,10 +225,15 @@ def _check_attention_table(attention: str | Path, method: str, split: str, grid:
                          f"but faithfulness runs {(method, split, grid)}")
 
 
+EXTRACT = defaults("extract")  # the config schema's defaults
+
+
 def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | Path, out_maps: str | Path,
-                     out_metrics: str | Path, attention: str | Path, split: str = "test", top_heads: int = 4,
-                     images: int = 300, steps: int = 16, blur_sigma: float = 0.05, batch_size: int = 64,
-                     device: str = "auto", seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                     out_metrics: str | Path, attention: str | Path, split: str = EXTRACT["split"],
+                     top_heads: int = EXTRACT["top_heads"], images: int = EXTRACT["faithfulness_images"],
+                     steps: int = EXTRACT["faithfulness_steps"], blur_sigma: float = EXTRACT["blur_sigma"],
+                     batch_size: int = EXTRACT["batch_size"], device: str = EXTRACT["device"], seed: int = 0,
+                     progress: bool = True) -> pd.DataFrame:
     """Write ``baseline_maps.parquet`` and ``metrics_faithfulness.parquet``; return the metric rows.
 
     Args:

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from analysis.config import defaults
 from intr.data.images import ImageSet, read_split
 from intr.models import build_model, read_checkpoint, resolve_device
 from intr.models.backbones import normalization
@@ -48,6 +49,9 @@ from analysis.tables import write_table
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+TRAIN = defaults("prompt_cam")["train"]  # the config schema's defaults ($defs/train, both methods)
 
 
 @dataclass
@@ -71,20 +75,20 @@ class TrainOptions:
         device: ``auto``, ``cpu`` or ``cuda``.
     """
 
-    epochs: int = 30
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 0.005
-    backbone_lr: float | None = None
-    weight_decay: float = 0.001
-    momentum: float = 0.9
-    warmup_epochs: int = 2
-    clip_grad: float = 0.0
-    label_smoothing: float = 0.0
-    seed: int = 0
-    workers: int = 0
-    amp: bool = True
-    device: str = "auto"
+    epochs: int = TRAIN["epochs"]
+    batch_size: int = TRAIN["batch_size"]
+    optimizer: str = TRAIN["optimizer"]
+    lr: float = TRAIN["lr"]
+    backbone_lr: float | None = TRAIN["backbone_lr"]
+    weight_decay: float = TRAIN["weight_decay"]
+    momentum: float = TRAIN["momentum"]
+    warmup_epochs: int = TRAIN["warmup_epochs"]
+    clip_grad: float = TRAIN["clip_grad"]
+    label_smoothing: float = TRAIN["label_smoothing"]
+    seed: int = TRAIN["seed"]
+    workers: int = TRAIN["workers"]
+    amp: bool = TRAIN["amp"]
+    device: str = TRAIN["device"]
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> "TrainOptions":

@@ -257,7 +257,7 @@ def test_cli_analyze_reads_exactly_the_paths_it_is_given(synthetic, tmp_path):
             "--predictions", str(method / "predictions.parquet"), "--manifest", str(paths["manifest"]),
             "--parts", str(data / "parts.parquet"), "--lookalike-pairs", str(data / "lookalike_pairs.parquet"),
             "--trait-features", str(method / "trait_features.parquet"), "--root", str(paths["root"]),
-            "--out", str(tmp_path), "--section-json", json.dumps(FAST), "--quiet"]
+            "--out", str(tmp_path), "--config-json", json.dumps({"analysis": FAST}), "--quiet"]
     assert main(argv) == 0
     con = pd.read_parquet(tmp_path / "contrasts.parquet")
     assert con["occlusion"].isna().all()  # no --region-effects: no occlusion score

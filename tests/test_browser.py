@@ -135,12 +135,12 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report_file(tmp_path_factory) -> tuple[Path, list[str]]:
-    from analysis.report import build_report
+    from analysis.report import ReportTables, build_report
 
     base = tmp_path_factory.mktemp("browser-report")
     fixture = make_report_fixture(base)
-    out = build_report(fixture["results_dir"], fixture["root"], fixture["methods"], fixture["config"],
-                       base / "report.html", progress=False)
+    out = build_report(ReportTables.under(fixture["results_dir"], fixture["methods"]), fixture["root"],
+                       fixture["config"], base / "report.html", progress=False)
     return out, fixture["names"]
 
 

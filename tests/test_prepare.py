@@ -360,11 +360,11 @@ def test_output_of_the_synthetic_generator_prepares_cleanly(tmp_path):
 
 def test_cli_prepare_prints_the_count_line(tmp_path, capsys):
     root = write_cub(tmp_path / "CUB_200_2011", bad_and_odd_images())
-    code = main(["prepare", "--kind", "cub", "--root", str(root), "--out", str(tmp_path / "out"),
-                 "--max-reject-fraction", "0.5", "--quiet"])
+    config = '{"dataset": {"kind": "cub", "max_reject_fraction": 0.5}}'
+    code = main(["prepare", "--root", str(root), "--out", str(tmp_path / "out"), "--config-json", config, "--quiet"])
     assert code == 0
     assert "inputs 14 = manifest 10 + rejected 4 (3 classes)" in capsys.readouterr().out
-    code = main(["prepare", "--kind", "cub", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "o"),
-                 "--quiet"])
+    code = main(["prepare", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "o"),
+                 "--config-json", config, "--quiet"])
     assert code == 1
     assert str(tmp_path / "absent") in capsys.readouterr().err

@@ -209,10 +209,11 @@ def fixture_tables(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def report_html(fixture_tables, tmp_path_factory) -> str:
-    from analysis.report import build_report
+    from analysis.report import ReportTables, build_report
 
-    out = build_report(fixture_tables["results_dir"], fixture_tables["root"], fixture_tables["methods"],
-                       fixture_tables["config"], tmp_path_factory.mktemp("out") / "report.html", progress=False)
+    tables = ReportTables.under(fixture_tables["results_dir"], fixture_tables["methods"])
+    out = build_report(tables, fixture_tables["root"], fixture_tables["config"],
+                       tmp_path_factory.mktemp("out") / "report.html", progress=False)
     return out.read_text(encoding="utf-8")
 
 
@@ -272,7 +273,7 @@ def test_planted_contrast_rows_are_marked(report_html):
 def test_missing_optional_tables_drop_sections_with_a_note(fixture_tables, tmp_path):
     import shutil
 
-    from analysis.report import build_report
+    from analysis.report import ReportTables, build_report
 
     results = tmp_path / "tiny"
     shutil.copytree(fixture_tables["results_dir"], results)
@@ -280,8 +281,8 @@ def test_missing_optional_tables_drop_sections_with_a_note(fixture_tables, tmp_p
     (results / "intr" / "traits.parquet").unlink()
     (results / "lookalike_pairs.parquet").unlink()
     (results / "prompt_cam" / "regions.parquet").unlink()
-    out = build_report(results, fixture_tables["root"], fixture_tables["methods"], fixture_tables["config"],
-                       tmp_path / "r.html", progress=False)
+    out = build_report(ReportTables.under(results, fixture_tables["methods"]), fixture_tables["root"],
+                       fixture_tables["config"], tmp_path / "r.html", progress=False)
     text = _text(out.read_text())
     assert "INTR: contrasts.parquet not found" in text
     assert "INTR: traits.parquet or trait_members.parquet not found" in text
@@ -291,30 +292,30 @@ def test_missing_optional_tables_drop_sections_with_a_note(fixture_tables, tmp_p
 
 
 def test_max_species_limits_the_atlas(fixture_tables, tmp_path):
-    from analysis.report import build_report
+    from analysis.report import ReportTables, build_report
 
     config = {**fixture_tables["config"], "report": {"max_species": 2, "exemplars": 1, "gallery": 2}}
-    out = build_report(fixture_tables["results_dir"], fixture_tables["root"], fixture_tables["methods"], config,
-                       tmp_path / "r.html", progress=False)
+    tables = ReportTables.under(fixture_tables["results_dir"], fixture_tables["methods"])
+    out = build_report(tables, fixture_tables["root"], config, tmp_path / "r.html", progress=False)
     page = out.read_text()
     assert page.count('<details class="species"') == 2
     assert "2 more species are not shown here" in _text(page)
 
 
 def test_missing_manifest_is_an_error_naming_it(tmp_path):
-    from analysis.report import ReportError, build_report
+    from analysis.report import ReportError, ReportTables, build_report
 
     with pytest.raises(ReportError, match="manifest.parquet"):
-        build_report(tmp_path, tmp_path, ["prompt_cam"], {}, tmp_path / "r.html", progress=False)
+        build_report(ReportTables.under(tmp_path, ["prompt_cam"]), tmp_path, {}, tmp_path / "r.html", progress=False)
 
 
 def test_report_never_imports_torch(fixture_tables, tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, json; from analysis.report import build_report; "
-            f"build_report({str(fixture_tables['results_dir'])!r}, {str(fixture_tables['root'])!r}, "
-            f"['prompt_cam', 'intr'], {fixture_tables['config']!r}, {str(tmp_path / 'r.html')!r}, progress=False); "
+    code = ("import sys, json; from analysis.report import ReportTables, build_report; "
+            f"build_report(ReportTables.under({str(fixture_tables['results_dir'])!r}, ['prompt_cam', 'intr']), "
+            f"{str(fixture_tables['root'])!r}, {fixture_tables['config']!r}, {str(tmp_path / 'r.html')!r}, progress=False); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent.parent)

@@ -195,8 +195,8 @@ def test_unknown_option_is_an_error_naming_it():
 def test_cli_synthesize_writes_the_data_set(tmp_path, capsys):
     from intr.cli import main
 
-    assert main(["synthesize", "--out", str(tmp_path / "d"), "--genera", "1", "--species-per-genus", "2",
-                 "--images-per-species", "3", "--quiet"]) == 0
+    config = '{"synthetic": {"genera": 1, "species_per_genus": 2, "images_per_species": 3}}'
+    assert main(["synthesize", "--out", str(tmp_path / "d"), "--config-json", config, "--quiet"]) == 0
     assert "wrote 6 images of 2 species (1 genera)" in capsys.readouterr().out
     assert len((tmp_path / "d" / "images.txt").read_text().splitlines()) == 6
 

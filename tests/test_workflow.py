@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-
+import json
+import os
+import re
+import shlex
+import tomllib
 from html import escape
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -49,7 +54,132 @@ def test_dry_run_plans_synthesize_then_prepare(run_snakemake, repo_root, tmp_pat
     assert "rule synthesize:" in result.stdout
     assert "rule prepare:" in result.stdout
     assert "results/tiny/manifest.parquet" in result.stdout
-    assert "--images-per-species 12" in result.stdout
+    synthesize = shell_commands(result.stdout, "synthesize")[0]
+    assert json.loads(option(synthesize, "--config-json"))["synthetic"]["images_per_species"] == 12
+
+
+def shell_commands(dry_run: str, subcommand: str) -> list[list[str]]:
+    """The `intr SUBCOMMAND ...` shell commands of a `snakemake -n -p` output, split into words."""
+    return [shlex.split(line.removeprefix("Shell command: ").split(" > ")[0])
+            for line in dry_run.splitlines() if line.startswith(f"Shell command: intr {subcommand} ")]
+
+
+def option(words: list[str], flag: str) -> str:
+    """The value after `flag` in a split command line."""
+    return words[words.index(flag) + 1]
+
+
+def planned(dry_run: str) -> dict[str, list[str]]:
+    """Rule name -> the outputs of each of its planned jobs (`snakemake -n`), in plan order."""
+    jobs: dict[str, list[str]] = {}
+    rule = None
+    for line in dry_run.splitlines():
+        if match := re.match(r"(?:local)?rule (\w+):$", line.strip()):
+            rule = match.group(1)
+            jobs.setdefault(rule, [])
+        elif rule and line.strip().startswith("output: "):
+            jobs[rule].extend(line.strip().removeprefix("output: ").split(", "))
+    return jobs
+
+
+def tiny_config_with(tmp_path: Path, repo_root: Path, section: str, **values) -> Path:
+    config = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
+    config.setdefault(section, {}).update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_evaluate_and_extract_use_the_configured_split(run_snakemake, repo_root, tmp_path):
+    config = tiny_config_with(tmp_path, repo_root, "extract", split="val")
+
+    result = run_snakemake("-n", "-p", "--cores", "1", "--configfile", config, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stdout
+    for subcommand in ("evaluate", "extract", "faithfulness"):
+        commands = shell_commands(result.stdout, subcommand)
+        assert len(commands) == 2, subcommand  # prompt_cam and intr
+        for words in commands:
+            assert json.loads(option(words, "--config-json"))["extract"]["split"] == "val", subcommand
+
+
+def test_rules_declare_the_ground_truth_tables_and_pass_them_by_path(run_snakemake, repo_root, tmp_path):
+    result = run_snakemake("-n", "-p", "--cores", "1", "--configfile", repo_root / "config" / "tiny.yaml",
+                           cwd=tmp_path)
+
+    assert result.returncode == 0, result.stdout
+    jobs = planned(result.stdout)
+    tables = {f"results/tiny/{name}.parquet" for name in ("lookalike_pairs", "class_attributes", "planted_traits")}
+    assert tables <= set(jobs["prepare"])
+    analyze = shell_commands(result.stdout, "analyze")[0]
+    method = Path(option(analyze, "--attention")).parent.name
+    for flag, path in {"--lookalike-pairs": "results/tiny/lookalike_pairs.parquet",
+                       "--class-attributes": "results/tiny/class_attributes.parquet",
+                       "--parts": "results/tiny/parts.parquet",
+                       "--baseline-maps": f"results/tiny/{method}/baseline_maps.parquet",
+                       "--trait-features": f"results/tiny/{method}/trait_features.parquet"}.items():
+        assert option(analyze, flag) == path, flag
+    faithfulness = shell_commands(result.stdout, "faithfulness")[0]
+    assert option(faithfulness, "--attention").endswith("/attention.parquet")
+    report = shell_commands(result.stdout, "report")[0]
+    assert option(report, "--lookalike-pairs") == "results/tiny/lookalike_pairs.parquet"
+    given = {word.split("=", 1)[0] for word in report if re.fullmatch(r"\w+=results/.*", word)}
+    assert {"attention", "evaluation", "contrasts", "regions", "traits", "trait_members", "head_types",
+            "baseline_maps", "predictions", "head_ranks", "region_effects"} == given
+
+
+def test_imagefolder_data_declares_no_ground_truth_tables(run_snakemake, repo_root, tmp_path):
+    (tmp_path / "gulls" / "train" / "a").mkdir(parents=True)
+    config = tmp_path / "gulls.yaml"
+    config.write_text(yaml.safe_dump({"dataset": {"name": "gulls", "kind": "imagefolder",
+                                                  "root": str(tmp_path / "gulls")}, "methods": ["prompt_cam"]}))
+
+    result = run_snakemake("-n", "-p", "--cores", "1", "--configfile", config, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stdout
+    assert sorted(Path(p).name for p in planned(result.stdout)["prepare"]) == \
+        ["manifest.parquet", "parts.parquet", "rejected.parquet"]
+    analyze = shell_commands(result.stdout, "analyze")[0]
+    assert "--lookalike-pairs" not in analyze and "--class-attributes" not in analyze
+
+
+def test_a_deleted_table_is_rebuilt_by_the_rule_that_writes_it(run_snakemake, repo_root, tmp_path):
+    tiny = repo_root / "config" / "tiny.yaml"
+    plan = run_snakemake("-n", "--cores", "1", "--configfile", tiny, cwd=tmp_path)
+    assert plan.returncode == 0, plan.stdout
+    outputs = [path for paths in planned(plan.stdout).values() for path in paths]
+    for path in outputs:  # a finished run's files, all with one time stamp
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch()
+        os.utime(tmp_path / path, (1.7e9, 1.7e9))
+    assert "Nothing to be done" in run_snakemake("-n", "--cores", "1", "--configfile", tiny, cwd=tmp_path).stdout
+
+    for table, rule in (("prompt_cam/attention.parquet", "extract"), ("intr/contrasts.parquet", "analyze"),
+                        ("lookalike_pairs.parquet", "prepare"), ("prompt_cam/trait_features.parquet", "extract")):
+        (tmp_path / "results" / "tiny" / table).unlink()
+        again = run_snakemake("-n", "--cores", "1", "--configfile", tiny, cwd=tmp_path)
+        assert again.returncode == 0, again.stdout
+        assert f"results/tiny/{table}" in planned(again.stdout)[rule], (table, again.stdout)
+        (tmp_path / "results" / "tiny" / table).touch()
+        os.utime(tmp_path / "results" / "tiny" / table, (1.7e9, 1.7e9))
+
+
+def test_conda_environment_holds_the_project_dependencies_and_torch_pins(repo_root):
+    env = yaml.safe_load((repo_root / "workflow" / "envs" / "trait-discovery.yaml").read_text())
+    pip = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = re.search(r"TORCH_PINS := (.*)", (repo_root / "Makefile").read_text()).group(1).split()
+
+    def name(spec: str) -> str:
+        return re.split(r"[<>=!~ ]", spec)[0]
+
+    assert pip[:2] == pins
+    assert sorted(pip[2:]) == sorted(spec for spec in project if name(spec) not in
+                                     {"torch", "torchvision", "snakemake", "snakemake-executor-plugin-slurm"})
+    directives = [(rule_file.parent / found).resolve() for rule_file in (repo_root / "workflow" / "rules").glob("*.smk")
+                  for found in re.findall(r"conda:\n\s+\"([^\"]+)\"", rule_file.read_text())]
+    assert len(directives) >= 10  # every rule but `all`
+    assert set(directives) == {repo_root / "workflow" / "envs" / "trait-discovery.yaml"}
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from analysis import tables
+from intr.data.attribute_files import find_attribute_names, find_attribute_values
 from intr.data.prepare import (
     PLANTED_TRAITS_COLUMNS,
     DatasetListing,
@@ -185,18 +186,6 @@ def attribute_part(name: str) -> str | None:
     return part if part and aspect in ATTRIBUTE_ASPECTS else group
 
 
-def find_attribute_names(root: Path) -> Path | None:
-    """attributes.txt: under attributes/, at the root, or beside the root (where the CUB tarball puts it).
-
-    Args:
-        root: data set root.
-    """
-    for path in (root / "attributes" / "attributes.txt", root / "attributes.txt", root.parent / "attributes.txt"):
-        if path.is_file():
-            return path
-    return None
-
-
 def read_class_attributes(root: Path, classes: pd.DataFrame) -> pa.Table | None:
     """Per-class attribute strengths (0-100) in long form, or None where the data set has none.
 
@@ -204,8 +193,7 @@ def read_class_attributes(root: Path, classes: pd.DataFrame) -> pa.Table | None:
         root: data set root.
         classes: class_id and source_class_id of every class.
     """
-    values_path = next((p for p in (root / "attributes" / "class_attribute_labels_continuous.txt",
-                                    root / "class_attribute_labels_continuous.txt") if p.is_file()), None)
+    values_path = find_attribute_values(root)
     names_path = find_attribute_names(root)
     if values_path is None or names_path is None:
         if values_path or names_path:

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from analysis import tables
+from analysis.config import defaults
 from analysis.tables import ParquetStreamWriter, write_table
 
 KINDS = ("cub", "imagefolder", "synthetic")
@@ -350,14 +351,17 @@ def write_tables(listing: DatasetListing, kept_ids: np.ndarray, out: Path) -> No
     _remove_outputs(out, tuple(name for name in OPTIONAL_TABLES if name not in listing.tables))
 
 
+DATASET = defaults("dataset")  # the config schema's defaults
+
+
 def prepare_dataset(
     kind: str,
     root: Path,
     out: Path,
     *,
-    val_fraction: float = 0.1,
-    max_reject_fraction: float = 0.05,
-    seed: int = 0,
+    val_fraction: float = DATASET["val_fraction"],
+    max_reject_fraction: float = DATASET["max_reject_fraction"],
+    seed: int = DATASET["seed"],
     taxonomy: Path | None = None,
     workers: int = 1,
     progress: bool = True,

@@ -39,6 +39,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from analysis.config import defaults
+
 # --------------------------------------------------------------------------- vocabulary
 
 PARTS: tuple[str, ...] = ("body", "crown", "beak", "eye", "wing", "tail", "breast", "legs")
@@ -92,6 +94,9 @@ _SYLLABLES = ("ca", "lo", "ri", "ven", "tu", "mo", "sa", "phi", "dra", "ne", "xo
 # --------------------------------------------------------------------------- config
 
 
+SYNTHETIC = defaults("synthetic")  # the config schema's defaults
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """What to render.
@@ -119,12 +124,12 @@ class SyntheticConfig:
             to check that the report escapes it).
     """
 
-    genera: int = 4
-    species_per_genus: int = 3
-    images_per_species: int = 100
-    image_size: int = 64
-    train_fraction: float = 0.5
-    seed: int = 0
+    genera: int = SYNTHETIC["genera"]
+    species_per_genus: int = SYNTHETIC["species_per_genus"]
+    images_per_species: int = SYNTHETIC["images_per_species"]
+    image_size: int = SYNTHETIC["image_size"]
+    train_fraction: float = SYNTHETIC["train_fraction"]
+    seed: int = SYNTHETIC["seed"]
     set: str = "target"
     two_part_fraction: float = 0.5
     target_genera: int = 4

@@ -12,9 +12,9 @@ rule analyze:
         contrasts="results/{dataset}/{method}/contrasts.parquet",
         metrics="results/{dataset}/{method}/metrics_analysis.parquet",
     params:
-        section=analysis_options_json,
+        config=config_json({"analysis": None, "extract": ("region_radius", "region_cells")}),
+        ground_truth=optional_table_args,
         root=data_root(),
-        method_dir=folder_of_input("attention"),
         out=folder_of("traits"),
     log:
         "logs/{dataset}/{method}/analyze.log",
@@ -25,7 +25,10 @@ rule analyze:
         mem_mb=4000,
         runtime=60,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
-        "intr analyze --method-dir {params.method_dir:q} --manifest {input.manifest:q} --root {params.root:q}"
-        " --out {params.out:q} --section-json {params.section:q} --quiet > {log:q} 2>&1"
+        "intr analyze --attention {input.attention:q} --predictions {input.predictions:q}"
+        " --head-ranks {input.head_ranks:q} --region-effects {input.region_effects:q}"
+        " --trait-features {input.trait_features:q} --baseline-maps {input.baseline_maps:q}"
+        " --manifest {input.manifest:q} --parts {input.parts:q} {params.ground_truth}"
+        " --root {params.root:q} --out {params.out:q} --config-json {params.config:q} --quiet > {log:q} 2>&1"

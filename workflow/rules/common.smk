@@ -23,9 +23,24 @@ def intr_bin_dir():
     return str(bin_dir) if (bin_dir / "intr").exists() else None
 
 
+def conda_deployment():
+    """Whether rules run in their conda environments (--software-deployment-method conda)."""
+    from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+    return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+
+
 # Rules call `intr` from the environment Snakemake runs in, also when it was
-# started as .venv/bin/snakemake without activating that environment.
-if intr_bin_dir():
+# started as .venv/bin/snakemake without activating that environment. In conda
+# mode the rule's environment (workflow/envs/) holds the dependencies and `intr`
+# runs from this workflow's folder: the environment file cannot name this
+# repository for pip (Snakemake copies it elsewhere before building).
+if conda_deployment():
+    shell.prefix(
+        f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}${{PYTHONPATH:+:$PYTHONPATH}}; "
+        'intr() { python -m intr.cli "$@"; }; '
+    )
+elif intr_bin_dir():
     shell.prefix(f'set -euo pipefail; export PATH={shlex.quote(intr_bin_dir())}:"$PATH"; ')
 
 
@@ -59,22 +74,6 @@ def dataset_benchmark(rule_name):
     return f"logs/{DATASET}/benchmarks/{rule_name}.tsv"
 
 
-def synthesize_args():
-    """`intr synthesize` options from the config's synthetic section."""
-    options = config["synthetic"]
-    return " ".join(
-        [
-            f"--genera {options['genera']}",
-            f"--species-per-genus {options['species_per_genus']}",
-            f"--images-per-species {options['images_per_species']}",
-            f"--image-size {options['image_size']}",
-            f"--train-fraction {options['train_fraction']}",
-            f"--seed {options['seed']}",
-            *[f"--class-name {shlex.quote(name)}" for name in (options.get("class_names") or [])],
-        ]
-    )
-
-
 def synthesize_threads():
     """Rendering processes: the config's synthetic.workers (capped by --cores)."""
     return config["synthetic"]["workers"]
@@ -95,19 +94,51 @@ def prepare_inputs(wildcards):
     return inputs
 
 
-def prepare_args(wildcards):
-    """`intr prepare` options from the config's dataset section."""
-    options = config["dataset"]
-    args = [
-        f"--kind {options['kind']}",
-        f"--root {shlex.quote(data_root())}",
-        f"--val-fraction {options['val_fraction']}",
-        f"--max-reject-fraction {options['max_reject_fraction']}",
-        f"--seed {options['seed']}",
-    ]
-    if options["taxonomy"]:
-        args.append(f"--taxonomy {shlex.quote(options['taxonomy'])}")
-    return " ".join(args)
+def _attribute_files():
+    """intr/data/attribute_files.py of this workflow, loaded by path (standard library only, so it
+    also loads where Snakemake runs without this package, as in conda mode)."""
+    import importlib.util
+
+    path = Path(workflow.basedir) / "intr" / "data" / "attribute_files.py"
+    spec = importlib.util.spec_from_file_location("attribute_files", path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def ground_truth_tables():
+    """The tables `prepare` writes beyond manifest, parts and rejected, by data kind:
+    the synthetic data brings its planted traits, look-alike pairs and class
+    attributes; CUB its class attributes where both attribute files are present;
+    an ImageFolder none."""
+    tables = {}
+    if DATA_KIND == "synthetic":
+        names = ("class_attributes", "planted_traits", "lookalike_pairs")
+    elif DATA_KIND == "cub":
+        names = ("class_attributes",) if _attribute_files().has_class_attributes(Path(data_root())) else ()
+    else:
+        names = ()
+    return {name: f"results/{{dataset}}/{name}.parquet" for name in names}
+
+
+GROUND_TRUTH_TABLES = ground_truth_tables()
+
+
+def config_json(sections):
+    """A params function: parts of the config as JSON, for a sub-command's `--config-json`.
+
+    `sections` maps a section name to the keys handed over (None: all of it).
+    A key left out takes its schema default in the sub-command, and changing
+    it does not rerun the rule."""
+    import json
+
+    def as_json(wildcards):
+        chosen = {}
+        for name, keys in sections.items():
+            chosen[name] = {k: v for k, v in config[name].items() if keys is None or k in keys}
+        return json.dumps(chosen, sort_keys=True)
+
+    return as_json
 
 
 def folder_of(output_name):
@@ -133,11 +164,11 @@ wildcard_constraints:
     method="|".join(METHODS),
 
 
-def method_section_json(wildcards):
-    """The method's config section as JSON, handed to `intr train --section-json`."""
+def method_config_json(wildcards):
+    """The method's config section as JSON (for `intr train --config-json`)."""
     import json
 
-    return json.dumps(config[wildcards.method], sort_keys=True)
+    return json.dumps({wildcards.method: config[wildcards.method]}, sort_keys=True)
 
 
 def pretrain_enabled():
@@ -173,12 +204,12 @@ def backbone_override(wildcards, input):
 
 def train_resources_gpu(wildcards):
     """GPUs requested for training (SLURM's `gpu` resource)."""
-    return config[wildcards.method].get("gpus", 0)
+    return config[wildcards.method]["gpus"]
 
 
 def train_launcher(wildcards):
     """`intr train`, or torchrun with one process per GPU when the method asks for several."""
-    gpus = int(config[wildcards.method].get("gpus", 0) or 0)
+    gpus = config[wildcards.method]["gpus"]
     if gpus > 1:
         return f"torchrun --standalone --nproc_per_node {gpus} -m intr.cli train"
     return "intr train"
@@ -189,36 +220,32 @@ def extract_resources_gpu(wildcards):
     return config["extract"]["gpus"]
 
 
-def section_json(name, exclude=()):
-    """A params function: config section `name` as JSON (handed to `--section-json`).
-
-    Keys in `exclude` are left out, so changing them does not rerun this rule."""
-    import json
-
-    def section(wildcards):
-        return json.dumps({k: v for k, v in config[name].items() if k not in exclude}, sort_keys=True)
-
-    return section
+def optional_tables(*names):
+    """The ground-truth tables among `names` that the configured data set has (input of a rule)."""
+    return {name: getattr(rules.prepare.output, name) for name in names if name in GROUND_TRUTH_TABLES}
 
 
-def analysis_options_json(wildcards):
-    """`intr analyze` options: the analysis section plus the region rule's extract settings."""
-    import json
-
-    options = dict(config["analysis"])
-    for key in ("region_radius", "region_cells"):
-        options[key] = config["extract"][key]
-    return json.dumps(options, sort_keys=True)
+def evaluate_inputs(wildcards):
+    """What `evaluate` reads: the model and the manifest (accuracy and the linear probe)."""
+    return {"model": rules.train.output.model, "manifest": rules.prepare.output.manifest}
 
 
 def analyze_inputs(wildcards):
     """What `analyze` reads: the extraction tables, the baseline maps and the data tables."""
     return {
         **{name: getattr(rules.extract.output, name) for name in
-           ("predictions", "attention", "head_ranks", "region_effects", "trait_features", "lookalikes")},
+           ("predictions", "attention", "head_ranks", "region_effects", "trait_features")},
         "baseline_maps": rules.faithfulness.output.maps,
         "manifest": rules.prepare.output.manifest,
+        "parts": rules.prepare.output.parts,
+        **optional_tables("lookalike_pairs", "class_attributes"),
     }
+
+
+def optional_table_args(wildcards, input):
+    """`--lookalike-pairs` and `--class-attributes` for the tables the data set has."""
+    return " ".join(f"--{name.replace('_', '-')} {shlex.quote(getattr(input, name))}"
+                    for name in ("lookalike_pairs", "class_attributes") if hasattr(input, name))
 
 
 def evaluation_inputs(wildcards):
@@ -228,6 +255,53 @@ def evaluation_inputs(wildcards):
         "faithfulness": rules.faithfulness.output.metrics,
         "analysis": rules.analyze.output.metrics,
     }
+
+
+# Every table the report reads, per method: its name -> (the rule that writes
+# it, that rule's output name).
+REPORT_METHOD_TABLES = {
+    "evaluation": ("evaluation", "evaluation"),
+    "baseline_maps": ("faithfulness", "maps"),
+    **{name: ("extract", name) for name in ("predictions", "attention", "head_ranks", "region_effects")},
+    **{name: ("analyze", name) for name in ("head_types", "traits", "trait_members", "regions", "contrasts")},
+}
+
+
+def method_table(wildcards, method, table):
+    """The path of one of a method's tables, from the output of the rule that writes it."""
+    rule_name, output_name = REPORT_METHOD_TABLES[table]
+    output = getattr(getattr(rules, rule_name).output, output_name)
+    return expand(output, dataset=wildcards.dataset, method=method)[0]
+
+
+def report_inputs(wildcards):
+    """What `report` reads: the data tables and, per method, every table in REPORT_METHOD_TABLES."""
+    inputs = {"manifest": rules.prepare.output.manifest, "parts": rules.prepare.output.parts,
+              **optional_tables("lookalike_pairs")}
+    for method in METHODS:
+        for table in REPORT_METHOD_TABLES:
+            inputs[f"{method}_{table}"] = method_table(wildcards, method, table)
+    return inputs
+
+
+def report_method_args(wildcards, input):
+    """`--method NAME TABLE=PATH ...` for every method, from the declared inputs."""
+    return " ".join(
+        f"--method {method} " + " ".join(f"{table}={shlex.quote(getattr(input, f'{method}_{table}'))}"
+                                         for table in REPORT_METHOD_TABLES)
+        for method in METHODS)
+
+
+def report_pairs_arg(wildcards, input):
+    """`--lookalike-pairs` where the data set has look-alike pairs."""
+    return f"--lookalike-pairs {shlex.quote(input.lookalike_pairs)}" if hasattr(input, "lookalike_pairs") else ""
+
+
+def whole_config_json(wildcards):
+    """The whole config as JSON (`intr report` shows it)."""
+    import json
+
+    return json.dumps(config, sort_keys=True)
 
 
 def folder_of_input(input_name):

@@ -12,7 +12,10 @@ if DATA_KIND == "synthetic":
             images_txt=synthetic_images_txt(),
         params:
             out=folder_of("images_txt"),
-            args=synthesize_args(),
+            config=config_json(
+                {"synthetic": ("genera", "species_per_genus", "images_per_species", "image_size",
+                               "train_fraction", "seed", "class_names")}
+            ),
         log:
             dataset_log("synthesize"),
         benchmark:
@@ -23,9 +26,9 @@ if DATA_KIND == "synthetic":
             runtime=30,
             cpus_per_task=cpus_from_threads,
         conda:
-            "../../environment.yml"
+            "../envs/trait-discovery.yaml"
         shell:
-            "intr synthesize --out {params.out:q} {params.args}"
+            "intr synthesize --out {params.out:q} --config-json {params.config:q}"
             " --workers {threads} --quiet > {log:q} 2>&1"
 
 
@@ -36,9 +39,11 @@ rule prepare:
         manifest="results/{dataset}/manifest.parquet",
         parts="results/{dataset}/parts.parquet",
         rejected="results/{dataset}/rejected.parquet",
+        **GROUND_TRUTH_TABLES,
     params:
         out=folder_of("manifest"),
-        args=prepare_args,
+        root=data_root(),
+        config=config_json({"dataset": None}),
     log:
         "logs/{dataset}/prepare.log",
     benchmark:
@@ -49,7 +54,7 @@ rule prepare:
         runtime=60,
         cpus_per_task=cpus_from_threads,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
-        "intr prepare {params.args} --out {params.out:q}"
+        "intr prepare --root {params.root:q} --out {params.out:q} --config-json {params.config:q}"
         " --workers {threads} --quiet > {log:q} 2>&1"

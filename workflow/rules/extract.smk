@@ -6,6 +6,7 @@ rule extract:
     input:
         model=rules.train.output.model,
         manifest=rules.prepare.output.manifest,
+        parts=rules.prepare.output.parts,
     output:
         predictions="results/{dataset}/{method}/predictions.parquet",
         attention="results/{dataset}/{method}/attention.parquet",
@@ -14,7 +15,10 @@ rule extract:
         trait_features="results/{dataset}/{method}/trait_features.parquet",
         lookalikes="results/{dataset}/{method}/lookalikes.parquet",
     params:
-        section=section_json("extract", exclude=("faithfulness_images", "faithfulness_steps", "gpus")),
+        config=config_json(
+            {"extract": ("split", "batch_size", "top_heads", "siblings_k", "region_radius", "region_cells",
+                         "blur_sigma", "device")}
+        ),
         root=data_root(),
         out=folder_of("attention"),
     log:
@@ -28,21 +32,25 @@ rule extract:
         gpu=extract_resources_gpu,
         cpus_per_task=cpus_from_threads,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
         "intr extract --model {input.model:q} --manifest {input.manifest:q} --root {params.root:q}"
-        " --out {params.out:q} --section-json {params.section:q} --threads {threads} --quiet > {log:q} 2>&1"
+        " --out {params.out:q} --config-json {params.config:q} --threads {threads} --quiet > {log:q} 2>&1"
 
 
 rule faithfulness:
     input:
         model=rules.train.output.model,
         manifest=rules.prepare.output.manifest,
+        attention=rules.extract.output.attention,
     output:
         maps="results/{dataset}/{method}/baseline_maps.parquet",
         metrics="results/{dataset}/{method}/metrics_faithfulness.parquet",
     params:
-        section=section_json("extract"),
+        config=config_json(
+            {"extract": ("split", "batch_size", "top_heads", "blur_sigma", "faithfulness_images",
+                         "faithfulness_steps", "device")}
+        ),
         root=data_root(),
     log:
         "logs/{dataset}/{method}/faithfulness.log",
@@ -55,8 +63,9 @@ rule faithfulness:
         gpu=extract_resources_gpu,
         cpus_per_task=cpus_from_threads,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
-        "intr faithfulness --model {input.model:q} --manifest {input.manifest:q} --root {params.root:q}"
-        " --out-maps {output.maps:q} --out-metrics {output.metrics:q} --section-json {params.section:q}"
+        "intr faithfulness --model {input.model:q} --manifest {input.manifest:q} --attention {input.attention:q}"
+        " --root {params.root:q} --out-maps {output.maps:q} --out-metrics {output.metrics:q}"
+        " --config-json {params.config:q}"
         " --threads {threads} --quiet > {log:q} 2>&1"

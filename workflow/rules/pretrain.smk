@@ -5,6 +5,8 @@
 if pretrain_enabled():
 
     rule synthesize_pretrain:
+        input:
+            recipe=config["backbone_pretrain"]["recipe"],
         output:
             images_txt=f"{PRETRAIN_DIR}/data/images.txt",
         params:
@@ -19,9 +21,9 @@ if pretrain_enabled():
             runtime=30,
             cpus_per_task=cpus_from_threads,
         conda:
-            "../../environment.yml"
+            "../envs/trait-discovery.yaml"
         shell:
-            "intr synthesize --set pretrain --config {config[backbone_pretrain][recipe]:q}"
+            "intr synthesize --recipe {input.recipe:q}"
             " --out {params.out:q} --workers {threads} --quiet > {log:q} 2>&1"
 
     rule prepare_pretrain:
@@ -32,6 +34,7 @@ if pretrain_enabled():
         params:
             root=folder_of_input("images_txt"),
             out=folder_of("manifest"),
+            config='{"dataset": {"kind": "synthetic"}}',
         log:
             "logs/backbone_pretrain/prepare.log",
         benchmark:
@@ -42,15 +45,16 @@ if pretrain_enabled():
             runtime=30,
             cpus_per_task=cpus_from_threads,
         conda:
-            "../../environment.yml"
+            "../envs/trait-discovery.yaml"
         shell:
-            "intr prepare --kind synthetic --root {params.root:q} --out {params.out:q}"
+            "intr prepare --root {params.root:q} --out {params.out:q} --config-json {params.config:q}"
             " --workers {threads} --quiet > {log:q} 2>&1"
 
     rule pretrain:
         input:
             manifest=rules.prepare_pretrain.output.manifest,
             images_txt=rules.synthesize_pretrain.output.images_txt,
+            recipe=config["backbone_pretrain"]["recipe"],
         output:
             weights=f"{PRETRAIN_DIR}/backbone.pt",
             log_table=f"{PRETRAIN_DIR}/pretrain_log.parquet",
@@ -67,8 +71,8 @@ if pretrain_enabled():
             gpu=config["backbone_pretrain"]["gpus"],
             cpus_per_task=cpus_from_threads,
         conda:
-            "../../environment.yml"
+            "../envs/trait-discovery.yaml"
         shell:
             "intr pretrain --manifest {input.manifest:q} --root {params.root:q}"
-            " --recipe {config[backbone_pretrain][recipe]:q} --out {output.weights:q}"
+            " --recipe {input.recipe:q} --out {output.weights:q}"
             " --log {output.log_table:q} --threads {threads} --quiet > {log:q} 2>&1"

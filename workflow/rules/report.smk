@@ -3,9 +3,7 @@
 
 rule report:
     input:
-        evaluation=expand("results/{{dataset}}/{method}/evaluation.parquet", method=METHODS),
-        analysis=expand("results/{{dataset}}/{method}/contrasts.parquet", method=METHODS),
-        maps=expand("results/{{dataset}}/{method}/baseline_maps.parquet", method=METHODS),
+        unpack(report_inputs),
     output:
         html=report(
             "results/{dataset}/report.html",
@@ -13,10 +11,10 @@ rule report:
             category="Trait report",
         ),
     params:
-        config=lambda wildcards: json.dumps(config, sort_keys=True),
-        methods=" ".join(METHODS),
+        config=whole_config_json,
+        methods=report_method_args,
+        ground_truth=report_pairs_arg,
         root=data_root(),
-        results=folder_of("html"),
     log:
         "logs/{dataset}/report.log",
     benchmark:
@@ -26,7 +24,7 @@ rule report:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
-        "intr report --results {params.results:q} --root {params.root:q} --methods {params.methods}"
-        " --config-json {params.config:q} --out {output.html:q} --quiet > {log:q} 2>&1"
+        "intr report --manifest {input.manifest:q} --parts {input.parts:q} {params.ground_truth} {params.methods}"
+        " --root {params.root:q} --config-json {params.config:q} --out {output.html:q} --quiet > {log:q} 2>&1"

@@ -8,7 +8,7 @@ rule train:
         model="results/{dataset}/{method}/model.pt",
         log_table="results/{dataset}/{method}/train_log.parquet",
     params:
-        section=method_section_json,
+        config=method_config_json,
         root=data_root(),
         out=folder_of("model"),
         backbone=backbone_override,
@@ -24,21 +24,21 @@ rule train:
         gpu=train_resources_gpu,
         cpus_per_task=cpus_from_threads,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
-        "{params.launcher} --method {wildcards.method} --section-json {params.section:q}"
+        "{params.launcher} --method {wildcards.method} --config-json {params.config:q}"
         " --manifest {input.manifest:q} --root {params.root:q} --out {params.out:q}"
         " {params.backbone} --threads {threads} --quiet > {log:q} 2>&1"
 
 
 rule evaluate:
     input:
-        model=rules.train.output.model,
-        manifest=rules.prepare.output.manifest,
+        unpack(evaluate_inputs),
     output:
         metrics="results/{dataset}/{method}/metrics_model.parquet",
     params:
         root=data_root(),
+        config=config_json({"extract": ("split", "batch_size", "device")}),
     log:
         "logs/{dataset}/{method}/evaluate.log",
     benchmark:
@@ -50,10 +50,11 @@ rule evaluate:
         gpu=train_resources_gpu,
         cpus_per_task=cpus_from_threads,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
         "intr evaluate --model {input.model:q} --manifest {input.manifest:q}"
-        " --root {params.root:q} --out {output.metrics:q} --threads {threads} --quiet > {log:q} 2>&1"
+        " --root {params.root:q} --out {output.metrics:q} --config-json {params.config:q}"
+        " --threads {threads} --quiet > {log:q} 2>&1"
 
 
 rule evaluation:
@@ -70,6 +71,6 @@ rule evaluation:
         mem_mb=1000,
         runtime=10,
     conda:
-        "../../environment.yml"
+        "../envs/trait-discovery.yaml"
     shell:
         "intr evaluation {input:q} --out {output.evaluation:q} > {log:q} 2>&1"
