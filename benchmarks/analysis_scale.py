@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:

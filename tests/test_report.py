@@ -320,3 +320,44 @@ def test_report_never_imports_torch(fixture_tables, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# Run in a fresh interpreter in which importing torch (or intr, which brings it) fails: every code path
+# of the analysis and the report, not only their module imports, must do without a network.
+NO_TORCH_RUN = """
+import json, sys
+from pathlib import Path
+
+class RefuseNetworkCode:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "intr", "torchvision", "timm"):
+            raise ImportError("analysis code imported " + name)
+
+sys.meta_path.insert(0, RefuseNetworkCode())
+from analysis.pipeline import AnalysisInputs, analyze
+from analysis.report import ReportTables, build_report
+
+args = json.loads(sys.argv[1])
+results, root = Path(args["results"]), Path(args["root"])
+for method in args["methods"]:
+    inputs = AnalysisInputs.conventional(results / method, results / "manifest.parquet", root)
+    analyze(inputs, Path(args["out"]) / method, {"permutations": 50, "bootstrap": 50, "umap": True}, progress=False)
+build_report(ReportTables.under(results, args["methods"]), root, args["config"], Path(args["out"]) / "report.html",
+             progress=False)
+assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "intr")]
+"""
+
+
+def test_analysis_and_report_run_without_torch(fixture_tables, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    args = {"results": str(fixture_tables["results_dir"]), "root": str(fixture_tables["root"]),
+            "methods": fixture_tables["methods"], "config": fixture_tables["config"], "out": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", NO_TORCH_RUN, json.dumps(args)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "report.html").stat().st_size > 0
+    for method in fixture_tables["methods"]:
+        assert len(pd.read_parquet(tmp_path / method / "contrasts.parquet")) > 0
