@@ -44,13 +44,14 @@ from analysis.contrasts import COMBINED_RULE, pair_contrasts, species_regions
 from analysis.ground_truth import planted_parts_by_class
 from analysis.localization import box_cells, localization_rows, peak_on_planted_part_rows
 from analysis.recovery import attribute_rows, recovery_rows
-from analysis.regions import BACKGROUND, cells_on_regions, image_geometry, region_density, region_vocabulary
+from analysis.regions import (BACKGROUND, DiscoveredParts, RegionLayout, cells_on_regions, image_geometry,
+                              region_density)
 from analysis.tables import EVALUATION_COLUMNS, write_table
 from analysis.traits import cluster_traits, dominant_region, head_types
 
 # The config schema's defaults: the analysis section plus the region rule's two extract keys.
 DEFAULTS: dict[str, Any] = {**defaults("analysis"),
-                            **{k: defaults("extract")[k] for k in ("region_radius", "region_cells")}}
+                            **{k: defaults("extract")[k] for k in ("regions", "region_radius", "region_cells")}}
 CHUNK = 8192
 OUTPUTS = ("head_types", "traits", "trait_members", "regions", "contrasts", "metrics_analysis")
 
@@ -79,6 +80,7 @@ class AnalysisInputs:
         parts: ``parts.parquet`` (the regions: part masks or keypoints; without it, grid cells).
         lookalike_pairs: ``lookalike_pairs.parquet`` (pairs and planted parts).
         class_attributes: ``class_attributes.parquet`` (attribute precision on CUB).
+        discovered_parts: ``discovered_parts.parquet`` (the regions with ``regions: discovered``).
     """
 
     attention: Path
@@ -92,6 +94,7 @@ class AnalysisInputs:
     parts: Path | None = None
     lookalike_pairs: Path | None = None
     class_attributes: Path | None = None
+    discovered_parts: Path | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -117,7 +120,8 @@ class AnalysisInputs:
             return path if path.exists() else None
 
         method_tables = {name: present(method_dir / f"{name}.parquet")
-                         for name in ("head_ranks", "region_effects", "trait_features", "baseline_maps")}
+                         for name in ("head_ranks", "region_effects", "trait_features", "baseline_maps",
+                                      "discovered_parts")}
         data_tables = {name: present(manifest.parent / f"{name}.parquet")
                        for name in ("parts", "lookalike_pairs", "class_attributes")}
         return cls(attention=method_dir / "attention.parquet", predictions=method_dir / "predictions.parquet",
@@ -129,6 +133,7 @@ class DataTables:
     """The data set's tables (None where the data has none)."""
 
     manifest: pd.DataFrame
+    root: Path
     parts: pd.DataFrame | None
     pairs: pd.DataFrame | None
     attributes: pd.DataFrame | None
@@ -170,10 +175,10 @@ class RegionGeometry:
     vocab: list[str]
     weights: np.ndarray              # (N, R, G) patch weights (``analysis.regions``)
     area: np.ndarray                 # (N, R) the region's share of the image
-    dist: np.ndarray | None          # (N, G) each cell's distance to the pointing game's targets
-    planted: np.ndarray | None       # (N, R) bool, the planted parts of the image's class
-    scale: np.ndarray                # (N,) the bird box's longer side (the image's without a box)
-    inside: np.ndarray               # (N, G) bool, cells inside the bird's box (``box_cells``)
+    dist: np.ndarray | None = None   # (N, G) each cell's distance to the pointing game's targets
+    planted: np.ndarray | None = None  # (N, R) bool, the planted parts of the image's class
+    scale: np.ndarray | None = None  # (N,) the bird box's longer side (the image's without a box)
+    inside: np.ndarray | None = None  # (N, G) bool, cells inside the bird's box (``box_cells``)
 
     @property
     def ranked(self) -> np.ndarray:
@@ -246,7 +251,7 @@ def read_data_tables(inputs: AnalysisInputs) -> DataTables:
         raise FileNotFoundError(f"{inputs.manifest}: no manifest (run `intr prepare` first)")
     pairs = pd.read_parquet(inputs.lookalike_pairs) if inputs.lookalike_pairs is not None else None
     attributes = pd.read_parquet(inputs.class_attributes) if inputs.class_attributes is not None else None
-    return DataTables(pd.read_parquet(inputs.manifest), _optional(inputs.parts), pairs, attributes)
+    return DataTables(pd.read_parquet(inputs.manifest), inputs.root, _optional(inputs.parts), pairs, attributes)
 
 
 # --------------------------------------------------------------------------- 1. read maps
@@ -302,31 +307,59 @@ def planted_regions(pairs: pd.DataFrame | None, vocab: list[str], label: np.ndar
     return mask
 
 
-def image_regions(images: ImageTable, data: DataTables, grid: tuple[int, int], root: Path,
+def image_regions(images: ImageTable, data: DataTables, grid: tuple[int, int], discovered: Path | None,
                   opts: dict[str, Any], progress: bool) -> RegionGeometry:
-    """Region weights of every image (each mask read once), with the ground truth of the scores.
+    """Patch weights of every image in the configured regions (``opts["regions"]``).
 
-    The pointing game's targets: the planted parts of the image's class where the data plants
-    them; else the whole bird (every named part); without parts, none.
+    Only ``annotated`` regions read the part keypoints and masks; ``discovered`` regions read
+    the learned part maps and nothing annotated.
     """
-    vocab = region_vocabulary(data.parts, int(opts["region_cells"]))
-    planted = planted_regions(data.pairs, vocab, images.label)
-    if planted is not None:
-        targets = [np.flatnonzero(m) for m in planted]
-    elif data.parts is not None:
-        targets = [np.flatnonzero([v != BACKGROUND for v in vocab])] * len(images)
-    else:
-        targets = None
+    parts = data.parts if opts["regions"] == "annotated" else None
+    layout = RegionLayout.build(opts["regions"], parts=parts,
+                                discovered=DiscoveredParts.read(discovered) if discovered is not None else None,
+                                radius=float(opts["region_radius"]), cells=int(opts["region_cells"]))
+    weights, _ = image_geometry(layout, images.rows, grid, data.root if layout.mode == "annotated" else None,
+                                progress=progress)
+    return RegionGeometry(layout.vocab, weights, weights.mean(-1))
+
+
+def ground_truth_regions(images: ImageTable, data: DataTables, grid: tuple[int, int],
+                         opts: dict[str, Any], progress: bool) -> RegionGeometry | None:
+    """The annotated parts of every image with what the scores need (None: the data has no parts).
+
+    Evaluation only. The pointing game's targets: the planted parts of the image's class where
+    the data plants them; else the whole bird (every named part).
+    """
+    if data.parts is None:
+        return None
+    layout = RegionLayout.build("annotated", parts=data.parts, radius=float(opts["region_radius"]),
+                                cells=int(opts["region_cells"]))
+    planted = planted_regions(data.pairs, layout.vocab, images.label)
+    targets = [np.flatnonzero(m) for m in planted] if planted is not None else \
+        [np.flatnonzero(layout.ranked)] * len(images)
     rows = images.rows
-    weights, dist = image_geometry(vocab, rows, data.parts, grid, root, float(opts["region_radius"]),
-                                   int(opts["region_cells"]), targets, progress)
+    weights, dist = image_geometry(layout, rows, grid, data.root, targets, progress)
     bbox = rows[["bbox_x", "bbox_y", "bbox_w", "bbox_h"]].to_numpy(np.float64) if "bbox_w" in rows else \
         np.full((len(images), 4), np.nan)
     width, height = rows["width"].to_numpy(np.float64), rows["height"].to_numpy(np.float64)
     scale = np.where(np.isfinite(bbox[:, 2:]).all(1), np.nanmax(bbox[:, 2:], 1) if len(bbox) else 0,
                      np.maximum(width, height))
-    return RegionGeometry(vocab, weights, weights.mean(-1), dist, planted, scale,
+    return RegionGeometry(layout.vocab, weights, weights.mean(-1), dist, planted, scale,
                           box_cells(width, height, bbox, grid))
+
+
+def majority_parts(regions: RegionGeometry, truth: RegionGeometry, images: ImageTable,
+                   use: np.ndarray) -> dict[int, list[str]]:
+    """Per class: the ground-truth part that holds most of each region over the class's images.
+
+    Evaluation and display only ("part 3 ~ beak"): overlap of the region's patch weights with
+    each true part's, summed over the class's analysed images.
+    """
+    out: dict[int, list[str]] = {}
+    for c, imgs in images_by_class(images, use).items():
+        overlap = np.einsum("nrg,npg->rp", regions.weights[imgs], truth.weights[imgs])
+        out[c] = [truth.vocab[p] for p in overlap.argmax(1)]
+    return out
 
 
 def region_mass(maps: np.ndarray, weights: np.ndarray, img: np.ndarray) -> np.ndarray:
@@ -573,24 +606,53 @@ def peak_scores(method: str, split: str, maps: MapTable, images: ImageTable, geo
     return peak_on_planted_part_rows(method, split, peaks, ranks, on_planted[image], geometry.inside[image], seed)
 
 
+def with_planted_flags(contrasts: pd.DataFrame, pairs: pd.DataFrame | None,
+                       names: dict[int, list[str]] | None, vocab: list[str]) -> pd.DataFrame:
+    """contrasts with ``planted`` set from the ground truth: the region (by its majority part,
+    where ``names`` maps discovered regions to parts) is a planted part of the pair."""
+    planted = {(int(a), int(b)): set(d) for a, b, d in zip(pairs["class_a"], pairs["class_b"],
+                                                            pairs["differing_parts"])} \
+        if pairs is not None and "differing_parts" in pairs else {}
+    planted.update({(b, a): d for (a, b), d in list(planted.items())})
+    index = {name: i for i, name in enumerate(vocab)}
+    flags = []
+    for a, b, region in zip(contrasts["class_a"], contrasts["class_b"], contrasts["region"]):
+        parts = planted.get((int(a), int(b)))
+        part = names[int(a)][index[region]] if names is not None and int(a) in names else region
+        flags.append(None if parts is None else part in parts)
+    return contrasts.assign(planted=pd.array(flags, dtype="boolean"))
+
+
 def ground_truth_scores(method: str, split: str, maps: MapTable, images: ImageTable, tops: TopMaps,
-                        geometry: RegionGeometry, contrasts: pd.DataFrame, data: DataTables,
-                        baseline_maps: Path | None, opts: dict[str, Any]) -> pd.DataFrame:
-    """metrics_analysis.parquet: localization, trait recovery, attribute precision, peak on planted part."""
+                        geometry: RegionGeometry, truth: RegionGeometry | None, contrasts: pd.DataFrame,
+                        data: DataTables, baseline_maps: Path | None,
+                        opts: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """metrics_analysis.parquet (localization, trait recovery, attribute precision, peak on planted
+    part) and the contrasts with their ``planted`` flags.
+
+    The one step that reads the ground truth. With regions other than the annotated parts, a
+    region counts as the part that holds most of it over the pair's A images (``majority_parts``).
+    """
     seed = int(opts["seed"])
     use = used_images(images, tops)
-    own = (maps.head_rank <= int(opts["top_heads"])) & (maps.query_class == images.label[maps.image])
-    model_maps = group_mean(maps.image[own], maps.maps[own], len(images))  # the true class's top map
-    baselines = read_baseline_maps(baseline_maps, images, use, method)
-    rows = localization_rows(method, split, model_maps[use], baselines, use, geometry.weights, geometry.dist,
-                             geometry.scale, geometry.inside, geometry.planted, float(opts["pointing_radius"]),
-                             seed)
+    rows: list[dict] = []
+    names = majority_parts(geometry, truth, images, use) if truth is not None and truth is not geometry else None
+    if truth is not None:
+        own = (maps.head_rank <= int(opts["top_heads"])) & (maps.query_class == images.label[maps.image])
+        model_maps = group_mean(maps.image[own], maps.maps[own], len(images))  # the true class's top map
+        baselines = read_baseline_maps(baseline_maps, images, use, method)
+        rows += localization_rows(method, split, model_maps[use], baselines, use, truth.weights, truth.dist,
+                                  truth.scale, truth.inside, truth.planted, float(opts["pointing_radius"]), seed)
+        rows += peak_scores(method, split, maps, images, truth, seed)
+    if truth is not None or geometry.planted is not None:
+        contrasts = with_planted_flags(contrasts, data.pairs, names, geometry.vocab)
     rows += recovery_rows(contrasts, method, split, seed)
     if data.attributes is not None and len(data.attributes) and len(contrasts):
-        rows += attribute_rows(contrasts, data.attributes, geometry.vocab, float(opts["attribute_threshold"]),
-                               method, split, seed)
-    rows += peak_scores(method, split, maps, images, geometry, seed)
-    return pd.DataFrame(rows, columns=list(EVALUATION_COLUMNS))
+        labelled = contrasts if names is None else contrasts.assign(region=[
+            names[int(a)][geometry.vocab.index(r)] for a, r in zip(contrasts["class_a"], contrasts["region"])])
+        rows += attribute_rows(labelled, data.attributes, truth.vocab if truth is not None else geometry.vocab,
+                               float(opts["attribute_threshold"]), method, split, seed)
+    return pd.DataFrame(rows, columns=list(EVALUATION_COLUMNS)), contrasts
 
 
 # --------------------------------------------------------------------------- 7. write
@@ -640,7 +702,9 @@ def analyze(inputs: AnalysisInputs, out_dir: str | Path, options: dict | None = 
     images = read_images(image_id, data.manifest, inputs.predictions, inputs.attention)
     _log(progress, t0, f"read {len(maps.maps):,} maps ({method}, split {split}, grid {grid})")
 
-    geometry = image_regions(images, data, grid, inputs.root, opts, progress)
+    truth = ground_truth_regions(images, data, grid, opts, progress)  # evaluation only
+    annotated = opts["regions"] == "annotated" and truth is not None
+    geometry = truth if annotated else image_regions(images, data, grid, inputs.discovered_parts, opts, progress)
     _log(progress, t0, f"region weights of {len(images):,} images, {len(geometry.vocab)} regions")
     mass = region_mass(maps.maps, geometry.weights, maps.image)
     density = region_density(mass, geometry.area[maps.image])
@@ -652,11 +716,12 @@ def analyze(inputs: AnalysisInputs, out_dir: str | Path, options: dict | None = 
     _log(progress, t0, f"{len(traits)} traits from {len(members):,} maps; {types['head_type'].nunique()} head types")
     regions = species_region_table(maps, images, tops, density, geometry, members, member_rows, opts)
     effects = read_region_effects(inputs.region_effects, images, geometry.vocab)
-    contrasts = contrast_table(images, tops, geometry, effects, data.pairs, opts)
+    # Which classes are look-alikes and what differs come from the data only in annotated mode.
+    contrasts = contrast_table(images, tops, geometry, effects, data.pairs if annotated else None, opts)
     _log(progress, t0, f"contrasts of {contrasts.groupby(['class_a', 'class_b']).ngroups} directed pairs")
 
-    metrics = ground_truth_scores(method, split, maps, images, tops, geometry, contrasts, data,
-                                  inputs.baseline_maps, opts)
+    metrics, contrasts = ground_truth_scores(method, split, maps, images, tops, geometry, truth, contrasts, data,
+                                             inputs.baseline_maps, opts)
     write_tables(Path(out_dir), {"head_types": types, "traits": traits, "trait_members": members,
                                  "regions": regions, "contrasts": contrasts, "metrics_analysis": metrics},
                  method, split, geometry.vocab, int(opts["top_heads"]))

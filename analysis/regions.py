@@ -16,6 +16,12 @@ The rule, per image:
 3. Else (no parts at all): a coarse ``cells x cells`` grid over the image,
    regions named ``cell_{row}_{col}``; there is no background.
 
+That is the ``annotated`` layout.  A run picks one of three (``RegionLayout``,
+config key ``regions``): ``discovered`` (the default: the part label maps
+``intr discover`` learned without part labels, regions ``part_1 .. part_K``
+and ``background``; nothing annotated is read), ``annotated`` (the rule above)
+or ``grid`` (frame cells even where the data has parts).
+
 Geometry: the networks see the whole image resized to a square (no crop,
 aspect not kept; ``intr.data.images``), so a label map of any working size
 (h, w) samples the original image at the centres of an h x w grid.  Patch
@@ -30,10 +36,12 @@ No torch here (``analysis`` reads tables).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from analysis.config import defaults
 
@@ -41,6 +49,87 @@ BACKGROUND = "background"
 DEFAULT_RADIUS = defaults("extract")["region_radius"]  # the config schema's defaults
 DEFAULT_CELLS = defaults("extract")["region_cells"]
 SAMPLES_PER_CELL = 8
+REGION_MODES = ("discovered", "annotated", "grid")
+
+
+@dataclass(frozen=True)
+class DiscoveredParts:
+    """Part label maps learned without part labels (``discovered_parts.parquet``).
+
+    Args:
+        k: number of parts; label 0 is background, 1..k the parts.
+        grid: (g_h, g_w) of the label maps (the model's patch grid).
+        labels: image_id -> (g_h, g_w) integer label map.
+    """
+
+    k: int
+    grid: tuple[int, int]
+    labels: dict[int, np.ndarray]
+
+    @classmethod
+    def read(cls, path) -> "DiscoveredParts":
+        from analysis import tables
+
+        meta = tables.read_metadata(path)
+        grid = (int(meta["grid_h"]), int(meta["grid_w"]))
+        frame = pq.read_table(path, columns=["image_id", "labels"])
+        values = tables.fixed_list_to_numpy(frame.column("labels"), np.int16).reshape(-1, *grid)
+        return cls(int(meta["k"]), grid, dict(zip(frame.column("image_id").to_pylist(), values)))
+
+    @property
+    def vocab(self) -> list[str]:
+        return [f"part_{i}" for i in range(1, self.k + 1)] + [BACKGROUND]
+
+    def label_map(self, image_id: int, width: float, height: float, out_hw: tuple[int, int]) -> np.ndarray:
+        """(h, w) int16 index into ``vocab``: each sample point takes the label of the patch cell it falls in."""
+        if image_id not in self.labels:
+            raise KeyError(f"image_id {image_id} has no discovered part map (run `intr discover` on its split)")
+        xs, ys = _sample_points(width, height, out_hw)
+        gh, gw = self.grid
+        rows = np.minimum((ys * gh / height).astype(np.int64), gh - 1)
+        cols = np.minimum((xs * gw / width).astype(np.int64), gw - 1)
+        cell = self.labels[image_id][rows[:, None], cols[None, :]].astype(np.int16)
+        return np.where(cell == 0, self.k, cell - 1).astype(np.int16)  # background is the last region
+
+
+@dataclass(frozen=True)
+class RegionLayout:
+    """Which regions a run cuts every image into (``REGION_MODES``), and how to read them.
+
+    Args:
+        mode: ``discovered``, ``annotated`` or ``grid``.
+        vocab: the region names, in order.
+        parts: ``annotated``: the data set's part keypoints (None: masks only, or a grid).
+        discovered: ``discovered``: the learned part maps.
+        radius: ``annotated``: keypoint disc radius (fraction of the box's longer side).
+        cells: grid size of ``grid`` (and of ``annotated`` data without parts).
+    """
+
+    mode: str
+    vocab: list[str]
+    parts: pd.DataFrame | None = None
+    discovered: DiscoveredParts | None = None
+    radius: float = DEFAULT_RADIUS
+    cells: int = DEFAULT_CELLS
+
+    @classmethod
+    def build(cls, mode: str, parts: pd.DataFrame | None = None, discovered: DiscoveredParts | None = None,
+              radius: float = DEFAULT_RADIUS, cells: int = DEFAULT_CELLS) -> "RegionLayout":
+        """The layout of ``mode``; ``annotated`` without parts is the grid (as the rule says)."""
+        if mode not in REGION_MODES:
+            raise ValueError(f"regions must be one of {', '.join(REGION_MODES)}, got {mode!r}")
+        if mode == "discovered":
+            if discovered is None:
+                raise ValueError("regions: discovered needs the discovered part maps (intr discover)")
+            return cls(mode, discovered.vocab, discovered=discovered, radius=radius, cells=cells)
+        if mode == "grid" or parts is None or not len(parts):
+            return cls("grid", region_vocabulary(None, cells), radius=radius, cells=cells)
+        return cls(mode, region_vocabulary(parts, cells), parts=parts, radius=radius, cells=cells)
+
+    @property
+    def ranked(self) -> np.ndarray:
+        """(R,) bool: the regions that are ranked (every one but background)."""
+        return np.array([v != BACKGROUND for v in self.vocab])
 
 
 def region_vocabulary(parts: pd.DataFrame | None, cells: int = DEFAULT_CELLS) -> list[str]:
@@ -162,49 +251,45 @@ def region_masks(labels: np.ndarray, n_regions: int) -> np.ndarray:
     return labels[None] == np.arange(n_regions, dtype=labels.dtype)[:, None, None]
 
 
-def iter_label_maps(vocab: Sequence[str], manifest: pd.DataFrame, parts: pd.DataFrame | None,
-                    work_hw: tuple[int, int], root=None, radius: float = DEFAULT_RADIUS,
-                    cells: int = DEFAULT_CELLS, mask_names: dict[int, str] | None = None):
-    """Yield ``(k, labels)``: the ``label_map`` of every manifest row (row k), at ``work_hw``.
+def iter_label_maps(layout: RegionLayout, manifest: pd.DataFrame, work_hw: tuple[int, int], root=None):
+    """Yield ``(k, labels)``: the label map (indices into ``layout.vocab``) of every manifest row (row k).
 
-    Reads the part masks (``mask_path`` relative to ``root``) where the
-    manifest has them; else uses the keypoints of ``parts``.
+    ``annotated``: reads the part masks (``mask_path`` relative to ``root``) where the manifest has
+    them, else uses the part keypoints; ``discovered``: the learned maps; ``grid``: frame cells.
     """
     from pathlib import Path
 
     from PIL import Image
 
-    if parts is not None and len(parts):
-        parts = parts[parts["image_id"].isin(manifest["image_id"])] if "image_id" in manifest else parts
+    parts = layout.parts
+    if parts is not None and "image_id" in manifest:
+        parts = parts[parts["image_id"].isin(manifest["image_id"])]
     by_image = dict(tuple(parts.groupby("image_id"))) if parts is not None and len(parts) else {}
-    if mask_names is None and parts is not None and len(parts):
-        mask_names = dict(zip(parts["part_id"].astype(int), parts["part_name"].astype(str)))
-    has_mask = "mask_path" in manifest.columns
+    mask_names = dict(zip(parts["part_id"].astype(int), parts["part_name"].astype(str))) \
+        if parts is not None and len(parts) else None
+    use_masks = layout.mode == "annotated" and "mask_path" in manifest.columns and root is not None
     for k, row in enumerate(manifest.itertuples(index=False)):
+        if layout.discovered is not None:
+            yield k, layout.discovered.label_map(int(row.image_id), row.width, row.height, work_hw)
+            continue
         mask = None
-        if has_mask and isinstance(row.mask_path, str) and root is not None:
+        if use_masks and isinstance(row.mask_path, str):
             path = Path(root) / row.mask_path
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: part mask listed in the manifest (mask_path) is missing")
             with Image.open(path) as im:
                 mask = np.asarray(im)
         bbox = (row.bbox_x, row.bbox_y, row.bbox_w, row.bbox_h) if hasattr(row, "bbox_w") else None
-        yield k, label_map(vocab, row.width, row.height, work_hw, parts=by_image.get(row.image_id),
-                           mask=mask, mask_names=mask_names, bbox=bbox, radius=radius, cells=cells)
+        yield k, label_map(layout.vocab, row.width, row.height, work_hw, parts=by_image.get(row.image_id),
+                           mask=mask, mask_names=mask_names, bbox=bbox, radius=layout.radius, cells=layout.cells)
 
 
-def image_weights(vocab: Sequence[str], manifest: pd.DataFrame, parts: pd.DataFrame | None,
-                  grid: tuple[int, int], root=None, radius: float = DEFAULT_RADIUS,
-                  cells: int = DEFAULT_CELLS, mask_names: dict[int, str] | None = None) -> np.ndarray:
-    """(N, R, g_h * g_w) float32 patch weights for every manifest row, in row order.
-
-    Reads the part masks (``mask_path`` relative to ``root``) where the
-    manifest has them; else uses the keypoints of ``parts``.
-    """
-    out = np.zeros((len(manifest), len(vocab), grid[0] * grid[1]), dtype=np.float32)
+def image_weights(layout: RegionLayout, manifest: pd.DataFrame, grid: tuple[int, int], root=None) -> np.ndarray:
+    """(N, R, g_h * g_w) float32 patch weights of every manifest row, in row order (``iter_label_maps``)."""
+    out = np.zeros((len(manifest), len(layout.vocab), grid[0] * grid[1]), dtype=np.float32)
     work = (grid[0] * SAMPLES_PER_CELL, grid[1] * SAMPLES_PER_CELL)
-    for k, labels in iter_label_maps(vocab, manifest, parts, work, root, radius, cells, mask_names):
-        out[k] = patch_weights(labels, grid, len(vocab))
+    for k, labels in iter_label_maps(layout, manifest, work, root):
+        out[k] = patch_weights(labels, grid, len(layout.vocab))
     return out
 
 
@@ -231,9 +316,8 @@ def cell_distances(labels: np.ndarray, targets: np.ndarray, grid: tuple[int, int
     return dist[rows[:, None], cols[None, :]].reshape(-1).astype(np.float32)
 
 
-def image_geometry(vocab: Sequence[str], manifest: pd.DataFrame, parts: pd.DataFrame | None,
-                   grid: tuple[int, int], root=None, radius: float = DEFAULT_RADIUS,
-                   cells: int = DEFAULT_CELLS, targets: Sequence[np.ndarray | None] | None = None,
+def image_geometry(layout: RegionLayout, manifest: pd.DataFrame, grid: tuple[int, int], root=None,
+                   targets: Sequence[np.ndarray | None] | None = None,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Patch weights of every manifest row and, optionally, each cell's distance to target regions.
 
@@ -243,18 +327,18 @@ def image_geometry(vocab: Sequence[str], manifest: pd.DataFrame, parts: pd.DataF
     (``inf`` everywhere when ``targets[k]`` is None or absent from the image).
     """
     n, cells_n = len(manifest), grid[0] * grid[1]
-    weights = np.zeros((n, len(vocab), cells_n), dtype=np.float32)
+    weights = np.zeros((n, len(layout.vocab), cells_n), dtype=np.float32)
     dist = np.full((n, cells_n), np.inf, dtype=np.float32) if targets is not None else None
     work = (grid[0] * SAMPLES_PER_CELL, grid[1] * SAMPLES_PER_CELL)
     widths = manifest["width"].to_numpy(np.float64)
     heights = manifest["height"].to_numpy(np.float64)
-    it = iter_label_maps(vocab, manifest, parts, work, root, radius, cells)
+    it = iter_label_maps(layout, manifest, work, root)
     if progress:
         from tqdm import tqdm
 
         it = tqdm(it, total=n, desc="regions", unit="img", mininterval=2.0)
     for k, labels in it:
-        weights[k] = patch_weights(labels, grid, len(vocab))
+        weights[k] = patch_weights(labels, grid, len(layout.vocab))
         if dist is not None and targets[k] is not None and len(targets[k]):
             dist[k] = cell_distances(labels, np.asarray(targets[k]), grid, widths[k], heights[k])
     return weights, dist

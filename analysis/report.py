@@ -157,8 +157,8 @@ class ReportTables:
         results_dir = Path(results_dir)
         return cls(manifest=results_dir / "manifest.parquet", parts=results_dir / "parts.parquet",
                    lookalike_pairs=results_dir / "lookalike_pairs.parquet",
-                   methods={m: {name: results_dir / m / f"{name}.parquet" for name in (*METHOD_TABLES, "attention")}
-                            for m in methods})
+                   methods={m: {name: results_dir / m / f"{name}.parquet"
+                                for name in (*METHOD_TABLES, "attention", "discovered_parts")} for m in methods})
 
 
 def load_method(method: str, tables: Mapping[str, Path]) -> MethodData:
@@ -223,6 +223,20 @@ class AttentionIndex:
         return self.maps[int(rows["pos"].iloc[0])] if len(rows) else None
 
 
+def region_layout(extract: Mapping[str, Any], parts: pd.DataFrame | None,
+                  method_tables: Mapping[str, Path]) -> regions.RegionLayout:
+    """The configured regions (``extract.regions``) of one method's report: annotated parts, the
+    grid, or the method's discovered parts (its ``discovered_parts`` table)."""
+    mode = extract["regions"]
+    path = method_tables.get("discovered_parts")
+    discovered = regions.DiscoveredParts.read(path) if mode == "discovered" and path is not None \
+        and Path(path).is_file() else None
+    if mode == "discovered" and discovered is None:
+        raise ReportError("extract.regions is 'discovered' but no discovered_parts table was given")
+    return regions.RegionLayout.build(mode, parts=parts if mode == "annotated" else None, discovered=discovered,
+                                      radius=extract["region_radius"], cells=extract["region_cells"])
+
+
 class PeakRegions:
     """The region a map falls on: its region of highest density (mass / area), by ``analysis.regions``.
 
@@ -231,14 +245,11 @@ class PeakRegions:
     the image, and a region absent from the image never wins.
     """
 
-    def __init__(self, manifest: pd.DataFrame, parts: pd.DataFrame | None, root: Path | None,
-                 radius: float, cells: int):
+    def __init__(self, manifest: pd.DataFrame, layout: regions.RegionLayout, root: Path | None):
         self.manifest = manifest.set_index("image_id", drop=False)
-        self.parts = parts
+        self.layout = layout
         self.root = root
-        self.radius = radius
-        self.cells = cells
-        self.vocab = regions.region_vocabulary(parts, cells)
+        self.vocab = layout.vocab
         self._cache: dict[tuple[int, int], dict[int, np.ndarray]] = {}
 
     def prepare(self, image_ids: Iterable[int], grid: tuple[int, int]) -> None:
@@ -250,9 +261,7 @@ class PeakRegions:
         rows = self.manifest.loc[todo]
         if self.root is None or not self.root.is_dir():
             rows = rows.drop(columns=["mask_path"], errors="ignore")
-        parts = self.parts[self.parts["image_id"].isin(todo)] if self.parts is not None else None
-        weights = regions.image_weights(self.vocab, rows, parts, tuple(grid), root=self.root, radius=self.radius,
-                                        cells=self.cells)
+        weights = regions.image_weights(self.layout, rows, tuple(grid), root=self.root)
         known.update(zip(todo, weights))
 
     def peak(self, image_id: int, attn: np.ndarray) -> str:
@@ -306,7 +315,7 @@ class Report:
     species: list[int]
     exemplars: dict[int, list[int]]
     images: ImageStore
-    peaks: PeakRegions
+    peaks: dict[str, PeakRegions]  # per method (discovered regions are the method's own)
     attention: dict[str, AttentionIndex]
     region_colours: dict[str, str]
     top_heads: int
@@ -554,7 +563,7 @@ def atlas_section(rep: Report, progress: bool) -> dict:
                     rank = key.get("head_rank")
                     overlays.append({"uri": rep.overlay(image_id, attn), "head": int(key["head"]),
                                      "rank": int(rank) if rank is not None and pd.notna(rank) else None,
-                                     "region": rep.peaks.peak(image_id, attn)})
+                                     "region": rep.peaks[m.name].peak(image_id, attn)})
                 rows_out.append({"method": method_label(m.name), "overlays": overlays})
             exemplars.append({"image_id": int(image_id), "uri": thumb, "methods": rows_out})
         entries.append({"class_id": int(class_id), "anchor": f"species-{int(class_id)}", "name": name,
@@ -853,19 +862,19 @@ def build_report(tables: ReportTables, root: str | Path | None, config: Mapping[
     names = dict(zip(classes["class_id"].astype(int), classes["class_name"].astype(str)))
     species = classes["class_id"].astype(int).tolist()[: options["max_species"]]
     exemplars = _choose_exemplars(loaded, manifest, species, options["exemplars"])
-    vocab = regions.region_vocabulary(parts, extract["region_cells"])
+    peaks = {m.name: PeakRegions(manifest, region_layout(extract, parts, tables.methods[m.name]), root_path)
+             for m in loaded}
+    vocab = list(dict.fromkeys(v for p in peaks.values() for v in p.vocab))
     colours = plots.region_colours(vocab + sorted({str(r) for m in loaded if "regions" in m.tables
                                                    for r in m.tables["regions"]["region"].unique()} - set(vocab)))
 
     paths = dict(zip(manifest["image_id"].astype(int), manifest["path"].astype(str)))
-    peaks = PeakRegions(manifest, parts, root_path, extract["region_radius"],
-                        extract["region_cells"])
     needed = _needed_images(species, exemplars, loaded, options["gallery"])
     attention = {}
     for m in loaded:
         if m.attention is not None:
             attention[m.name] = AttentionIndex(m.attention, needed[m.name])
-            peaks.prepare({i for ids in exemplars.values() for i in ids}, m.grid)
+            peaks[m.name].prepare({i for ids in exemplars.values() for i in ids}, m.grid)
     rep = Report(root=root_path, config=config, manifest=manifest, parts=parts, pairs=pairs,
                  methods=loaded, names=names, species=species, exemplars=exemplars,
                  images=ImageStore(root_path, paths), peaks=peaks, attention=attention, region_colours=colours,

@@ -94,7 +94,7 @@ def make_tables(out: str | Path, layout: str = "keypoints", classes: int = 200, 
     """
     from PIL import Image, ImageDraw
 
-    from analysis.regions import image_weights, region_vocabulary
+    from analysis.regions import RegionLayout, image_weights
 
     rng = np.random.default_rng(seed)
     out = Path(out)
@@ -260,8 +260,9 @@ def make_tables(out: str | Path, layout: str = "keypoints", classes: int = 200, 
         mdir / "trait_features.parquet", metadata=_meta(method, grid, heads, "test", feature_dim))
 
     # ---- region effects: every image x each look-alike x each region
-    vocab = region_vocabulary(parts)
-    W = image_weights(vocab, manifest, parts, (grid, grid), root=root)
+    layout = RegionLayout.build("annotated", parts=parts)
+    vocab = layout.vocab
+    W = image_weights(layout, manifest, (grid, grid), root=root)
     area = W.mean(-1)  # (N, R)
     R = len(vocab)
     sib = ~(q_role == "true")

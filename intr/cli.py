@@ -177,7 +177,7 @@ def _cmd_evaluation(args: argparse.Namespace) -> int:
     return 0
 
 
-EXTRACT_KEYS = ("split", "batch_size", "top_heads", "siblings_k", "region_radius", "region_cells",
+EXTRACT_KEYS = ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius", "region_cells",
                 "blur_sigma", "device")
 
 
@@ -187,7 +187,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     options = {k: v for k, v in _config_section(args, "extract").items() if k in EXTRACT_KEYS}
     paths = extract(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
-                    workers=args.workers, limit=args.limit, progress=not args.quiet, **options)
+                    parts=args.parts, discovered_parts=args.discovered_parts, workers=args.workers, limit=args.limit, progress=not args.quiet, **options)
     print(f"extract: {len(paths)} tables -> {args.out}")
     return 0
 
@@ -213,7 +213,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from analysis.pipeline import AnalysisInputs, analyze
 
     config = _config(args)
-    options = {**config["analysis"], **{k: config["extract"][k] for k in ("region_radius", "region_cells")}}
+    options = {**config["analysis"], **{k: config["extract"][k] for k in ("regions", "region_radius", "region_cells")}}
     # One flag per AnalysisInputs field (--head-ranks -> head_ranks); optional ones may be omitted.
     given = {f.name: Path(getattr(args, f.name)) for f in fields(AnalysisInputs) if getattr(args, f.name) is not None}
     table = analyze(AnalysisInputs(**given), Path(args.out), options, progress=not args.quiet)
@@ -349,8 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         "attention.parquet, head_ranks.parquet, region_effects.parquet, trait_features.parquet and "
         "lookalikes.parquet into --out (layouts in docs/tables.md).",
     )
-    _add_model_inputs(ex, "manifest.parquet (parts.parquet beside it)")
+    _add_model_inputs(ex, "manifest.parquet")
     ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--parts", help="parts.parquet: the regions with extract.regions 'annotated' (else unread)")
+    ex.add_argument("--discovered-parts", dest="discovered_parts",
+                    help="discovered_parts.parquet: the regions with extract.regions 'discovered'")
     _add_config_options(ex, "its 'extract' section")
     ex.add_argument("--workers", type=int, default=0, help="image-decoding processes")
     ex.add_argument("--limit", type=int, help="only the first N images (benchmarks)")
@@ -390,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--parts", help="parts.parquet (without it: grid-cell regions)")
     an.add_argument("--lookalike-pairs", dest="lookalike_pairs", help="lookalike_pairs.parquet (planted parts)")
     an.add_argument("--class-attributes", dest="class_attributes", help="class_attributes.parquet (CUB)")
+    an.add_argument("--discovered-parts", dest="discovered_parts",
+                    help="discovered_parts.parquet (the regions with extract.regions 'discovered')")
     an.add_argument("--root", required=True, help="data set root (part masks)")
     an.add_argument("--out", required=True, help="output folder")
     _add_config_options(an, "its 'analysis' section (and extract's region_radius, region_cells)")

@@ -42,7 +42,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -93,38 +92,40 @@ def lookalikes_from_confusion(probs: np.ndarray, labels: np.ndarray, num_classes
 
 @dataclass
 class RegionSource:
-    """Everything ``analysis.regions.label_map`` needs, per image, for this split."""
+    """The configured regions (``analysis.regions.RegionLayout``) of this split's images."""
 
-    vocab: list[str]
+    layout: reg.RegionLayout
     rows: pd.DataFrame
     root: Path
-    parts: dict[int, pd.DataFrame]
-    mask_names: dict[int, str]
-    radius: float
-    cells: int
 
     @classmethod
-    def load(cls, manifest_path: Path, rows: pd.DataFrame, root: Path, radius: float, cells: int) -> "RegionSource":
-        parts_path = Path(manifest_path).parent / "parts.parquet"
-        parts = read_table(parts_path) if parts_path.exists() else None
-        if parts is not None and not len(parts):
-            parts = None
-        by_image = dict(tuple(parts[parts["image_id"].isin(rows["image_id"])].groupby("image_id"))) \
-            if parts is not None else {}
-        names = dict(zip(parts["part_id"].astype(int), parts["part_name"].astype(str))) if parts is not None else {}
-        return cls(reg.region_vocabulary(parts, cells), rows, root, by_image, names, radius, cells)
+    def load(cls, mode: str, rows: pd.DataFrame, root: Path, parts: Path | None, discovered: Path | None,
+             radius: float, cells: int) -> "RegionSource":
+        """Regions of ``mode``: ``annotated`` reads ``parts`` (and the masks), ``discovered`` the learned maps.
+
+        Args:
+            mode: ``discovered``, ``annotated`` or ``grid``.
+            rows: the split's manifest rows.
+            root: the data set root (part masks).
+            parts: ``parts.parquet`` (annotated mode; None: the grid).
+            discovered: ``discovered_parts.parquet`` (discovered mode).
+            radius, cells: the annotated rule's keypoint radius and grid size.
+        """
+        part_table = read_table(parts) if mode == "annotated" and parts is not None else None
+        learned = reg.DiscoveredParts.read(discovered) if mode == "discovered" else None
+        if mode == "discovered" and discovered is None:
+            raise ValueError("regions: discovered needs --discovered-parts (the table of intr discover)")
+        layout = reg.RegionLayout.build(mode, parts=part_table, discovered=learned, radius=radius, cells=cells)
+        return cls(layout, rows, root)
+
+    @property
+    def vocab(self) -> list[str]:
+        return self.layout.vocab
 
     def labels(self, k: int, size: int) -> np.ndarray:
         """Label map of row k at the network's input size."""
-        row = self.rows.iloc[k]
-        mask = None
-        if isinstance(row.get("mask_path"), str):
-            with Image.open(self.root / row["mask_path"]) as im:
-                mask = np.asarray(im)
-        bbox = (row["bbox_x"], row["bbox_y"], row["bbox_w"], row["bbox_h"]) if "bbox_w" in row else None
-        return reg.label_map(self.vocab, row["width"], row["height"], (size, size),
-                             parts=self.parts.get(int(row["image_id"])), mask=mask, mask_names=self.mask_names,
-                             bbox=bbox, radius=self.radius, cells=self.cells)
+        (_, labels), = reg.iter_label_maps(self.layout, self.rows.iloc[[k]], (size, size), self.root)
+        return labels
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -216,6 +217,8 @@ EXTRACT = defaults("extract")  # the config schema's defaults
 def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_dir: str | Path,
             split: str = EXTRACT["split"], batch_size: int = EXTRACT["batch_size"],
             top_heads: int = EXTRACT["top_heads"], siblings_k: int = EXTRACT["siblings_k"],
+            regions: str = EXTRACT["regions"], parts: str | Path | None = None,
+            discovered_parts: str | Path | None = None,
             region_radius: float = EXTRACT["region_radius"], region_cells: int = EXTRACT["region_cells"],
             blur_sigma: float = EXTRACT["blur_sigma"], device: str = EXTRACT["device"], workers: int = 0,
             amp: bool = True, limit: int | None = None, progress: bool = True) -> dict[str, Path]:
@@ -223,14 +226,17 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
 
     Args:
         model_path: ``model.pt`` from ``intr train``.
-        manifest: ``manifest.parquet`` (``parts.parquet`` beside it when the data has parts).
+        manifest: ``manifest.parquet``.
         root: data set root.
         out_dir: folder for the tables (usually the method's results folder).
         split: the split to extract.
         batch_size: images per forward pass.
         top_heads: true-class heads per image whose features go to trait_features.
         siblings_k: look-alikes per class when the data has no genus.
-        region_radius, region_cells: the region rule's settings (``analysis.regions``).
+        regions: the regions of the region effects: ``discovered``, ``annotated`` or ``grid``.
+        parts: ``parts.parquet`` (read only with ``regions: annotated``; None: grid cells).
+        discovered_parts: ``discovered_parts.parquet`` (``regions: discovered``).
+        region_radius, region_cells: the annotated rule's settings (``analysis.regions``).
         blur_sigma: blur of the replaced regions, as a fraction of the image side.
         device: ``auto``, ``cpu`` or ``cuda``.
         workers: image-decoding processes.
@@ -277,7 +283,8 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
             looks = {c: sib if len(sib) <= siblings_k else [j for j in confused[c] if j in sib][:siblings_k]
                      for c, sib in looks.items()}
 
-    regions = RegionSource.load(Path(manifest), rows, Path(root), region_radius, region_cells)
+    regions = RegionSource.load(regions, rows, Path(root), Path(parts) if parts else None,
+                                Path(discovered_parts) if discovered_parts else None, region_radius, region_cells)
     feature_dim = int(model.patch_feature_dim)
     grid = tuple(int(g) for g in model.grid_size)
     cells = grid[0] * grid[1]
@@ -289,7 +296,7 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
             "model": str(model_path)}
     schemas = {name: tables.schema(name, cells=cells, feature_dim=feature_dim) for name in TABLES}
     extra = {"trait_features": {"feature_dim": feature_dim, "top_heads": top},
-             "region_effects": {"regions": regions.vocab, "blur_sigma": blur_sigma,
+             "region_effects": {"regions": regions.vocab, "region_mode": regions.layout.mode, "blur_sigma": blur_sigma,
                                 "region_radius": region_radius, "region_cells": region_cells}}
     run = BatchSettings(model, rows, looks, regions, size, top, blur_sigma, autocast)
     with TableWriters(Path(out_dir), schemas, {name: {**meta, **extra.get(name, {})} for name in TABLES}) as writers:

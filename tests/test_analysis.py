@@ -192,9 +192,9 @@ def test_cell_distances_and_image_weights_agree_with_masks(tmp_path):
                         "bbox_w": [16.0], "bbox_h": [16.0], "mask_path": ["m.png"]})
     parts = pd.DataFrame({"image_id": [1], "part_id": [1], "part_name": ["beak"], "x": [2.0], "y": [2.0],
                           "visible": [True]})
-    vocab = regions.region_vocabulary(parts)
-    w, d = regions.image_geometry(vocab, man, parts, (4, 4), root=tmp_path, targets=[np.array([0])])
-    assert np.allclose(w, regions.image_weights(vocab, man, parts, (4, 4), root=tmp_path))
+    layout = regions.RegionLayout.build("annotated", parts=parts)
+    w, d = regions.image_geometry(layout, man, (4, 4), root=tmp_path, targets=[np.array([0])])
+    assert np.allclose(w, regions.image_weights(layout, man, (4, 4), root=tmp_path))
     assert w[0, 0, 0] == 1 and w[0, 0, 1:].sum() == 0
     assert d[0, 0] == 0 and d[0, 1] == pytest.approx(2.5, abs=0.6)  # next cell's centre is ~2 px from the part
     assert d[0].max() > 10
@@ -317,9 +317,9 @@ def test_peak_region_of_the_report_is_the_trait_members_dominant_region(syntheti
     members = pd.read_parquet(out / "trait_members.parquet").iloc[::7]
     keys, maps = io.maps(Path(paths["method_dir"]) / "attention.parquet", query_role="true")
     position = {(int(i), int(h)): k for k, (i, h) in enumerate(zip(keys["image_id"], keys["head"]))}
-    peaks = PeakRegions(pd.read_parquet(paths["manifest"]), pd.read_parquet(Path(paths["manifest"]).parent /
-                                                                             "parts.parquet"),
-                        Path(paths["root"]), regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS)
+    layout = regions.RegionLayout.build("annotated", parts=pd.read_parquet(Path(paths["manifest"]).parent /
+                                                                          "parts.parquet"))
+    peaks = PeakRegions(pd.read_parquet(paths["manifest"]), layout, Path(paths["root"]))
     peaks.prepare(members["image_id"], maps.shape[1:])
     named = [peaks.peak(i, maps[position[(int(i), int(h))]]) for i, h in zip(members["image_id"], members["head"])]
     assert named == members["dominant_region"].tolist()

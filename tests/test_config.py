@@ -147,12 +147,12 @@ def test_code_defaults_are_the_schema_defaults():
                 if p.default is not inspect.Parameter.empty}
 
     ex = defaults("extract")
-    assert pipeline.DEFAULTS == {**defaults("analysis"), "region_radius": ex["region_radius"],
-                                 "region_cells": ex["region_cells"]}
+    assert pipeline.DEFAULTS == {**defaults("analysis"), "regions": ex["regions"],
+                                 "region_radius": ex["region_radius"], "region_cells": ex["region_cells"]}
     assert (regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS) == (ex["region_radius"], ex["region_cells"])
     assert {k: v for k, v in signature_defaults(extract).items() if k in ex} == \
-        {k: ex[k] for k in ("split", "batch_size", "top_heads", "siblings_k", "region_radius", "region_cells",
-                            "blur_sigma", "device")}
+        {k: ex[k] for k in ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius",
+                            "region_cells", "blur_sigma", "device")}
     faith = signature_defaults(run_faithfulness)
     assert (faith["top_heads"], faith["images"], faith["steps"], faith["blur_sigma"], faith["split"]) == \
         (ex["top_heads"], ex["faithfulness_images"], ex["faithfulness_steps"], ex["blur_sigma"], ex["split"])

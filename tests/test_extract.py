@@ -21,7 +21,7 @@ def extracted(request, tiny_models, tiny_dataset, tmp_path_factory):
     manifest, root = tiny_dataset
     out = tmp_path_factory.mktemp(f"extract_{request.param}")
     paths = ex.extract(tiny_models[request.param], manifest, root, out, batch_size=5, top_heads=2,
-                       progress=False)
+                       parts=manifest.parent / "parts.parquet", progress=False)
     return request.param, paths
 
 
@@ -100,7 +100,8 @@ def test_region_effects_are_the_margin_drop_of_blurring_that_region(extracted, t
     assert set(effects["region"]) <= set(io.metadata(paths["region_effects"])["regions"])
     row = effects.iloc[len(effects) // 2]
     k = int(np.flatnonzero(rows["image_id"].to_numpy() == row["image_id"])[0])
-    source = ex.RegionSource.load(manifest, rows, root, regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS)
+    source = ex.RegionSource.load("annotated", rows, root, manifest.parent / "parts.parquet", None,
+                                  regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS)
     labels_map = source.labels(k, 32)
     mask = torch.from_numpy(labels_map == source.vocab.index(row["region"])).float()
     assert row["area"] == pytest.approx(mask.mean().item(), abs=1e-6)
@@ -195,9 +196,8 @@ def test_large_genera_and_missing_taxonomy_fall_back_to_the_most_confused_classe
     table["genus"] = genus  # one genus of 4 species, or no taxonomy at all
     (tmp_path / "tables").mkdir()
     table.to_parquet(tmp_path / "tables" / "manifest.parquet")
-    (tmp_path / "tables" / "parts.parquet").write_bytes((manifest.parent / "parts.parquet").read_bytes())
     paths = ex.extract(tiny_models["intr"], tmp_path / "tables" / "manifest.parquet", root, tmp_path / "out",
-                       siblings_k=2, progress=False)
+                       siblings_k=2, parts=manifest.parent / "parts.parquet", progress=False)
     looks = io.load(paths["lookalikes"])
     assert set(looks["source"]) == {source}
     assert looks.groupby("class_a").size().tolist() == [2, 2, 2, 2]

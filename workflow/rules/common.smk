@@ -242,6 +242,21 @@ def analyze_inputs(wildcards):
     }
 
 
+def extract_inputs(wildcards):
+    """What `extract` reads: the model, the manifest and, with annotated regions, the parts."""
+    inputs = {"model": rules.train.output.model, "manifest": rules.prepare.output.manifest}
+    if config["extract"]["regions"] == "annotated":
+        inputs["parts"] = rules.prepare.output.parts
+    return inputs
+
+
+def region_table_args(wildcards, input):
+    """`--parts` where the configured regions are the annotated parts (extract.regions)."""
+    if config["extract"]["regions"] == "annotated":
+        return f"--parts {shlex.quote(input.parts)}"
+    return ""
+
+
 def optional_table_args(wildcards, input):
     """`--lookalike-pairs` and `--class-attributes` for the tables the data set has."""
     return " ".join(f"--{name.replace('_', '-')} {shlex.quote(getattr(input, name))}"

@@ -4,9 +4,7 @@
 
 rule extract:
     input:
-        model=rules.train.output.model,
-        manifest=rules.prepare.output.manifest,
-        parts=rules.prepare.output.parts,
+        unpack(extract_inputs),
     output:
         predictions="results/{dataset}/{method}/predictions.parquet",
         attention="results/{dataset}/{method}/attention.parquet",
@@ -16,11 +14,12 @@ rule extract:
         lookalikes="results/{dataset}/{method}/lookalikes.parquet",
     params:
         config=config_json(
-            {"extract": ("split", "batch_size", "top_heads", "siblings_k", "region_radius", "region_cells",
-                         "blur_sigma", "device")}
+            {"extract": ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius",
+                         "region_cells", "blur_sigma", "device")}
         ),
         root=data_root(),
         out=folder_of("attention"),
+        regions=region_table_args,
     log:
         "logs/{dataset}/{method}/extract.log",
     benchmark:
@@ -35,7 +34,8 @@ rule extract:
         "../envs/trait-discovery.yaml"
     shell:
         "intr extract --model {input.model:q} --manifest {input.manifest:q} --root {params.root:q}"
-        " --out {params.out:q} --config-json {params.config:q} --threads {threads} --quiet > {log:q} 2>&1"
+        " --out {params.out:q} {params.regions} --config-json {params.config:q} --threads {threads} --quiet"
+        " > {log:q} 2>&1"
 
 
 rule faithfulness:
