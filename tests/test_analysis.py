@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis import contrasts as C
+from analysis import io
 from analysis import recovery, regions, traits
 from analysis.ground_truth import planted_parts_by_class
 from analysis.localization import box_cells, peak_on_planted_part_rows
@@ -379,3 +380,55 @@ def test_peak_on_planted_part_matches_a_plain_loop_over_the_masks(synthetic):
     assert value(metrics, "best_fixed_head", "peak_on_planted_part") == pytest.approx(np.mean(by_head, 0).max())
     assert value(metrics, "chance", "peak_on_planted_part") == pytest.approx(np.mean(chance))
     assert value(metrics, "prompt_cam", "peak_on_planted_part") > value(metrics, "chance", "peak_on_planted_part")
+
+
+def _discovered_from_masks(paths: dict, out: Path, k: int = 5) -> Path:
+    """A discovered_parts table made from the masks (part j -> label j % k + 1, several parts merged)."""
+    from analysis import tables
+
+    manifest = pd.read_parquet(paths["manifest"])
+    attention_ids = np.unique(pd.read_parquet(Path(paths["method_dir"]) / "attention.parquet",
+                                              columns=["image_id"])["image_id"])
+    rows = manifest[manifest["image_id"].isin(attention_ids)].reset_index(drop=True)
+    layout = regions.RegionLayout.build("annotated", parts=pd.read_parquet(Path(paths["manifest"]).parent /
+                                                                            "parts.parquet"))
+    grid = tuple(io.grid_of(Path(paths["method_dir"]) / "attention.parquet"))
+    truth = regions.image_weights(layout, rows, grid, root=paths["root"]).argmax(1)  # (N, G) true region
+    background = layout.vocab.index(regions.BACKGROUND)
+    labels = np.where(truth == background, 0, truth % k + 1).astype(np.int8)
+    tables.write_columns("discovered_parts", {"image_id": rows["image_id"].to_numpy(), "labels": labels},
+                         out, {"grid_h": grid[0], "grid_w": grid[1], "k": k, "method": "from_masks"})
+    return out
+
+
+def test_discovered_regions_give_the_same_tables_with_every_annotation_removed(synthetic, tmp_path):
+    """regions: discovered reads no parts, masks, boxes, pairs or attributes; only the scores need them."""
+    paths, _, _ = synthetic
+    discovered = _discovered_from_masks(paths, tmp_path / "discovered_parts.parquet")
+    options = {**FAST, "regions": "discovered"}
+    full = AnalysisInputs.conventional(paths["method_dir"], paths["manifest"], paths["root"])
+    full = AnalysisInputs(**{**{f: getattr(full, f) for f in full.__dataclass_fields__},
+                             "discovered_parts": discovered})
+    with_truth = analyze(full, tmp_path / "a", options, progress=False)
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    manifest = pd.read_parquet(paths["manifest"]).drop(columns=["mask_path", "bbox_x", "bbox_y", "bbox_w",
+                                                                 "bbox_h", "genus"], errors="ignore")
+    manifest.to_parquet(bare / "manifest.parquet")
+    stripped = AnalysisInputs(attention=full.attention, predictions=full.predictions, manifest=bare / "manifest.parquet",
+                              root=bare, region_effects=full.region_effects, trait_features=full.trait_features,
+                              discovered_parts=discovered)
+    without = analyze(stripped, tmp_path / "b", options, progress=False)
+
+    for name in ("head_types", "traits", "trait_members", "regions", "contrasts"):
+        a, b = pd.read_parquet(tmp_path / "a" / f"{name}.parquet"), pd.read_parquet(tmp_path / "b" / f"{name}.parquet")
+        if name == "contrasts":  # the ground-truth flag is the evaluation's, the rest is discovery
+            assert a["planted"].notna().all() and b["planted"].isna().all()
+            a, b = a.drop(columns="planted"), b.drop(columns="planted")
+        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=name)
+    assert set(pd.read_parquet(tmp_path / "a" / "regions.parquet")["region"]) <= \
+        {f"part_{i}" for i in range(1, 6)} | {"background"}
+    assert 0 <= value(with_truth, "prompt_cam", "trait_recovery_top1") <= 1
+    assert "trait_recovery_top1" not in set(without["metric"])
+    assert {"pointing_game", "peak_on_planted_part"} <= set(with_truth["metric"])
