@@ -83,6 +83,8 @@ TABLES: dict[str, tuple[Column, ...]] = {
                   _c("head_rank", _i8), _c("attn", _f16, "cells")),
     "head_ranks": (_c("image_id", _i32), _c("class_id", _i16), _c("head", _i8), _c("rank", _i8),
                    _c("prob_after_blur", _f32)),
+    "pair_head_ranks": (_c("image_id", _i32), _c("class_a", _i16), _c("class_b", _i16), _c("head", _i8),
+                        _c("rank", _i8), _c("margin_after_blur", _f32)),
     "region_effects": (_c("image_id", _i32), _c("class_a", _i16), _c("class_b", _i16), _c("region", _str),
                        _c("area", _f32), _c("margin", _f32), _c("margin_drop", _f32), _c("prob_a_drop", _f32)),
     "trait_features": (_c("image_id", _i32), _c("class_id", _i16), _c("head", _i8), _c("rank", _i8),
