@@ -107,8 +107,9 @@ TABLES: dict[str, tuple[Column, ...]] = {
                 _c("n_images", _i32), _c("rank", _i16), _c("heads", pa.list_(_i8)), _c("trait", _i16),
                 _c("correct_only", _bool)),
     "contrasts": (_c("class_a", _i16), _c("class_b", _i16), _c("region", _str), _c("density_a", _f32),
-                  _c("difference", _f32), _c("occlusion", _f32), _c("combined", _f32), _c("rank_density", _i16),
-                  _c("rank_difference", _i16), _c("rank_occlusion", _i16), _c("rank_combined", _i16),
+                  _c("difference", _f32), _c("occlusion", _f32), _c("pair_attention", _f32), _c("combined", _f32),
+                  _c("rank_density", _i16), _c("rank_difference", _i16), _c("rank_occlusion", _i16),
+                  _c("rank_pair_attention", _i16), _c("rank_combined", _i16),
                   _c("p_value", _f32), _c("q_value", _f32), _c("n_images", _i32), _c("planted", _bool),
                   _c("area", _f32)),
     # -- metric tables, all in the evaluation layout

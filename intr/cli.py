@@ -384,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--head-ranks", dest="head_ranks", help="head_ranks.parquet (declared input; the ranks "
                     "are read from attention.parquet)")
     an.add_argument("--region-effects", dest="region_effects", help="region_effects.parquet (occlusion score)")
+    an.add_argument("--pair-head-ranks", dest="pair_head_ranks",
+                    help="pair_head_ranks.parquet (the pair_attention score of the contrasts)")
     an.add_argument("--trait-features", dest="trait_features", help="trait_features.parquet")
     an.add_argument("--baseline-maps", dest="baseline_maps", help="baseline_maps.parquet (CAM baselines)")
     an.add_argument("--manifest", required=True, help="manifest.parquet")
