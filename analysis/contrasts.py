@@ -11,7 +11,10 @@ Per directed look-alike pair (A, B), over A's images (same rule), three
 scores per region, each a mean over images: (a) ``density_a``, A's density;
 (b) ``difference``, A's density minus B's (B's query on the same image, B's
 own top-ranked heads); (c) ``occlusion``, the drop of the A - B margin when
-the region is blurred (``region_effects.parquet``).
+the region is blurred (``region_effects.parquet``). Beside them, reported but
+never combined, (d) ``pair_attention``: the density of the map, in A's row, of
+the pair's own top head (rank 1 of ``pair_head_ranks.parquet``: the head that
+most separates A from B when it is blurred in A's and B's rows together).
 
 ``combined`` is ``COMBINED_RULE``: z-scores (across the pair's ranked
 regions) of (c) with weight 1 and of (b) with weight 0.05; (b) alone without
@@ -42,6 +45,9 @@ import pandas as pd
 from analysis.regions import region_density
 
 SCORES = ("density", "difference", "occlusion")
+# Scored and ranked beside SCORES, but never part of the combined score: the issue allows a
+# combination only where it wins on a data set other than the one it is reported on.
+REPORTED_ONLY = ("pair_attention",)
 COMBINED = ("occlusion", "difference")  # the pair-specific scores, causal first
 # The causal score leads; the attention difference only breaks near-ties (see the module docstring).
 COMBINED_WEIGHTS = {"occlusion": 1.0, "difference": 0.05}
@@ -102,7 +108,8 @@ def score_pair(per_image: dict[str, np.ndarray], ranked: np.ndarray, permutation
     """Scores, ranks, p- and q-values of one directed pair's regions.
 
     Args:
-        per_image: ``density``, ``difference``, ``occlusion``: (n_images, R) arrays, NaN where missing.
+        per_image: ``density``, ``difference``, ``occlusion`` and optionally ``pair_attention``:
+            (n_images, R) arrays, NaN where missing.
         ranked: (R,) bool, the regions that take part in the ranking (not background).
         permutations: sign flips of the test.
         rng: the run's generator.
@@ -119,6 +126,11 @@ def score_pair(per_image: dict[str, np.ndarray], ranked: np.ndarray, permutation
         if ok.sum() >= 2 and np.nanstd(score[ok]) > 0:
             mu, sd = score[ok].mean(), score[ok].std()
             standard[name] = ((score - mu) / sd, (x - mu) / sd)
+    for name in REPORTED_ONLY:
+        x = per_image.get(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[name] = np.nanmean(x, 0) if x is not None and len(x) else np.full(len(ranked), np.nan)
     use = [n for n in COMBINED if n in standard] or [n for n in SCORES if n in standard]
     weights = np.array([COMBINED_WEIGHTS.get(n, 1.0) for n in use])
     if use and use[0] != COMBINED[0]:
@@ -130,7 +142,7 @@ def score_pair(per_image: dict[str, np.ndarray], ranked: np.ndarray, permutation
         out["combined"] = np.nansum(np.stack(zs), 0) / weights.sum() if zs else np.full(len(ranked), np.nan)
         if zs:
             out["combined"][~np.isfinite(np.stack(zs)).any(0)] = np.nan
-    for name in (*SCORES, "combined"):
+    for name in (*SCORES, *REPORTED_ONLY, "combined"):
         out[f"rank_{name}"] = _ranks(out[name], ranked)
     p = np.full(len(ranked), np.nan)
     if z_img:
@@ -152,8 +164,8 @@ def pair_contrasts(pairs: pd.DataFrame, per_image: Callable[[int, int], tuple[di
 
     Args:
         pairs: class_a, class_b and ``planted`` (a list of part names, or None where unknown).
-        per_image: ``(a, b) -> (scores, area)``: the three per-image score arrays (n, R) and the
-            regions' areas (n, R) on A's images.
+        per_image: ``(a, b) -> (scores, area)``: the per-image score arrays (n, R) (``SCORES``,
+            optionally ``REPORTED_ONLY``) and the regions' areas (n, R) on A's images.
         vocab: region names; ranked: (R,) bool, regions that are ranked.
         permutations, seed: the permutation test.
     """
@@ -169,8 +181,8 @@ def pair_contrasts(pairs: pd.DataFrame, per_image: Callable[[int, int], tuple[di
             mean_area = np.nanmean(area, 0) if len(area) else np.full(R, np.nan)
         frame = {"class_a": np.full(R, a, np.int16), "class_b": np.full(R, b, np.int16),
                  "region": list(vocab), "density_a": res["density"], "difference": res["difference"],
-                 "occlusion": res["occlusion"], "combined": res["combined"]}
-        frame.update({f"rank_{s}": res[f"rank_{s}"] for s in (*SCORES, "combined")})
+                 "occlusion": res["occlusion"], "pair_attention": res["pair_attention"], "combined": res["combined"]}
+        frame.update({f"rank_{s}": res[f"rank_{s}"] for s in (*SCORES, *REPORTED_ONLY, "combined")})
         frame.update({"p_value": res["p_value"], "q_value": res["q_value"], "n_images": n_img.astype(np.int32),
                       "planted": (pd.array([v in planted for v in vocab], dtype="boolean") if planted is not None
                                   else pd.array([None] * R, dtype="boolean")),
@@ -178,7 +190,8 @@ def pair_contrasts(pairs: pd.DataFrame, per_image: Callable[[int, int], tuple[di
         frames.append(pd.DataFrame(frame))
     if not frames:
         return pd.DataFrame(columns=["class_a", "class_b", "region", "density_a", "difference", "occlusion",
-                                     "combined", *[f"rank_{s}" for s in (*SCORES, "combined")], "p_value",
+                                     "pair_attention", "combined",
+                                     *[f"rank_{s}" for s in (*SCORES, *REPORTED_ONLY, "combined")], "p_value",
                                      "q_value", "n_images", "planted", "area"])
     return pd.concat(frames, ignore_index=True)
 

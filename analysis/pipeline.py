@@ -20,7 +20,9 @@ found by naming convention) and writes ``head_types``, ``traits``,
    class's ``top_heads`` best-ranked heads);
 3. head types and traits: ``discover_traits``;
 4. species regions: ``species_region_table``;
-5. contrasts: ``contrast_table``; look-alike pairs come from
+5. contrasts: ``contrast_table`` (with ``read_region_effects`` for the
+   occlusion score and ``read_pair_attention`` for the pair's own top head);
+   look-alike pairs come from
    ``lookalike_pairs.parquet`` where given (both directions), else every
    (true class, queried sibling) of the attention table, and its reverse;
 6. ground-truth scores: ``ground_truth_scores``;
@@ -75,6 +77,7 @@ class AnalysisInputs:
         head_ranks: ``head_ranks.parquet``; the ranks are read from ``attention``'s
             ``head_rank`` column (the same numbers), so this is declared, not read.
         region_effects: ``region_effects.parquet`` (the occlusion score of the contrasts).
+        pair_head_ranks: ``pair_head_ranks.parquet`` (the pair_attention score of the contrasts).
         trait_features: ``trait_features.parquet`` (features the traits cluster on).
         baseline_maps: ``baseline_maps.parquet`` (CAM baselines of the localization scores).
         parts: ``parts.parquet`` (the regions: part masks or keypoints; without it, grid cells).
@@ -89,6 +92,7 @@ class AnalysisInputs:
     root: Path
     head_ranks: Path | None = None
     region_effects: Path | None = None
+    pair_head_ranks: Path | None = None
     trait_features: Path | None = None
     baseline_maps: Path | None = None
     parts: Path | None = None
@@ -120,8 +124,8 @@ class AnalysisInputs:
             return path if path.exists() else None
 
         method_tables = {name: present(method_dir / f"{name}.parquet")
-                         for name in ("head_ranks", "region_effects", "trait_features", "baseline_maps",
-                                      "discovered_parts")}
+                         for name in ("head_ranks", "region_effects", "pair_head_ranks", "trait_features",
+                                      "baseline_maps", "discovered_parts")}
         data_tables = {name: present(manifest.parent / f"{name}.parquet")
                        for name in ("parts", "lookalike_pairs", "class_attributes")}
         return cls(attention=method_dir / "attention.parquet", predictions=method_dir / "predictions.parquet",
@@ -507,6 +511,52 @@ def read_region_effects(path: Path | None, images: ImageTable, vocab: list[str])
     return RegionEffects(keys, drop)
 
 
+@dataclass
+class PairAttention:
+    """Score (d) per (image, class B): the region density of the true class A's map of the pair's top head.
+
+    The pair's top head of an image is rank 1 of ``pair_head_ranks.parquet``: the head blurred last
+    when heads are blurred in A's and B's rows together by the A - B margin.
+    """
+
+    pairs: KeyedRows      # (image, class_b), A being the image's label
+    head: np.ndarray      # (P,) the pair's top head on that image
+    own: KeyedRows        # (image, head) of the true class's maps
+    density: np.ndarray   # (O, R) their region density
+
+    def of(self, image: np.ndarray, class_b: int) -> np.ndarray:
+        """(n, R) the density of each image's pair top head map (NaN rows where the image has none)."""
+        position = self.pairs.find(image, np.full(len(image), class_b))
+        head = self.head[np.maximum(position, 0)] if len(self.head) else np.zeros(len(image), np.int64)
+        return take_rows(self.density, np.where(position >= 0, self.own.find(image, head), -1))
+
+
+def read_pair_attention(path: Path | None, maps: MapTable, images: ImageTable,
+                        density: np.ndarray) -> PairAttention | None:
+    """The pair top head of every analysed (image, class B), and the density of every true-class map.
+
+    Args:
+        path: ``pair_head_ranks.parquet`` (None: no such score).
+        maps, images: the attention table's maps and images.
+        density: (M, R) region density of every map row.
+    """
+    if path is None:
+        return None
+    ranks = pd.read_parquet(path, columns=["image_id", "class_a", "class_b", "head", "rank"])
+    ranks = ranks[ranks["rank"] == 1]
+    image = images.index_of(ranks["image_id"].to_numpy(np.int64))
+    keep = image >= 0
+    keep[keep] = ranks["class_a"].to_numpy(np.int64)[keep] == images.label[image[keep]]
+    pairs = KeyedRows(image[keep], ranks["class_b"].to_numpy(np.int64)[keep])
+    head = np.full(len(pairs), -1, dtype=np.int64)
+    head[pairs.group] = ranks["head"].to_numpy(np.int64)[keep]
+    own = np.flatnonzero(maps.query_class == images.label[maps.image])
+    own_keys = KeyedRows(maps.image[own], maps.head[own])
+    own_density = np.full((len(own_keys), density.shape[1]), np.nan, dtype=np.float32)
+    own_density[own_keys.group] = density[own]
+    return PairAttention(pairs, head, own_keys, own_density)
+
+
 def lookalike_pairs(pairs_table: pd.DataFrame | None, tops: TopMaps, label: np.ndarray) -> pd.DataFrame:
     """Directed look-alike pairs with their planted parts (None where unknown)."""
     if pairs_table is not None and len(pairs_table):
@@ -536,8 +586,12 @@ def images_by_class(images: ImageTable, use: np.ndarray) -> dict[int, np.ndarray
 
 
 def contrast_table(images: ImageTable, tops: TopMaps, geometry: RegionGeometry, effects: RegionEffects | None,
-                   pairs_table: pd.DataFrame | None, opts: dict[str, Any]) -> pd.DataFrame:
-    """contrasts.parquet: the three scores of every directed look-alike pair (``pair_contrasts``)."""
+                   pairs_table: pd.DataFrame | None, opts: dict[str, Any],
+                   pair_attention: PairAttention | None = None) -> pd.DataFrame:
+    """contrasts.parquet: the scores of every directed look-alike pair (``pair_contrasts``).
+
+    ``pair_attention`` (None: the score is NaN) gives score (d), reported beside the others.
+    """
     by_class = images_by_class(images, used_images(images, tops))
     n_regions = len(geometry.vocab)
 
@@ -547,7 +601,10 @@ def contrast_table(images: ImageTable, tops: TopMaps, geometry: RegionGeometry, 
         dens_b = take_rows(tops.density, tops.keys.find(imgs, np.full(len(imgs), b)))
         occlusion = take_rows(effects.drop, effects.keys.find(imgs, np.full(len(imgs), a), np.full(len(imgs), b))) \
             if effects is not None else np.full((len(imgs), n_regions), np.nan, np.float32)
-        return {"density": dens_a, "difference": dens_a - dens_b, "occlusion": occlusion}, geometry.area[imgs]
+        pair = pair_attention.of(imgs, b) if pair_attention is not None else \
+            np.full((len(imgs), n_regions), np.nan, np.float32)
+        return {"density": dens_a, "difference": dens_a - dens_b, "occlusion": occlusion,
+                "pair_attention": pair}, geometry.area[imgs]
 
     pairs = lookalike_pairs(pairs_table, tops, images.label)
     pairs = pairs[pairs["class_a"].isin(by_class.keys())].reset_index(drop=True)
@@ -716,8 +773,10 @@ def analyze(inputs: AnalysisInputs, out_dir: str | Path, options: dict | None = 
     _log(progress, t0, f"{len(traits)} traits from {len(members):,} maps; {types['head_type'].nunique()} head types")
     regions = species_region_table(maps, images, tops, density, geometry, members, member_rows, opts)
     effects = read_region_effects(inputs.region_effects, images, geometry.vocab)
+    pair_attention = read_pair_attention(inputs.pair_head_ranks, maps, images, density)
     # Which classes are look-alikes and what differs come from the data only in annotated mode.
-    contrasts = contrast_table(images, tops, geometry, effects, data.pairs if annotated else None, opts)
+    contrasts = contrast_table(images, tops, geometry, effects, data.pairs if annotated else None, opts,
+                               pair_attention)
     _log(progress, t0, f"contrasts of {contrasts.groupby(['class_a', 'class_b']).ngroups} directed pairs")
 
     metrics, contrasts = ground_truth_scores(method, split, maps, images, tops, geometry, truth, contrasts, data,

@@ -4,7 +4,8 @@
   look-alike pair, ``top1`` = the top-ranked region is a planted differing
   part; ``recall3`` = the share of the pair's planted parts (at most 3) among
   its top 3 regions. Metric ``trait_recovery_top1`` / ``_recall3`` scores the
-  combined ranking; ``_density``, ``_difference``, ``_occlusion`` each score.
+  combined ranking; ``_density``, ``_difference``, ``_occlusion``,
+  ``_pair_attention`` each score.
   References: ``random`` (the expected value of a random order of the
   pair's ranked regions) and ``size_baseline`` (regions ordered by their mean
   area on A's images: what a uniform map over the bird would rank).
@@ -51,7 +52,8 @@ ATTRIBUTE_REGIONS: dict[str, tuple[str, ...]] = {
     "under_tail": ("tail",),
     "leg": ("left leg", "right leg", "legs", "leg"),
 }
-VARIANTS = {"combined": "", "density": "_density", "difference": "_difference", "occlusion": "_occlusion"}
+VARIANTS = {"combined": "", "density": "_density", "difference": "_difference", "occlusion": "_occlusion",
+            "pair_attention": "_pair_attention"}
 
 
 def attribute_regions(group: str | None, vocab: Sequence[str]) -> list[str]:
@@ -127,6 +129,8 @@ def ranking_rows(contrasts: pd.DataFrame, truth: np.ndarray, method: str, split:
 
     base = None
     for score, suffix in VARIANTS.items():
+        if f"rank_{score}" not in contrasts:  # a contrasts table written before the score existed
+            continue
         rank = contrasts[f"rank_{score}"].to_numpy(np.int64)
         per = _per_pair(contrasts, truth, rank)
         per = per[(per["truth"] > 0) & (per["ranked"] > 0)]

@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         "extract",
         help="write a trained model's predictions, attention maps, head ranks, region effects and trait features",
         description="Stream every image of the split through the model and write predictions.parquet, "
-        "attention.parquet, head_ranks.parquet, region_effects.parquet, trait_features.parquet and "
+        "attention.parquet, head_ranks.parquet, pair_head_ranks.parquet, region_effects.parquet, "
+        "trait_features.parquet and "
         "lookalikes.parquet into --out (layouts in docs/tables.md).",
     )
     _add_model_inputs(ex, "manifest.parquet")
@@ -387,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--head-ranks", dest="head_ranks", help="head_ranks.parquet (declared input; the ranks "
                     "are read from attention.parquet)")
     an.add_argument("--region-effects", dest="region_effects", help="region_effects.parquet (occlusion score)")
+    an.add_argument("--pair-head-ranks", dest="pair_head_ranks",
+                    help="pair_head_ranks.parquet (the pair_attention score of the contrasts)")
     an.add_argument("--trait-features", dest="trait_features", help="trait_features.parquet")
     an.add_argument("--baseline-maps", dest="baseline_maps", help="baseline_maps.parquet (CAM baselines)")
     an.add_argument("--manifest", required=True, help="manifest.parquet")

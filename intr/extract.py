@@ -9,6 +9,9 @@ For each image of the evaluation split it writes (layouts in docs/tables.md):
   head's rank for that class (greedy blurring, ``intr.ranking``);
 * ``head_ranks.parquet``: the ranking itself, with the target probability
   after each head is blurred;
+* ``pair_head_ranks.parquet``: for the true class A and each look-alike B,
+  the heads ranked by blurring them in A's and B's rows together, by the
+  A - B logit margin (``intr.ranking.rank_pair_heads_by_blurring``);
 * ``region_effects.parquet``: for the true class A and each look-alike B, the
   drop of the logit margin A - B (and of A's probability) when one region
   (``analysis.regions``: a part mask, a disc around a part keypoint, or a grid
@@ -52,10 +55,11 @@ from analysis.tables import ParquetStreamWriter, read_table
 from intr.data.images import ImageSet, read_split
 from intr.faithfulness import gaussian_blur
 from intr.models import load_model, resolve_device
-from intr.ranking import rank_heads_by_blurring
+from intr.ranking import rank_heads_by_blurring, rank_pair_heads_by_blurring
 
 ROLE_TRUE, ROLE_PRED, ROLE_SIBLING = "true", "pred", "sibling"
-TABLES = ("predictions", "attention", "head_ranks", "region_effects", "trait_features", "lookalikes")
+TABLES = ("predictions", "attention", "head_ranks", "pair_head_ranks", "region_effects", "trait_features",
+          "lookalikes")
 
 
 def blur_images(images: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
@@ -383,6 +387,45 @@ def head_rank_columns(image_ids: np.ndarray, query: np.ndarray, rank: np.ndarray
             "prob_after_blur": prob_after_blur.reshape(-1)}
 
 
+def pair_head_rank_columns(image_ids: np.ndarray, class_a: np.ndarray, class_b: np.ndarray, rank: np.ndarray,
+                           margin_after_blur: np.ndarray) -> dict[str, Any]:
+    """pair_head_ranks.parquet rows: one per (image, look-alike B, head); ``rank`` and margins (P, H) per pair."""
+    pairs, heads = rank.shape
+    return {"image_id": np.repeat(image_ids, heads), "class_a": np.repeat(class_a, heads),
+            "class_b": np.repeat(class_b, heads), "head": np.tile(np.arange(heads), pairs),
+            "rank": rank.reshape(-1), "margin_after_blur": margin_after_blur.reshape(-1)}
+
+
+@torch.no_grad()
+def rank_lookalike_pairs(model, images: torch.Tensor, labels: torch.Tensor, siblings: list[list[int]],
+                         autocast) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Pair head ranking of every (image, look-alike B of its class A) of a batch.
+
+    Args:
+        images: (B, 3, H, W); labels: (B,) class A of each image.
+        siblings: per image, its class's look-alikes (images without any are skipped).
+
+    Returns:
+        (image, class_b, rank, margin_after_blur): per pair its image's position in the batch,
+        B, and (P, H) ranks and margins; None when no image has a look-alike.
+    """
+    has = [b for b, sib in enumerate(siblings) if sib]
+    if not has:
+        return None
+    width = max(len(siblings[b]) for b in has)
+    # Images with fewer look-alikes repeat their first one; the repeats are dropped below.
+    padded = np.array([siblings[b] + [siblings[b][0]] * (width - len(siblings[b])) for b in has], dtype=np.int64)
+    real = np.array([[j < len(siblings[b]) for j in range(width)] for b in has])
+    index = torch.as_tensor(has, device=images.device)
+    with autocast():
+        ranking = rank_pair_heads_by_blurring(model, images[index], labels[index],
+                                              torch.as_tensor(padded, device=images.device))
+    rank = ranking.rank.cpu().numpy()[real]  # (P, H)
+    margins = ranking.margin_after_blur.float().cpu().numpy()[real]
+    image = np.repeat(np.asarray(has), width).reshape(len(has), width)[real]
+    return image, padded[real], rank, margins
+
+
 def trait_feature_columns(model, images: torch.Tensor, image_ids: np.ndarray, labels: np.ndarray,
                           true_maps: torch.Tensor, true_rank: torch.Tensor, top: int, autocast) -> dict[str, Any]:
     """trait_features.parquet rows: the true class's ``top`` top-ranked heads' map-weighted patch features.
@@ -432,9 +475,16 @@ def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tens
     writers.write("trait_features", trait_feature_columns(model, images, image_ids, y, maps[:, 0], true_rank,
                                                           run.top_heads, autocast))
 
+    # Pair head ranks: each head blurred in A's and B's rows together, ranked by the A - B margin.
+    siblings = [run.lookalikes.get(int(c), []) for c in y]
+    pairs = rank_lookalike_pairs(model, images, labels, siblings, autocast)
+    if pairs is not None:
+        image, class_b, pair_rank, margins = pairs
+        writers.write("pair_head_ranks", pair_head_rank_columns(image_ids[image], y[image], class_b, pair_rank,
+                                                                margins))
+
     # Region effects: every region of every image of the batch, blurred, in batched passes.
     masks = [reg.region_masks(run.regions.labels(int(i), run.image_size), len(run.regions.vocab)) for i in index]
-    siblings = [run.lookalikes.get(int(c), []) for c in y]
     with autocast():
         eff = _region_effects(model, images, labels, logits, masks, siblings, run.regions.vocab, run.blur_sigma,
                               chunk=max(1, images.shape[0]) * 4)

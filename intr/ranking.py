@@ -13,6 +13,16 @@ then only selects per head between the two, and every candidate of a round,
 for every image, goes through the rest of the last layer in one batch.
 ``rank_heads_naive`` is the paper's plain loop that reruns the whole model
 per candidate; the tests pin the two to the same ranks.
+
+Pair ranking (our addition, not in either paper): blurring a head in A's row
+alone cannot be specific to a look-alike B (B's logit does not move), so for a
+directed pair (A, B) a head is blurred in A's *and* B's rows together, and the
+greedy rule runs on the A - B logit margin instead of A's probability: each
+round blurs the head whose blurring lowers the margin least.  Heads that see
+what A and B share move both logits alike and cancel; heads that see the
+differing part are left last.  ``rank_pair_heads_by_blurring`` is the batched
+version (one pass up to the last layer per image serves A and all its
+look-alikes), ``rank_pair_heads_naive`` the plain loop.
 """
 
 from __future__ import annotations
@@ -118,3 +128,105 @@ def rank_heads_naive(model, images: torch.Tensor, target: torch.Tensor) -> HeadR
                                         torch.tensor([probs], device=images.device), prob))
     return HeadRanking(*(torch.cat([getattr(r, f) for r in rankings]) for f in
                          ("order", "rank", "prob_after_blur", "prob")))
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+@dataclass
+class PairHeadRanking:
+    """Result for a batch of images, each with its class A and L look-alikes B.
+
+    ``order[b, l, r]`` is the head blurred (in A's and B's rows) in round r for
+    the pair (A of image b, its l-th look-alike); ``rank[b, l, h]`` head h's
+    rank (1 = removed last, the most pair-specific); ``margin_after_blur[b, l, h]``
+    the A - B logit margin right after head h was blurred (with all heads
+    blurred before it); ``margin[b, l]`` the unblurred margin.
+    """
+
+    order: torch.Tensor
+    rank: torch.Tensor
+    margin_after_blur: torch.Tensor
+    margin: torch.Tensor
+
+
+def _finish_pair_ranking(order: torch.Tensor, margins: torch.Tensor, margin: torch.Tensor) -> PairHeadRanking:
+    """Ranks and per-head margins from the (B, L, H) order of removal and the margins of each round."""
+    B, L, H = order.shape
+    single = _finish_ranking(order.view(B * L, H), margins.view(B * L, H), margin.view(-1))
+    return PairHeadRanking(order, single.rank.view(B, L, H), single.prob_after_blur.view(B, L, H), margin)
+
+
+@torch.no_grad()
+def rank_pair_heads_by_blurring(model, images: torch.Tensor, class_a: torch.Tensor,
+                                class_b: torch.Tensor) -> PairHeadRanking:
+    """Rank the last layer's heads for every (image, A, look-alike B) by the A - B margin, batched.
+
+    Exact: A's and B's rows do not interact after the last attention layer, so the
+    margin of a blur set is A's logit with that set blurred in A's row minus B's
+    logit with it blurred in B's row; every candidate of a round, for every pair,
+    goes through the rest of the last layer in one batch.
+
+    Args:
+        model: a model with ``blur_context(images, target)`` taking (B, R) targets (Prompt-CAM, INTR).
+        images: (B, 3, H, W).
+        class_a: (B,) class A of each image (usually the label).
+        class_b: (B, L) look-alikes of A (pad with a repeat where images have fewer).
+    """
+    B, L = class_b.shape
+    ctx = model.blur_context(images, torch.cat([class_a.view(-1, 1), class_b], dim=1))  # B * (1 + L) rows
+    H, dev = ctx.normal.shape[1], images.device
+    # Context row of A and of B for every pair (image-major, then look-alike).
+    row_a = (torch.arange(B, device=dev) * (1 + L)).repeat_interleave(L)
+    row_b = row_a + torch.arange(1, L + 1, device=dev).repeat(B)
+    rows = torch.cat([row_a, row_b])  # (2P,) the rows a candidate batch is finished on
+    eye = torch.eye(H, dtype=torch.bool, device=dev)
+    blurred = torch.zeros(B * L, H, dtype=torch.bool, device=dev)
+    order = torch.empty(B * L, H, dtype=torch.long, device=dev)
+    margins = torch.empty(B * L, H, dtype=torch.float32, device=dev)
+    for r in range(H):
+        candidates = (blurred.unsqueeze(1) | eye).repeat(2, 1, 1)  # (2P, K=H, H), same sets in A's and B's rows
+        head_out = torch.where(candidates.unsqueeze(-1), ctx.blurred[rows].unsqueeze(1),
+                               ctx.normal[rows].unsqueeze(1))
+        logit = ctx.finish(head_out, rows).float()  # (2P, K)
+        m = (logit[:B * L] - logit[B * L:]).masked_fill(blurred, float("-inf"))
+        choice = m.argmax(dim=1)
+        order[:, r] = choice
+        margins[:, r] = m.gather(1, choice.view(-1, 1)).squeeze(1)
+        blurred[torch.arange(B * L, device=dev), choice] = True
+    logits = ctx.logits.float()
+    margin = logits[row_a].gather(1, class_a.repeat_interleave(L).view(-1, 1)).squeeze(1) \
+        - logits[row_b].gather(1, class_b.reshape(-1, 1)).squeeze(1)
+    return _finish_pair_ranking(order.view(B, L, H), margins.view(B, L, H), margin.view(B, L))
+
+
+@torch.no_grad()
+def rank_pair_heads_naive(model, images: torch.Tensor, class_a: torch.Tensor,
+                          class_b: torch.Tensor) -> PairHeadRanking:
+    """The plain loop: rerun the whole model for every candidate head, pair by pair (the reference)."""
+    B, L = class_b.shape
+    H, dev = model.num_heads, images.device
+    order = torch.empty(B, L, H, dtype=torch.long, device=dev)
+    margins = torch.empty(B, L, H, dtype=torch.float32, device=dev)
+    margin = torch.empty(B, L, dtype=torch.float32, device=dev)
+    for b in range(B):
+        for j in range(L):
+            image, a, o = images[b:b + 1], int(class_a[b]), int(class_b[b, j])
+            queried = torch.tensor([[a, o]], device=dev)
+            blurred = torch.zeros(1, 2, H, dtype=torch.bool, device=dev)
+            for r in range(H):
+                best, best_m = -1, float("-inf")
+                for h in range(H):
+                    if blurred[0, 0, h]:
+                        continue
+                    trial = blurred.clone()
+                    trial[0, :, h] = True  # the same head in A's and B's rows
+                    logits, _ = model.forward_with_maps(image, queried, blur=trial)
+                    m = (logits[0, a] - logits[0, o]).item()
+                    if m > best_m:
+                        best, best_m = h, m
+                blurred[0, :, best] = True
+                order[b, j, r], margins[b, j, r] = best, best_m
+            logits = model(image).float()
+            margin[b, j] = logits[0, a] - logits[0, o]
+    return _finish_pair_ranking(order, margins, margin)

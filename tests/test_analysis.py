@@ -432,3 +432,86 @@ def test_discovered_regions_give_the_same_tables_with_every_annotation_removed(s
     assert 0 <= value(with_truth, "prompt_cam", "trait_recovery_top1") <= 1
     assert "trait_recovery_top1" not in set(without["metric"])
     assert {"pointing_game", "peak_on_planted_part"} <= set(with_truth["metric"])
+
+
+# --------------------------------------------------------------------------- pair attention (score d)
+
+
+def test_pair_attention_reads_the_density_of_each_pairs_own_top_head_map(tmp_path):
+    """Hand-made: 3 images, 2 heads, 3 regions; the pair's rank-1 head picks the true class's map row."""
+    from analysis.pipeline import ImageTable, MapTable, read_pair_attention
+    from analysis.tables import write_columns
+
+    images = ImageTable(np.array([10, 11, 12]), np.array([0, 0, 1]), np.ones(3, bool), pd.DataFrame())
+    # True-class maps of heads 0 and 1 per image, and one sibling map that must never be read.
+    maps = MapTable(image=np.array([0, 0, 1, 1, 2, 2, 0]), query_class=np.array([0, 0, 0, 0, 1, 1, 1]),
+                    role=np.array(["true"] * 6 + ["sibling"]), head=np.array([0, 1, 0, 1, 0, 1, 0]),
+                    head_rank=np.array([1, 2, 2, 1, 1, 2, 1]), maps=np.zeros((7, 4), np.float32))
+    density = np.arange(21, dtype=np.float32).reshape(7, 3)  # row k: 3k, 3k+1, 3k+2
+    path = tmp_path / "pair_head_ranks.parquet"
+    write_columns("pair_head_ranks", {
+        "image_id": [10, 10, 11, 11, 11, 11, 12, 12, 99, 99], "class_a": [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        "class_b": [1, 1, 1, 1, 2, 2, 1, 1, 1, 1], "head": [0, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+        "rank": [2, 1, 1, 2, 2, 1, 1, 2, 1, 2], "margin_after_blur": np.zeros(10, np.float32)}, path)
+    score = read_pair_attention(path, maps, images, density)
+    # (A=0, B=1): image 10's top head is 1 (map row 1), image 11's is 0 (row 2); image 12 is of class 1,
+    # so its class_a=0 rows are not its own pair; image 99 is not analysed.
+    got = score.of(np.array([0, 1, 2]), 1)
+    assert got[:2].tolist() == [[3, 4, 5], [6, 7, 8]] and np.isnan(got[2]).all()
+    assert score.of(np.array([1, 0]), 2)[0].tolist() == [9, 10, 11]  # (A=0, B=2) on image 11: head 1
+    assert np.isnan(score.of(np.array([1, 0]), 2)[1]).all()  # image 10 has no B=2 ranking
+    assert read_pair_attention(None, maps, images, density) is None
+
+
+def test_pair_attention_is_ranked_but_never_enters_the_combined_score():
+    rng = np.random.default_rng(0)
+    ranked = np.array([True, True, True, True, False])
+    per_image = {name: rng.normal(size=(12, 5)) for name in C.SCORES}
+    without = C.score_pair(per_image, ranked, 200, np.random.default_rng(1))
+    pair = rng.normal(size=(12, 5)) + np.array([0, 0, 3, 0, 9])
+    with_pair = C.score_pair({**per_image, "pair_attention": pair}, ranked, 200, np.random.default_rng(1))
+    for name in ("combined", "p_value", "q_value", "rank_combined"):
+        np.testing.assert_array_equal(with_pair[name], without[name])
+    np.testing.assert_allclose(with_pair["pair_attention"], pair.mean(0))
+    assert with_pair["rank_pair_attention"][2] == 1 and with_pair["rank_pair_attention"][4] == -1  # background
+    assert np.isnan(without["pair_attention"]).all() and (without["rank_pair_attention"] == -1).all()
+
+
+def test_pair_attention_of_the_true_class_top_head_equals_its_density_through_the_cli(synthetic, tmp_path):
+    """With every pair's top head set to A's own rank-1 head and top_heads 1, score (d) is score (a)."""
+    import json
+
+    from analysis.tables import write_columns
+    from intr.cli import main
+
+    paths, _, _ = synthetic
+    method, data = Path(paths["method_dir"]), Path(paths["manifest"]).parent
+    attention = pd.read_parquet(method / "attention.parquet",
+                                columns=["image_id", "query_class", "query_role", "head", "head_rank"])
+    own_top = attention[(attention["query_role"] == "true") & (attention["head_rank"] == 1)]
+    siblings = attention[(attention["query_role"] != "true") & (attention["head"] == 0)]
+    pairs = siblings[["image_id", "query_class"]].merge(own_top, on="image_id", suffixes=("_b", ""))
+    heads = int(attention["head"].max()) + 1
+    rows = pairs.loc[pairs.index.repeat(heads)].assign(other=np.tile(np.arange(heads), len(pairs)))
+    other, top = rows["other"].to_numpy(), rows["head"].to_numpy()
+    rank = np.where(other == top, 1, 2 + other - (other > top))  # a permutation with A's own top head first
+    write_columns("pair_head_ranks", {"image_id": rows["image_id"].to_numpy(), "class_a": rows["query_class"].to_numpy(),
+                                      "class_b": rows["query_class_b"].to_numpy(), "head": rows["other"].to_numpy(),
+                                      "rank": rank, "margin_after_blur": np.zeros(len(rows), np.float32)},
+                  tmp_path / "pair_head_ranks.parquet")
+    argv = ["analyze", "--attention", str(method / "attention.parquet"),
+            "--predictions", str(method / "predictions.parquet"), "--manifest", str(paths["manifest"]),
+            "--parts", str(data / "parts.parquet"), "--lookalike-pairs", str(data / "lookalike_pairs.parquet"),
+            "--region-effects", str(method / "region_effects.parquet"),
+            "--pair-head-ranks", str(tmp_path / "pair_head_ranks.parquet"), "--root", str(paths["root"]),
+            "--out", str(tmp_path / "out"), "--config-json", json.dumps({"analysis": {**FAST, "top_heads": 1}}),
+            "--quiet"]
+    assert main(argv) == 0
+    con = pd.read_parquet(tmp_path / "out" / "contrasts.parquet")
+    assert con["pair_attention"].notna().any()
+    np.testing.assert_allclose(con["pair_attention"], con["density_a"], rtol=1e-5, equal_nan=True)
+    np.testing.assert_array_equal(con["rank_pair_attention"], con["rank_density"])
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics_analysis.parquet")
+    for at in ("top1", "recall3"):
+        assert value(metrics, "prompt_cam", f"trait_recovery_{at}_pair_attention") == \
+            value(metrics, "prompt_cam", f"trait_recovery_{at}_density")

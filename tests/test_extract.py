@@ -12,7 +12,7 @@ import torch
 import intr.extract as ex
 from analysis import io, regions
 from intr.data.images import ImageSet, read_split
-from intr.ranking import rank_heads_by_blurring
+from intr.ranking import rank_heads_by_blurring, rank_pair_heads_by_blurring
 from intr.models import load_model
 
 
@@ -130,6 +130,42 @@ def test_trait_features_are_the_map_weighted_patch_features_of_the_top_heads(ext
     m = maps[0, 0, int(row["head"])].flatten()
     expected = (m / m.sum()) @ patches
     assert np.allclose(row["feature"], expected.numpy(), atol=2e-2 * float(expected.abs().max()))
+
+
+def test_pair_head_ranks_have_one_row_per_head_per_image_and_lookalike_and_equal_the_model(
+        extracted, tiny_models, tiny_dataset):
+    method, paths = extracted
+    manifest, root = tiny_dataset
+    model, rows, images, labels = model_and_images(tiny_models[method], manifest, root)
+    pair_ranks = io.load(paths["pair_head_ranks"])
+    looks = io.load(paths["lookalikes"]).groupby("class_a")["class_b"].apply(sorted)
+    # One row per head for every (image, look-alike B of its class A), and nothing else.
+    expected = sorted((int(i), int(a), b, h) for i, a in zip(rows["image_id"], labels.tolist())
+                      for b in looks[a] for h in range(4))
+    got = sorted(pair_ranks[["image_id", "class_a", "class_b", "head"]].itertuples(index=False, name=None))
+    assert got == expected
+    perm = pair_ranks.groupby(["image_id", "class_b"])["rank"].apply(lambda r: sorted(r.tolist()))
+    assert all(p == [1, 2, 3, 4] for p in perm)
+    sibling = torch.tensor([[looks[a][0]] for a in labels.tolist()])
+    ranking = rank_pair_heads_by_blurring(model, images, labels, sibling)
+    table = pair_ranks.set_index(["image_id", "class_b", "head"]).sort_index()
+    for k in range(len(rows)):
+        stored = table.loc[(int(rows["image_id"][k]), int(sibling[k, 0]))]
+        assert stored["rank"].tolist() == ranking.rank[k, 0].tolist()
+        assert np.allclose(stored["margin_after_blur"], ranking.margin_after_blur[k, 0].numpy(), atol=1e-4)
+
+
+def test_pairs_of_a_batch_skip_images_without_lookalikes_and_drop_the_padding(tiny_models, tiny_dataset):
+    manifest, root = tiny_dataset
+    model, _, images, _ = model_and_images(tiny_models["prompt_cam"], manifest, root)
+    labels = torch.tensor([0, 1, 2])
+    image, class_b, rank, margins = ex.rank_lookalike_pairs(model, images[:3], labels, [[1], [0, 2], []],
+                                                            torch.no_grad)
+    assert image.tolist() == [0, 1, 1] and class_b.tolist() == [1, 0, 2]
+    assert rank.shape == margins.shape == (3, 4)
+    alone = rank_pair_heads_by_blurring(model, images[1:2], labels[1:2], torch.tensor([[2]]))
+    assert rank[2].tolist() == alone.rank[0, 0].tolist()
+    assert ex.rank_lookalike_pairs(model, images[:1], labels[:1], [[]], torch.no_grad) is None
 
 
 def test_interrupted_extraction_leaves_no_table_and_a_rerun_is_complete(tiny_models, tiny_dataset, tmp_path,

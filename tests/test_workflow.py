@@ -117,7 +117,8 @@ def test_rules_declare_the_ground_truth_tables_and_pass_them_by_path(run_snakema
                        "--class-attributes": "results/tiny/class_attributes.parquet",
                        "--parts": "results/tiny/parts.parquet",
                        "--baseline-maps": f"results/tiny/{method}/baseline_maps.parquet",
-                       "--trait-features": f"results/tiny/{method}/trait_features.parquet"}.items():
+                       "--trait-features": f"results/tiny/{method}/trait_features.parquet",
+                       "--pair-head-ranks": f"results/tiny/{method}/pair_head_ranks.parquet"}.items():
         assert option(analyze, flag) == path, flag
     faithfulness = shell_commands(result.stdout, "faithfulness")[0]
     assert option(faithfulness, "--attention").endswith("/attention.parquet")
@@ -215,8 +216,9 @@ def test_tiny_config_runs_end_to_end_and_then_has_nothing_to_do(run_snakemake, r
     assert top1["ci_lo"] <= top1["value"] <= top1["ci_hi"]
 
     for method in ("prompt_cam", "intr"):
-        for table in ("predictions", "attention", "head_ranks", "region_effects", "trait_features",
-                      "baseline_maps", "traits", "trait_members", "regions", "contrasts", "head_types"):
+        for table in ("predictions", "attention", "head_ranks", "pair_head_ranks", "region_effects",
+                      "trait_features", "baseline_maps", "traits", "trait_members", "regions", "contrasts",
+                      "head_types"):
             assert (results / method / f"{table}.parquet").exists(), (method, table)
         for rule in ("extract", "faithfulness", "analyze"):
             assert (tmp_path / "logs" / "tiny" / method / f"{rule}.log").exists()

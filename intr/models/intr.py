@@ -325,20 +325,29 @@ class INTR(nn.Module):
         return self._finish(last, tgt, out), maps
 
     def blur_context(self, images: torch.Tensor, target: torch.Tensor) -> BlurContext:
-        """What head ranking needs for the ``target`` class query, computed once."""
+        """Everything head ranking needs for the ``target`` class queries, computed once.
+
+        Args:
+            images: (B, 3, H, W).
+            target: (B,) class ids, or (B, R) for R query rows per image that share one
+                pass up to the last layer; the context's rows are then the B * R (image, row)
+                pairs, image-major.
+        """
         last, tgt, q, k, v = self._last_layer_input(images)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
         logits = self._finish(last, tgt, out)
-        idx = target.view(-1, 1)
+        idx = target.view(target.shape[0], -1)  # (B, R)
         qt = torch.gather(q, 2, idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
-        normal = (last.multihead_attn.explicit(qt, k) @ v).squeeze(2)  # (B, heads, hd)
-        blurred = v.mean(dim=2)
-        tgt_row = torch.gather(tgt, 1, idx.unsqueeze(-1).expand(-1, -1, tgt.shape[-1]))  # (B, 1, d)
+        normal = (last.multihead_attn.explicit(qt, k) @ v).transpose(1, 2).flatten(0, 1)  # (B * R, heads, hd)
+        blurred = v.mean(dim=2).repeat_interleave(idx.shape[1], dim=0)
+        tgt_row = torch.gather(tgt, 1, idx.unsqueeze(-1).expand(-1, -1, tgt.shape[-1])).flatten(0, 1).unsqueeze(1)
 
-        def finish(head_out: torch.Tensor) -> torch.Tensor:
-            return self._finish(last, tgt_row.expand(-1, head_out.shape[1], -1), head_out)
+        def finish(head_out: torch.Tensor, row: torch.Tensor | None = None) -> torch.Tensor:
+            tgt_in = tgt_row if row is None else tgt_row[row]
+            return self._finish(last, tgt_in.expand(-1, head_out.shape[1], -1), head_out)
 
-        return BlurContext(normal, blurred, finish, logits, target)
+        return BlurContext(normal, blurred, finish, logits.repeat_interleave(idx.shape[1], dim=0),
+                           target.reshape(-1))
 
 
 def load_detr_checkpoint(model: INTR, path) -> None:

@@ -153,20 +153,29 @@ class PromptCAM(nn.Module):
         return logits_all, patches.reshape(*patches.shape[:3], *self.grid_size)
 
     def blur_context(self, images: torch.Tensor, target: torch.Tensor) -> BlurContext:
-        """Everything head ranking needs for the ``target`` class prompt, computed once."""
+        """Everything head ranking needs for the ``target`` class prompts, computed once.
+
+        Args:
+            images: (B, 3, H, W).
+            target: (B,) class ids, or (B, R) for R prompt rows per image that share one
+                trunk pass; the context's rows are then the B * R (image, row) pairs, image-major.
+        """
         x = self.trunk(images)
         logits = self.forward_from_trunk(x)
-        row = (target + self.num_prefix).view(-1, 1)
-        q, k, v, _ = self._query_key_value(x, row)
-        scores = (q * self.backbone.blocks[-1].attn.scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
-        normal = (scores.softmax(-1) @ v).squeeze(2)  # (B, H, hd)
-        blurred = v.mean(dim=2)  # softmax of all-zero logits: uniform over every key
-        x_row = torch.gather(x, 1, row.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, 1, D)
+        rows = target.view(target.shape[0], -1) + self.num_prefix  # (B, R)
+        q, k, v, _ = self._query_key_value(x, rows)
+        scores = (q * self.backbone.blocks[-1].attn.scale) @ k.transpose(-2, -1)  # (B, H, R, N)
+        normal = (scores.softmax(-1) @ v).transpose(1, 2).flatten(0, 1)  # (B * R, H, hd)
+        # softmax of all-zero logits: uniform over every key, the same for every row of an image
+        blurred = v.mean(dim=2).repeat_interleave(rows.shape[1], dim=0)
+        x_row = torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1])).flatten(0, 1).unsqueeze(1)
 
-        def finish(head_out: torch.Tensor) -> torch.Tensor:
-            return self._finish_rows(x_row.expand(-1, head_out.shape[1], -1), head_out)
+        def finish(head_out: torch.Tensor, row: torch.Tensor | None = None) -> torch.Tensor:
+            x_in = x_row if row is None else x_row[row]
+            return self._finish_rows(x_in.expand(-1, head_out.shape[1], -1), head_out)
 
-        return BlurContext(normal, blurred, finish, logits, target)
+        return BlurContext(normal, blurred, finish, logits.repeat_interleave(rows.shape[1], dim=0),
+                           target.reshape(-1))
 
     def probe_features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen features for a linear probe: [class token, mean patch token] after the final norm."""

@@ -22,12 +22,15 @@ class BlurContext:
     ``blurred[b, h]`` the output when its pre-softmax logits are all zero
     (uniform attention); ``finish`` turns per-head outputs (B, K, H, hd) of K
     candidate blur sets into the target logit (B, K); ``logits`` are the
-    unblurred logits of all classes (B, C).
+    unblurred logits of all classes (B, C).  With several target rows per
+    image ((B, R) targets) every field has B * R rows, image-major, and
+    ``finish(head_out, row)`` takes an optional (B',) index of the context row
+    each of its B' entries belongs to (default: entry i is row i).
     """
 
     normal: torch.Tensor
     blurred: torch.Tensor
-    finish: Callable[[torch.Tensor], torch.Tensor]
+    finish: Callable[..., torch.Tensor]
     logits: torch.Tensor
     target: torch.Tensor
 
@@ -70,7 +73,7 @@ class InterpretableModel(Protocol):
         ...
 
     def blur_context(self, images: torch.Tensor, target: torch.Tensor) -> BlurContext:
-        """What greedy head ranking (``intr.ranking``) needs for the ``target`` (B,) query rows."""
+        """What greedy head ranking (``intr.ranking``) needs for the ``target`` (B,) or (B, R) query rows."""
         ...
 
     def probe_features(self, images: torch.Tensor) -> torch.Tensor:

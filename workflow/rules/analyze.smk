@@ -28,7 +28,8 @@ rule analyze:
         "../envs/trait-discovery.yaml"
     shell:
         "intr analyze --attention {input.attention:q} --predictions {input.predictions:q}"
-        " --head-ranks {input.head_ranks:q} --region-effects {input.region_effects:q}"
+        " --head-ranks {input.head_ranks:q} --pair-head-ranks {input.pair_head_ranks:q}"
+        " --region-effects {input.region_effects:q}"
         " --trait-features {input.trait_features:q} --baseline-maps {input.baseline_maps:q}"
         " --manifest {input.manifest:q} --parts {input.parts:q} {params.ground_truth}"
         " --root {params.root:q} --out {params.out:q} --config-json {params.config:q} --quiet > {log:q} 2>&1"

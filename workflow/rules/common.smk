@@ -234,7 +234,7 @@ def analyze_inputs(wildcards):
     """What `analyze` reads: the extraction tables, the baseline maps and the data tables."""
     return {
         **{name: getattr(rules.extract.output, name) for name in
-           ("predictions", "attention", "head_ranks", "region_effects", "trait_features")},
+           ("predictions", "attention", "head_ranks", "pair_head_ranks", "region_effects", "trait_features")},
         "baseline_maps": rules.faithfulness.output.maps,
         "manifest": rules.prepare.output.manifest,
         "parts": rules.prepare.output.parts,

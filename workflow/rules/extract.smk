@@ -9,6 +9,7 @@ rule extract:
         predictions="results/{dataset}/{method}/predictions.parquet",
         attention="results/{dataset}/{method}/attention.parquet",
         head_ranks="results/{dataset}/{method}/head_ranks.parquet",
+        pair_head_ranks="results/{dataset}/{method}/pair_head_ranks.parquet",
         region_effects="results/{dataset}/{method}/region_effects.parquet",
         trait_features="results/{dataset}/{method}/trait_features.parquet",
         lookalikes="results/{dataset}/{method}/lookalikes.parquet",
