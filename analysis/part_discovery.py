@@ -25,7 +25,6 @@ ViT backbone) have.  Only the networks' outputs are read here (no torch):
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ import pandas as pd
 from sklearn.cluster import KMeans
 
 POSITION_SCALE = 1.0  # frame position in [-0.5, 0.5] next to unit-norm features
-RELATIVE_SCALE = 1.0 / 3  # bird-relative position: about 3 spreads either side of the centre -> [-1, 1] / 1
+RELATIVE_SCALE = 1.0 / 3  # bird-relative position in spreads: 3 spreads either side of the centre map to [-1, 1]
 
 
 def patch_positions(grid: tuple[int, int]) -> np.ndarray:

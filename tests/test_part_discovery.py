@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import shutil
 
 import numpy as np
@@ -100,8 +101,7 @@ def test_discover_labels_every_image_of_the_split_and_reads_no_annotation(method
     assert not (bare_manifest.parent / "parts.parquet").exists() and not (bare_root / "masks").exists()
     code = main(["discover", "--model", str(tiny_models[method]), "--manifest", str(bare_manifest),
                  "--root", str(bare_root), "--out", str(tmp_path / "bare.parquet"), "--quiet",
-                 "--config-json", '{"discovery": {"k": 3, "fit_images": 0, "foreground_clusters": 4}, '
-                 '"extract": {"device": "cpu"}}'])
+                 "--config-json", json.dumps({"discovery": options, "extract": {"device": "cpu"}})])
     assert code == 0
 
     table = pq.read_table(path)
