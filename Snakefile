@@ -48,6 +48,7 @@ rule all:
         expand(rules.train.output, dataset=DATASET, method=METHODS),
         expand(rules.evaluate.output, dataset=DATASET, method=METHODS),
         expand(rules.extract.output, dataset=DATASET, method=METHODS),
+        expand(rules.discover.output, dataset=DATASET, method=METHODS) if REGIONS == "discovered" else [],
         expand(rules.faithfulness.output, dataset=DATASET, method=METHODS),
         expand(rules.analyze.output, dataset=DATASET, method=METHODS),
         expand(rules.evaluation.output, dataset=DATASET, method=METHODS),

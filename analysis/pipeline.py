@@ -45,6 +45,7 @@ from analysis.config import defaults
 from analysis.contrasts import COMBINED_RULE, pair_contrasts, species_regions
 from analysis.ground_truth import planted_parts_by_class
 from analysis.localization import box_cells, localization_rows, peak_on_planted_part_rows
+from analysis.part_discovery import part_discovery_scores
 from analysis.recovery import attribute_rows, recovery_rows
 from analysis.regions import (BACKGROUND, DiscoveredParts, RegionLayout, cells_on_regions, image_geometry,
                               region_density)
@@ -781,6 +782,10 @@ def analyze(inputs: AnalysisInputs, out_dir: str | Path, options: dict | None = 
 
     metrics, contrasts = ground_truth_scores(method, split, maps, images, tops, geometry, truth, contrasts, data,
                                              inputs.baseline_maps, opts)
+    if inputs.discovered_parts is not None:  # the discovered parts against the true ones (evaluation)
+        metrics = pd.concat([metrics, part_discovery_scores(inputs.discovered_parts, inputs.manifest, inputs.parts,
+                                                            inputs.root, method, int(opts["region_cells"]),
+                                                            int(opts["seed"]))], ignore_index=True)
     write_tables(Path(out_dir), {"head_types": types, "traits": traits, "trait_members": members,
                                  "regions": regions, "contrasts": contrasts, "metrics_analysis": metrics},
                  method, split, geometry.vocab, int(opts["top_heads"]))

@@ -192,6 +192,19 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_discover(args: argparse.Namespace) -> int:
+    from intr.discover import discover_parts
+
+    _set_threads(args.threads)
+    config = _config(args)
+    extract = config["extract"]
+    path = discover_parts(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
+                          split=extract["split"], batch_size=extract["batch_size"], device=extract["device"],
+                          **config["discovery"])
+    print(f"discover: {config['discovery']['k']} parts -> {path}")
+    return 0
+
+
 def _cmd_faithfulness(args: argparse.Namespace) -> int:
     from intr.faithfulness import run_faithfulness
 
@@ -360,6 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--limit", type=int, help="only the first N images (benchmarks)")
     _add_run_options(ex)
     ex.set_defaults(func=_cmd_extract)
+
+    di = sub.add_parser(
+        "discover",
+        help="learn a part vocabulary from the images and the model (no part labels) and label every patch",
+        description="Fit k parts plus background on a sample of training images (backbone patch features, "
+        "foreground voted by the model's class attention) and write discovered_parts.parquet: every image of "
+        "extract's split, its part label per patch cell (docs/tables.md). Reads no parts, masks or boxes.",
+    )
+    _add_model_inputs(di, "manifest.parquet (only image paths and splits are read)")
+    di.add_argument("--out", required=True, help="discovered_parts.parquet to write")
+    _add_config_options(di, "its 'discovery' section (and extract's split, batch_size, device)")
+    _add_run_options(di)
+    di.set_defaults(func=_cmd_discover)
 
     fa = sub.add_parser(
         "faithfulness",

@@ -239,28 +239,37 @@ def analyze_inputs(wildcards):
         "manifest": rules.prepare.output.manifest,
         "parts": rules.prepare.output.parts,
         **optional_tables("lookalike_pairs", "class_attributes"),
+        **({"discovered_parts": rules.discover.output.parts} if REGIONS == "discovered" else {}),
     }
 
 
+REGIONS = config["extract"]["regions"]
+
+
+def region_inputs():
+    """The table that defines the regions: the parts (annotated) or the discovered parts (discovered)."""
+    if REGIONS == "annotated":
+        return {"parts": rules.prepare.output.parts}
+    if REGIONS == "discovered":
+        return {"discovered_parts": rules.discover.output.parts}
+    return {}
+
+
 def extract_inputs(wildcards):
-    """What `extract` reads: the model, the manifest and, with annotated regions, the parts."""
-    inputs = {"model": rules.train.output.model, "manifest": rules.prepare.output.manifest}
-    if config["extract"]["regions"] == "annotated":
-        inputs["parts"] = rules.prepare.output.parts
-    return inputs
+    """What `extract` reads: the model, the manifest and the table of the configured regions."""
+    return {"model": rules.train.output.model, "manifest": rules.prepare.output.manifest, **region_inputs()}
 
 
 def region_table_args(wildcards, input):
-    """`--parts` where the configured regions are the annotated parts (extract.regions)."""
-    if config["extract"]["regions"] == "annotated":
-        return f"--parts {shlex.quote(input.parts)}"
-    return ""
+    """`--parts` or `--discovered-parts`: the configured regions (extract.regions)."""
+    return " ".join(f"--{name.replace('_', '-')} {shlex.quote(getattr(input, name))}"
+                    for name in ("parts", "discovered_parts") if hasattr(input, name))
 
 
 def optional_table_args(wildcards, input):
-    """`--lookalike-pairs` and `--class-attributes` for the tables the data set has."""
+    """`--lookalike-pairs`, `--class-attributes` and `--discovered-parts` for the tables the run has."""
     return " ".join(f"--{name.replace('_', '-')} {shlex.quote(getattr(input, name))}"
-                    for name in ("lookalike_pairs", "class_attributes") if hasattr(input, name))
+                    for name in ("lookalike_pairs", "class_attributes", "discovered_parts") if hasattr(input, name))
 
 
 def evaluation_inputs(wildcards):
@@ -279,6 +288,7 @@ REPORT_METHOD_TABLES = {
     "baseline_maps": ("faithfulness", "maps"),
     **{name: ("extract", name) for name in ("predictions", "attention", "head_ranks", "region_effects")},
     **{name: ("analyze", name) for name in ("head_types", "traits", "trait_members", "regions", "contrasts")},
+    **({"discovered_parts": ("discover", "parts")} if REGIONS == "discovered" else {}),
 }
 
 

@@ -2,6 +2,32 @@
 # and the faithfulness test of its maps against CAM baselines.
 
 
+rule discover:
+    input:
+        model=rules.train.output.model,
+        manifest=rules.prepare.output.manifest,
+    output:
+        parts="results/{dataset}/{method}/discovered_parts.parquet",
+    params:
+        config=config_json({"discovery": None, "extract": ("split", "batch_size", "device")}),
+        root=data_root(),
+    log:
+        "logs/{dataset}/{method}/discover.log",
+    benchmark:
+        "logs/{dataset}/benchmarks/{method}_discover.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=extract_resources_gpu,
+        cpus_per_task=cpus_from_threads,
+    conda:
+        "../envs/trait-discovery.yaml"
+    shell:
+        "intr discover --model {input.model:q} --manifest {input.manifest:q} --root {params.root:q}"
+        " --out {output.parts:q} --config-json {params.config:q} --threads {threads} --quiet > {log:q} 2>&1"
+
+
 rule extract:
     input:
         unpack(extract_inputs),

@@ -1,0 +1,102 @@
+"""``intr discover``: a part vocabulary learned from the images and a trained model, without any part label.
+
+The network half of part discovery: for each image, the backbone's patch
+features (``patch_features``) and the class attention of the model's
+``top_classes`` predicted classes (``forward_with_maps``), reduced to one
+saliency per patch.  The clustering (``analysis.part_discovery``) is fitted on
+a seeded sample of ``fit_images`` training images and assigns every image of
+``split``.  Reads the manifest and the images only: never parts.parquet,
+masks, boxes or planted traits (species labels are not read either: the
+predicted classes stand in for them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis import part_discovery as pdisc
+from analysis import tables
+from intr.data.images import ImageSet, read_split
+from intr.models import load_model, resolve_device
+
+DISCOVERY_METHOD = "attention_voted_kmeans"
+
+
+@torch.no_grad()
+def patch_descriptors(model, data: ImageSet, top_classes: int, batch_size: int,
+                      device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, G, D) float32, saliency (N, G) float64) of every image of ``data``.
+
+    Args:
+        model: an ``InterpretableModel``.
+        data: the images.
+        top_classes: predicted classes whose attention maps make the saliency.
+        batch_size: images per forward pass.
+        device: where the model runs.
+    """
+    features, saliency = [], []
+    top = min(top_classes, model.num_classes)
+    for start in range(0, len(data), batch_size):
+        images = torch.stack([data[i][0] for i in range(start, min(len(data), start + batch_size))]).to(device)
+        classes = model(images).topk(top, dim=1).indices
+        _, maps = model.forward_with_maps(images, classes)
+        saliency.append(pdisc.attention_saliency(maps.flatten(3).float().cpu().numpy()))
+        features.append(model.patch_features(images).float().cpu().numpy())
+    return np.concatenate(features), np.concatenate(saliency)
+
+
+def fit_sample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """A seeded sample of ``n`` rows (all when n is 0 or at least the row count), in image_id order."""
+    if n <= 0 or n >= len(rows):
+        return rows
+    pick = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
+    return rows.iloc[pick].reset_index(drop=True)
+
+
+def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Path, out: str | Path,
+                   split: str = "test", fit_split: str = "train", fit_images: int = 600, k: int = 10,
+                   top_classes: int = 3, foreground_clusters: int = 12, batch_size: int = 64,
+                   device: str = "auto", seed: int = 0) -> Path:
+    """Fit the part vocabulary on training images and write every ``split`` image's part labels.
+
+    Args:
+        model_path: ``model.pt`` from ``intr train``.
+        manifest: ``manifest.parquet`` (only image_id, path, split are read).
+        root: the data set root.
+        out: ``discovered_parts.parquet`` to write.
+        split: split whose images get label maps.
+        fit_split: split the vocabulary is fitted on.
+        fit_images: images of ``fit_split`` sampled for the fit (0: all).
+        k: number of parts (background comes on top).
+        top_classes: predicted classes whose attention votes the foreground.
+        foreground_clusters: clusters of the foreground stage.
+        batch_size: images per forward pass.
+        device: auto, cpu or cuda.
+        seed: seed of the sample and of k-means.
+    """
+    dev = resolve_device(device)
+    model, config = load_model(model_path)
+    model.to(dev)
+    size, norm = config["image_size"], config["normalization"]
+    fit_rows = fit_sample(read_split(manifest, fit_split), fit_images, seed)
+    fit_features, fit_saliency = patch_descriptors(
+        model, ImageSet(root, fit_rows, size, norm["mean"], norm["std"], preload=False), top_classes, batch_size, dev)
+    vocabulary = pdisc.fit_part_vocabulary(fit_features, fit_saliency, model.grid_size, k,
+                                           foreground_clusters=foreground_clusters, seed=seed)
+    rows = read_split(manifest, split)
+    labels = []
+    for start in range(0, len(rows), 1024):  # assign in chunks so memory does not grow with the split
+        chunk = rows.iloc[start:start + 1024].reset_index(drop=True)
+        features, saliency = patch_descriptors(
+            model, ImageSet(root, chunk, size, norm["mean"], norm["std"], preload=False), top_classes, batch_size, dev)
+        labels.append(pdisc.assign_parts(vocabulary, features, saliency))
+    gh, gw = model.grid_size
+    metadata = {"grid_h": gh, "grid_w": gw, "k": k, "method": config["method"], "discovery": DISCOVERY_METHOD,
+                "split": split, "fit_images": len(fit_rows)}
+    return tables.write_columns("discovered_parts", {"image_id": rows["image_id"].to_numpy(np.int32),
+                                                     "labels": np.concatenate(labels)},
+                                out, metadata=metadata, cells=gh * gw)

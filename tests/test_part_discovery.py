@@ -1,0 +1,126 @@
+"""Part discovery: the scores mean what they say, and discovery reads images and the model only."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from analysis import part_discovery as pdisc
+from analysis.config import defaults
+from analysis.tables import TABLES, fixed_list_to_numpy, read_metadata, schema
+from intr.data.images import read_split
+
+
+def test_a_relabelled_copy_of_the_truth_scores_one_and_unscored_patches_do_not_count():
+    truth = np.array([[0, 1, 2, 2, -1], [1, 1, 0, 2, -1]])
+    relabelled = np.array([[5, 3, 7, 7, 0], [3, 3, 5, 7, 5]])  # a permutation; the -1 patches disagree freely
+
+    assert pdisc.agreement(relabelled, truth) == pytest.approx((1.0, 1.0))
+    nmi, ari = pdisc.agreement(np.zeros_like(truth), truth)  # one label for everything says nothing
+    assert nmi == pytest.approx(0.0) and ari == pytest.approx(0.0)
+
+
+def test_references_grid_and_random_have_the_documented_labels():
+    grid = pdisc.grid_labels(2, (6, 6), cells=3)
+    assert grid.shape == (2, 36)
+    assert grid[0].reshape(6, 6)[:2, :2].tolist() == [[1, 1], [1, 1]]
+    assert grid[0].reshape(6, 6)[5, 5] == 9 and len(np.unique(grid)) == 9
+    rand = pdisc.random_labels(50, (4, 4), k=5, seed=1)
+    assert rand.shape == (50, 16) and set(np.unique(rand)) == {1, 2, 3, 4, 5}
+
+
+def test_truth_is_the_majority_part_on_masks_and_the_keypoints_patch_on_cub():
+    weights = np.zeros((1, 3, 4), np.float32)  # regions: beak, wing, background
+    weights[0, :, 0] = [0.6, 0.0, 0.4]
+    weights[0, :, 1] = [0.2, 0.3, 0.5]
+    weights[0, :, 2] = [0.0, 1.0, 0.0]
+    weights[0, :, 3] = [0.0, 0.0, 1.0]
+    assert pdisc.mask_truth(weights, background=2).tolist() == [[0, -1, 1, -1]]
+
+    manifest = pd.DataFrame({"image_id": [7, 9], "width": [100, 200], "height": [100, 100]})
+    parts = pd.DataFrame({"image_id": [7, 7, 9, 9], "part_id": [1, 2, 1, 3], "x": [10.0, 99.0, 150.0, 5.0],
+                          "y": [10.0, 60.0, 10.0, 5.0], "visible": [True, True, True, False]})
+    truth = pdisc.keypoint_truth(manifest, parts, (2, 2))
+    assert truth.tolist() == [[1, -1, -1, 2], [-1, 1, -1, -1]]
+
+
+def test_fit_and_assign_find_parts_that_differ_in_feature_and_leave_low_attention_patches_background():
+    rng = np.random.default_rng(0)
+    n, grid = 40, (4, 4)
+    features = rng.normal(0, 0.05, size=(n, 16, 8)) + np.eye(8)[0]  # background look
+    part_of = np.zeros(16, int)
+    part_of[[5, 6]], part_of[[9, 10]] = 1, 2  # two parts at the middle of the frame
+    features[:, part_of == 1] += 3 * np.eye(8)[3]
+    features[:, part_of == 2] += 3 * np.eye(8)[5]
+    saliency = np.where(part_of > 0, 1.0, 0.05)[None].repeat(n, 0)
+
+    vocab = pdisc.fit_part_vocabulary(features, saliency, grid, k=2, foreground_clusters=6)
+    labels = pdisc.assign_parts(vocab, features, saliency)
+
+    assert labels.dtype == np.int8 and labels.shape == (n, 16)
+    assert (labels[:, part_of == 0] == 0).all()
+    assert pdisc.agreement(labels, np.where(part_of > 0, part_of, -1)[None].repeat(n, 0)) == pytest.approx((1, 1))
+
+
+def test_discover_defaults_are_the_schema_defaults():
+    from intr.discover import discover_parts
+
+    params = inspect.signature(discover_parts).parameters
+    assert {k: params[k].default for k in defaults("discovery")} == defaults("discovery")
+    assert params["split"].default == defaults("extract")["split"]
+
+
+@pytest.fixture(scope="module")
+def unlabelled_copy(tiny_dataset, tmp_path_factory):
+    """The tiny data set with parts.parquet, part masks, boxes, traits and attributes removed."""
+    manifest, root = tiny_dataset
+    out = tmp_path_factory.mktemp("unlabelled")
+    shutil.copytree(root / "images", out / "data" / "images")
+    rows = pd.read_parquet(manifest).drop(columns=["mask_path", "bbox_x", "bbox_y", "bbox_w", "bbox_h"])
+    (out / "tables").mkdir()
+    rows.to_parquet(out / "tables" / "manifest.parquet")
+    return out / "tables" / "manifest.parquet", out / "data"
+
+
+@pytest.mark.parametrize("method", ["prompt_cam", "intr"])
+def test_discover_labels_every_image_of_the_split_and_reads_no_annotation(method, tiny_models, tiny_dataset,
+                                                                           unlabelled_copy, tmp_path):
+    from intr.cli import main
+    from intr.discover import discover_parts
+
+    manifest, root = tiny_dataset
+    options = {"k": 3, "fit_images": 0, "foreground_clusters": 4}
+    path = discover_parts(tiny_models[method], manifest, root, tmp_path / "full.parquet", device="cpu", **options)
+    bare_manifest, bare_root = unlabelled_copy
+    assert not (bare_manifest.parent / "parts.parquet").exists() and not (bare_root / "masks").exists()
+    code = main(["discover", "--model", str(tiny_models[method]), "--manifest", str(bare_manifest),
+                 "--root", str(bare_root), "--out", str(tmp_path / "bare.parquet"), "--quiet",
+                 "--config-json", json.dumps({"discovery": options, "extract": {"device": "cpu"}})])
+    assert code == 0
+
+    table = pq.read_table(path)
+    meta = read_metadata(path)
+    assert table.schema.remove_metadata() == schema("discovered_parts", cells=16).remove_metadata()
+    assert table["image_id"].to_pylist() == read_split(manifest, "test")["image_id"].tolist()
+    labels = fixed_list_to_numpy(table["labels"], np.int64)
+    assert labels.min() >= 0 and labels.max() <= 3 and (labels > 0).any()
+    assert {k: meta[k] for k in ("grid_h", "grid_w", "k", "method", "split")} == \
+        {"grid_h": 4, "grid_w": 4, "k": 3, "method": method, "split": "test"}
+    assert pq.read_table(tmp_path / "bare.parquet").equals(table)  # no annotation changed a label
+
+    scores = pdisc.part_discovery_scores(path, manifest, manifest.parent / "parts.parquet", root, method)
+    assert sorted(set(zip(scores["method"], scores["metric"]))) == sorted(
+        (m, f"part_discovery_{s}") for m in (method, "grid", "random") for s in ("ari", "nmi"))
+    nmi = scores[scores["metric"] == "part_discovery_nmi"]
+    assert nmi["value"].between(0, 1).all() and (scores["split"] == "test").all()
+    assert pdisc.part_discovery_scores(tmp_path / "bare.parquet", bare_manifest, None, bare_root, method).empty
+
+
+def test_discovered_parts_table_is_declared():
+    assert [c.name for c in TABLES["discovered_parts"]] == ["image_id", "labels"]
