@@ -5,6 +5,13 @@ method its extraction and analysis tables; layouts in docs/tables.md) plus a
 few images from the data set root for thumbnails, and writes one HTML file
 with every figure and thumbnail inline as a ``data:`` URI. Sections:
 
+0. The answer first: per look-alike pair and method, the region ranked first
+   as telling A from B (contrasts.parquet), its q-value, the images it was
+   measured on and the share of them where blurring it lowers the A − B margin
+   (region_effects.parquet), with a crop of that region from the A image and
+   the B image where it is largest. Then the parts gallery: every region of
+   each method's layout outlined on a few exemplar images, so that a
+   discovered ``part_k`` can be named.
 1. Summary: data set, methods, accuracy, faithfulness against the CAM
    baselines, ground-truth scores (all with 95 % intervals).
 2. Species atlas: per species (at most ``report.max_species``), per method the
@@ -724,7 +731,7 @@ def region_box(labels: np.ndarray, region: int, margin: float = CROP_MARGIN,
     if not rows.size:
         return None
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    pad = max(int(min_pad), int(round(margin * max(bottom - top, right - left))))
+    pad = max(int(min_pad), round(margin * max(bottom - top, right - left)))
     h, w = labels.shape
     return max(top - pad, 0), max(left - pad, 0), min(bottom + pad, h), min(right + pad, w)
 
