@@ -321,3 +321,36 @@ def agreement_scatter(joined: pd.DataFrame, x: str, y: str, colours: Mapping[str
     ax.set_xlabel(f"{mpl_text((labels or {}).get(x, x))}: region {value}")
     ax.set_ylabel(f"{mpl_text((labels or {}).get(y, y))}: region {value}")
     return fig
+
+
+def outline_region(image: np.ndarray, mask: np.ndarray, colour: str, dim: float = 1.0) -> np.ndarray:
+    """``image`` with the region ``mask`` outlined in ``colour`` (one pixel wide, inside the region).
+
+    Args:
+        image: (h, w, 3) uint8, already at display size.
+        mask: (h, w) bool, the region's pixels at that size.
+        colour: the region's palette colour (``region_colours``), as hex.
+        dim: brightness kept outside the region, which also loses its colour (1: unchanged; below 1
+            makes the region stand out).
+    """
+    from matplotlib.colors import to_rgb
+    from scipy.ndimage import binary_erosion
+
+    out = image.astype(np.float32)
+    if dim != 1.0:
+        grey = out[~mask] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        out[~mask] = (grey * dim)[:, None]
+    edge = mask & ~binary_erosion(mask, border_value=0)
+    out[edge] = np.asarray(to_rgb(colour), dtype=np.float32) * 255.0
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def resize_image(image: np.ndarray, side: int) -> np.ndarray:
+    """(h, w, 3) uint8 scaled so its longer side is ``side`` (up or down; bilinear), aspect kept."""
+    h, w = image.shape[:2]
+    return np.asarray(Image.fromarray(image).resize(thumb_size(w, h, side), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A bool mask resized to ``size`` = (w, h) by nearest neighbour (the labels stay labels)."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127

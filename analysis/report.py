@@ -5,6 +5,13 @@ method its extraction and analysis tables; layouts in docs/tables.md) plus a
 few images from the data set root for thumbnails, and writes one HTML file
 with every figure and thumbnail inline as a ``data:`` URI. Sections:
 
+0. The answer first: per look-alike pair and method, the region ranked first
+   as telling A from B (contrasts.parquet), its q-value, the images it was
+   measured on and the share of them where blurring it lowers the A − B margin
+   (region_effects.parquet), with a crop of that region from the A image and
+   the B image where it is largest. Then the parts gallery: every region of
+   each method's layout outlined on a few exemplar images, so that a
+   discovered ``part_k`` can be named.
 1. Summary: data set, methods, accuracy, faithfulness against the CAM
    baselines, ground-truth scores (all with 95 % intervals).
 2. Species atlas: per species (at most ``report.max_species``), per method the
@@ -55,6 +62,12 @@ CONTRAST_ROWS = 5
 MAX_PAIRS = 30              # look-alike pairs drawn (the rest are in contrasts.parquet)
 THUMB_BUDGET_BYTES = 3.0e6  # all thumbnails together; their size shrinks to fit (between 56 and 96 px)
 BYTES_PER_THUMB_PIXEL = 0.45  # base64 JPEG bytes per pixel of a thumbnail, measured on photos and the synthetic birds
+CROP_SIDE = 80              # longer side of a region crop on the first screen, px
+CROP_MARGIN = 0.15          # a crop's margin around the region's box, as a share of the box's longer side
+MAX_CROP_CANDIDATES = 32    # images of a class searched for the one where a region is largest
+AREA_SAMPLES = 64           # sample points a side when measuring a region's share of an image
+GALLERY_IMAGES = 3          # exemplar images per region in the parts gallery (one per species)
+GALLERY_SIDE = 64           # their longer side, px
 
 
 class ReportError(RuntimeError):
@@ -251,6 +264,7 @@ class PeakRegions:
         self.root = root
         self.vocab = layout.vocab
         self._cache: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+        self._areas: dict[int, np.ndarray] = {}
 
     def prepare(self, image_ids: Iterable[int], grid: tuple[int, int]) -> None:
         """Compute the patch weights of these images at this grid (once)."""
@@ -272,6 +286,30 @@ class PeakRegions:
         mass = weights @ attn.reshape(-1).astype(np.float32)
         density = regions.region_density(mass, weights.mean(axis=1))
         return self.vocab[int(dominant_region(density[None])[0])]
+
+    def _rows(self, image_ids: Sequence[int]) -> pd.DataFrame:
+        """Manifest rows of these images (without masks when there is no data set root to read them)."""
+        rows = self.manifest.loc[list(image_ids)]
+        if self.root is None or not self.root.is_dir():
+            rows = rows.drop(columns=["mask_path"], errors="ignore")
+        return rows
+
+    def areas(self, image_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """Each image's (R,) share of its area in every region, on ``AREA_SAMPLES`` squared sample points
+        (cached; images the manifest lacks are left out)."""
+        cache = self._areas
+        todo = [i for i in dict.fromkeys(int(i) for i in image_ids) if i not in cache and i in self.manifest.index]
+        if todo:
+            n = len(self.vocab)
+            for k, labels in regions.iter_label_maps(self.layout, self._rows(todo), (AREA_SAMPLES, AREA_SAMPLES),
+                                                     self.root):
+                cache[todo[k]] = np.bincount(labels.reshape(-1), minlength=n)[:n] / labels.size
+        return {int(i): cache[int(i)] for i in image_ids if int(i) in cache}
+
+    def labels_at(self, image_id: int, hw: tuple[int, int]) -> np.ndarray:
+        """(h, w) label map (indices into ``vocab``) of one image sampled at ``hw``, e.g. its own pixel size."""
+        _, labels = next(regions.iter_label_maps(self.layout, self._rows([int(image_id)]), tuple(hw), self.root))
+        return labels
 
 
 class ImageStore:
@@ -672,6 +710,180 @@ def pairs_section(rep: Report) -> dict:
     return {"pairs": out, "notes": notes}
 
 
+# --------------------------------------------------------------------------- sections: the answer first
+
+
+def region_box(labels: np.ndarray, region: int, margin: float = CROP_MARGIN,
+               min_pad: int = 2) -> tuple[int, int, int, int] | None:
+    """The bounding box of one region's pixels, padded and clipped to the image (None: region absent).
+
+    Args:
+        labels: (h, w) label map (indices into the layout's vocabulary).
+        region: the region's index.
+        margin: padding on every side, as a share of the box's longer side.
+        min_pad: padding in pixels at least.
+
+    Returns:
+        (top, left, bottom, right), bottom and right exclusive: ``labels[top:bottom, left:right]``.
+    """
+    hit = labels == region
+    rows, cols = np.flatnonzero(hit.any(axis=1)), np.flatnonzero(hit.any(axis=0))
+    if not rows.size:
+        return None
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    pad = max(int(min_pad), round(margin * max(bottom - top, right - left)))
+    h, w = labels.shape
+    return max(top - pad, 0), max(left - pad, 0), min(bottom + pad, h), min(right + pad, w)
+
+
+def _class_images(rep: Report, m: MethodData, own: int, other: int) -> list[int]:
+    """Images of ``own`` to search for a crop: those its contrast with ``other`` was measured on
+    (region_effects), else its images of the evaluated split, else all of its images."""
+    ids: list[int] = []
+    if "region_effects" in m.tables:
+        e = m.tables["region_effects"]
+        ids = e.loc[(e["class_a"] == own) & (e["class_b"] == other), "image_id"].astype(int).unique().tolist()
+    if not ids:
+        of_class = rep.manifest[rep.manifest["class_id"] == own]
+        in_split = of_class[of_class["split"] == rep.config["extract"]["split"]]
+        ids = (in_split if len(in_split) else of_class)["image_id"].astype(int).tolist()
+    return sorted(ids)[:MAX_CROP_CANDIDATES]
+
+
+def _largest_region_image(peaks: PeakRegions, image_ids: Sequence[int], region: int) -> int | None:
+    """The image where the region covers the largest share (None: absent from all of them)."""
+    areas = peaks.areas(image_ids)
+    best = max(areas.items(), key=lambda kv: (kv[1][region], -kv[0]), default=None)
+    return best[0] if best is not None and best[1][region] > 0 else None
+
+
+def region_crop(rep: Report, peaks: PeakRegions, image_id: int, region: int, colour: str) -> str | None:
+    """Data URI of the crop of one region from one image (its box padded by ``CROP_MARGIN``), scaled to
+    ``CROP_SIDE`` with the region outlined in its colour; None when the image or the region is missing."""
+    image = rep.images.get(image_id)
+    if image is None:
+        return None
+    labels = peaks.labels_at(image_id, image.shape[:2])
+    box = region_box(labels, region, min_pad=max(2, round(0.02 * max(image.shape[:2]))))
+    if box is None:
+        return None
+    top, left, bottom, right = box
+    crop = plots.resize_image(image[top:bottom, left:right], CROP_SIDE)
+    mask = plots.resize_mask(labels[top:bottom, left:right] == region, (crop.shape[1], crop.shape[0]))
+    return plots.image_uri(plots.outline_region(crop, mask, colour))
+
+
+def _holds(effects: pd.DataFrame | None, a: int, b: int, region: str) -> str:
+    """'k of n (share)': A's images where blurring the region lowers the A − B margin (region_effects)."""
+    if effects is None:
+        return "—"
+    rows = effects[(effects["class_a"] == a) & (effects["class_b"] == b) & (effects["region"] == region)]
+    if not len(rows):
+        return "—"
+    k = int((rows["margin_drop"] > 0).sum())
+    return f"{k} of {len(rows)} ({k / len(rows):.0%})"
+
+
+def _top_trait(rep: Report, m: MethodData, a: int, b: int, expected: set[str]) -> dict | None:
+    """The pair's rank-1 region of ``m`` (contrasts, A vs B) with its q-value, support and crops of A and B."""
+    rows = m.tables["contrasts"]
+    rows = _ranked(rows[(rows["class_a"] == a) & (rows["class_b"] == b)], "rank_combined", "combined")
+    if not len(rows):
+        return None
+    top = rows.iloc[0]
+    name = str(top["region"])
+    peaks = rep.peaks[m.name]
+    colour = region_colour(rep.region_colours, name)
+    crops = []
+    for own, other in ((a, b), (b, a)):
+        uri, image_id = None, None
+        if rep.root is not None and name in peaks.vocab:
+            image_id = _largest_region_image(peaks, _class_images(rep, m, own, other), peaks.vocab.index(name))
+            uri = region_crop(rep, peaks, image_id, peaks.vocab.index(name), colour) if image_id is not None else None
+        crops.append({"uri": uri, "image_id": image_id, "species": rep.name(own)})
+    planted = top.get("planted")
+    q = top.get("q_value")
+    return {"method": method_label(m.name), "region": name, "colour": colour, "q": fmt(q),
+            "significant": q is not None and pd.notna(q) and float(q) < 0.05, "n_images": fmt(top.get("n_images")),
+            "holds": _holds(m.tables.get("region_effects"), a, b, name),
+            "planted": bool(planted) if planted is not None and pd.notna(planted) else name in expected,
+            "crop_a": crops[0], "crop_b": crops[1]}
+
+
+def answer_section(rep: Report) -> dict:
+    """The first screen: per look-alike pair and method, the top distinguishing region with its q-value,
+    its support and a crop of it from an image of each species."""
+    out, notes = [], []
+    for m in rep.methods:
+        if "contrasts" not in m.tables:
+            notes.append(f"{method_label(m.name)}: contrasts.parquet not found; no distinguishing traits.")
+    if rep.root is None:
+        notes.append("No data set root: the crops are left out.")
+    for p in _pairs(rep).to_dict("records"):
+        a, b = int(p["class_a"]), int(p["class_b"])
+        expected = {str(x) for x in _as_list(p.get("differing_parts"))}
+        found = [_top_trait(rep, m, a, b, expected) for m in rep.methods if "contrasts" in m.tables]
+        out.append({"a": rep.name(a), "b": rep.name(b), "anchor": f"answer-{a}-{b}",
+                    "anchor_a": f"species-{a}", "anchor_b": f"species-{b}", "rows": [t for t in found if t]})
+    if not out:
+        notes.append("No look-alike pairs among the species shown.")
+    return {"pairs": out, "notes": notes}
+
+
+def _layout_groups(rep: Report) -> list[tuple[list[str], PeakRegions]]:
+    """Methods sharing one region layout (discovered parts are each method's own; the others are shared)."""
+    groups: dict[Any, tuple[list[str], PeakRegions]] = {}
+    for m in rep.methods:
+        peaks = rep.peaks[m.name]
+        key = m.name if peaks.layout.mode == "discovered" else (peaks.layout.mode, tuple(peaks.vocab))
+        groups.setdefault(key, ([], peaks))[0].append(m.name)
+    return list(groups.values())
+
+
+def _gallery_images(rep: Report, peaks: PeakRegions, region: int) -> list[tuple[int, int]]:
+    """(image, species) of up to ``GALLERY_IMAGES`` exemplar images where the region is largest, one per species."""
+    species_of = {i: c for c, ids in rep.exemplars.items() for i in ids}
+    areas = peaks.areas(species_of)
+    chosen, seen = [], set()
+    for image_id, share in sorted(areas.items(), key=lambda kv: (-kv[1][region], kv[0])):
+        if share[region] <= 0 or species_of[image_id] in seen:
+            continue
+        chosen.append((image_id, species_of[image_id]))
+        seen.add(species_of[image_id])
+        if len(chosen) == GALLERY_IMAGES:
+            break
+    return chosen
+
+
+def region_highlight(rep: Report, peaks: PeakRegions, image_id: int, region: int, colour: str) -> str | None:
+    """Data URI of a small image with one region outlined in its colour and the rest dimmed."""
+    image = rep.images.get(image_id)
+    if image is None:
+        return None
+    small = plots.thumbnail(image, GALLERY_SIDE)
+    labels = peaks.labels_at(image_id, small.shape[:2])
+    return plots.image_uri(plots.outline_region(small, labels == region, colour, dim=0.45))
+
+
+def parts_gallery_section(rep: Report) -> dict:
+    """Every region of each layout on a few exemplar images, so a user can name a discovered part."""
+    out = []
+    if rep.root is None:
+        return {"layouts": [], "notes": ["No data set root: the parts gallery is left out."]}
+    for names, peaks in _layout_groups(rep):
+        rows = []
+        for k, region in enumerate(peaks.vocab):
+            colour = region_colour(rep.region_colours, region)
+            thumbs = []
+            for image_id, class_id in _gallery_images(rep, peaks, k):
+                uri = region_highlight(rep, peaks, image_id, k, colour)
+                if uri:
+                    thumbs.append({"uri": uri, "image_id": image_id, "species": rep.name(class_id)})
+            rows.append({"region": region, "colour": colour, "thumbs": thumbs})
+        out.append({"methods": ", ".join(method_label(n) for n in names), "mode": peaks.layout.mode, "rows": rows})
+    return {"layouts": out, "notes": []}
+
+
 # --------------------------------------------------------------------------- sections: traits
 
 
@@ -887,6 +1099,8 @@ def build_report(tables: ReportTables, root: str | Path | None, config: Mapping[
 
     context = {
         "title": f"Trait report: {config['dataset']['name']}",
+        "answer": answer_section(rep),
+        "parts_gallery": parts_gallery_section(rep),
         "summary": summary_section(rep),
         "atlas": atlas_section(rep, progress),
         "pairs": pairs_section(rep),

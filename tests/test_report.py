@@ -361,3 +361,123 @@ def test_analysis_and_report_run_without_torch(fixture_tables, tmp_path):
     assert (tmp_path / "report.html").stat().st_size > 0
     for method in fixture_tables["methods"]:
         assert len(pd.read_parquet(tmp_path / method / "contrasts.parquet")) > 0
+
+
+# --------------------------------------------------------------------------- the first screen and the parts gallery
+
+
+def _section(page: str, anchor: str, next_anchor: str) -> str:
+    """The HTML from one section's anchor to the next's."""
+    return page[page.index(f'id="{anchor}"'): page.index(f'id="{next_anchor}"')]
+
+
+def _answer_rows(page: str) -> list[dict]:
+    """The first screen's rows: pair (class ids), method, top region, q-value, crop data URIs."""
+    out = []
+    section = _section(page, "answer", "parts")
+    for a, b, body in re.findall(r'<tr class="answer-row[^"]*" id="answer-(\d+)-(\d+)-\d+">(.*?)</tr>', section,
+                                 flags=re.S):
+        cells = [_text(c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", body, flags=re.S)]
+        out.append({"pair": (int(a), int(b)), "method": cells[0], "region": cells[1], "q": cells[2],
+                    "crops": re.findall(r'<img class="crop" src="(data:image/[^"]+)"', body)})
+    return out
+
+
+def _pairs_of(fixture_tables: dict) -> dict[tuple[int, int], set[str]]:
+    pairs = pd.read_parquet(fixture_tables["results_dir"] / "lookalike_pairs.parquet")
+    return {(int(a), int(b)): {str(p) for p in parts}
+            for a, b, parts in zip(pairs["class_a"], pairs["class_b"], pairs["differing_parts"])}
+
+
+def test_answer_comes_before_the_metric_tables(report_html):
+    """The first section answers the question; the summary's metric tables come after it and the gallery."""
+    answer = report_html.index('id="answer"')
+    assert answer < report_html.index('id="parts"') < report_html.index('id="summary"')
+    assert answer < report_html.index('<table class="metrics">')
+
+
+def test_answer_names_each_pairs_top_region_with_q_value_and_two_crops(report_html, fixture_tables):
+    """The fixture's contrasts rank a planted differing part first (score 1.5 against uniform noise below 1,
+    q 0.01): every pair has one row per method naming it, with q and a crop from an A and a B image."""
+    from analysis.report import fmt
+
+    rows = _answer_rows(report_html)
+    pairs = _pairs_of(fixture_tables)
+    assert sorted({r["pair"] for r in rows}) == sorted(pairs)
+    for pair, differing in pairs.items():
+        mine = [r for r in rows if r["pair"] == pair]
+        assert [r["method"] for r in mine] == ["Prompt-CAM", "INTR"]
+        for r in mine:
+            assert r["region"] in differing, (pair, r)
+            assert r["q"] == fmt(np.float32(0.01))
+            assert len(r["crops"]) == 2 and all(c.startswith("data:image/jpeg;base64,") for c in r["crops"])
+
+
+def test_region_box_is_the_regions_bounding_box_padded_and_clipped():
+    from analysis.report import region_box
+
+    labels = np.zeros((20, 30), dtype=np.int16)
+    labels[5:9, 10:15] = 2            # rows 5..8, columns 10..14
+    labels[0:3, 27:30] = 3            # in the top right corner
+    assert region_box(labels, 2, margin=0.0, min_pad=0) == (5, 10, 9, 15)          # exact box
+    assert region_box(labels, 2, margin=0.0, min_pad=2) == (3, 8, 11, 17)          # padded by 2 px
+    assert region_box(labels, 2, margin=0.6, min_pad=1) == (2, 7, 12, 18)          # 0.6 x 5 (longer side) = 3 px
+    assert region_box(labels, 3, margin=0.0, min_pad=2) == (0, 25, 5, 30)          # clipped to the image
+    assert region_box(labels, 7) is None                                           # absent
+    top, left, bottom, right = region_box(labels, 2, margin=0.0, min_pad=0)
+    crop = labels[top:bottom, left:right]
+    assert (crop == 2).all() and (labels == 2).sum() == (crop == 2).sum()          # every region pixel, nothing else
+
+
+def test_parts_gallery_lists_every_region_of_the_vocabulary(report_html, fixture_tables):
+    """Each region of the layout (annotated parts and background here) gets a card with exemplar images."""
+    from analysis.regions import region_vocabulary
+
+    vocab = region_vocabulary(pd.read_parquet(fixture_tables["results_dir"] / "parts.parquet"))
+    section = _section(report_html, "parts", "summary")
+    cards = re.findall(r'<div class="card parts-card"><h4>(.*?)</h4>(.*?)</div></div>', section, flags=re.S)
+    assert [_text(name).strip() for name, _ in cards] == vocab     # one layout shared by both methods
+    for name, body in cards:
+        images = re.findall(r'<img src="(data:image/[^"]+)"', body)
+        assert 1 <= len(images) <= 3, name
+
+
+def test_answer_and_gallery_with_discovered_parts(fixture_tables, tmp_path):
+    """In discovered mode the regions are part_k: the rows name the part_k holding the planted part, the
+    crops come from the discovered maps, and the gallery has one card per part and background, per method."""
+    import shutil
+
+    from analysis import regions
+    from analysis.report import ReportTables, build_report
+
+    results = tmp_path / "tiny"
+    shutil.copytree(fixture_tables["results_dir"], results)
+    manifest = pd.read_parquet(results / "manifest.parquet")
+    layout = regions.RegionLayout.build("annotated", parts=pd.read_parquet(results / "parts.parquet"))
+    grid = (32, 32)
+    truth = regions.image_weights(layout, manifest, grid, root=fixture_tables["root"]).argmax(1)
+    background = layout.vocab.index(regions.BACKGROUND)
+    labels = np.where(truth == background, 0, truth + 1).astype(np.int8)   # part i of the vocabulary -> part_{i+1}
+    rename = {name: f"part_{i + 1}" for i, name in enumerate(layout.vocab) if name != regions.BACKGROUND}
+    for method in fixture_tables["methods"]:
+        tables.write_columns("discovered_parts", {"image_id": manifest["image_id"].to_numpy(), "labels": labels},
+                             results / method / "discovered_parts.parquet",
+                             {"grid_h": grid[0], "grid_w": grid[1], "k": background, "method": "from_masks"})
+        for name in ("contrasts", "region_effects"):
+            frame = pd.read_parquet(results / method / f"{name}.parquet")
+            frame["region"] = frame["region"].replace(rename)
+            frame.to_parquet(results / method / f"{name}.parquet")
+    config = {**fixture_tables["config"], "extract": {"split": "test", "regions": "discovered"}}
+    page = build_report(ReportTables.under(results, fixture_tables["methods"]), fixture_tables["root"], config,
+                        tmp_path / "r.html", progress=False).read_text()
+
+    rows = _answer_rows(page)
+    for pair, differing in _pairs_of(fixture_tables).items():
+        mine = [r for r in rows if r["pair"] == pair]
+        assert len(mine) == 2
+        for r in mine:
+            assert r["region"] in {rename[d] for d in differing}, (pair, r)
+            assert len(r["crops"]) == 2
+    section = _section(page, "parts", "summary")
+    names = [_text(n).strip() for n in re.findall(r'<div class="card parts-card"><h4>(.*?)</h4>', section, flags=re.S)]
+    assert names == [*[f"part_{i}" for i in range(1, background + 1)], "background"] * 2   # each method's own parts
