@@ -567,7 +567,8 @@ def lookalike_pairs(pairs_table: pd.DataFrame | None, tops: TopMaps, label: np.n
             [None] * len(a)
         frame = pd.DataFrame({"class_a": np.r_[a, b], "class_b": np.r_[b, a], "planted": parts + parts})
     else:
-        sibling = tops.role != "true"
+        # The extraction's look-alikes (genus, else most confused); a misprediction alone makes no pair.
+        sibling = tops.role == "sibling"
         found = pd.DataFrame({"class_a": label[tops.image[sibling]],
                               "class_b": tops.query_class[sibling]}).drop_duplicates()
         both = pd.concat([found, found.rename(columns={"class_a": "class_b", "class_b": "class_a"})])

@@ -108,7 +108,7 @@ def area_ranks(contrasts: pd.DataFrame, ranked: np.ndarray) -> np.ndarray:
 
 
 def ranking_rows(contrasts: pd.DataFrame, truth: np.ndarray, method: str, split: str, prefix: str,
-                 at3: str, seed: int = 0) -> list[dict]:
+                 at3: str, seed: int = 0, misses_count: bool = False) -> list[dict]:
     """Evaluation rows for every ranking of ``contrasts`` against per-row ``truth`` (bool).
 
     Args:
@@ -117,6 +117,9 @@ def ranking_rows(contrasts: pd.DataFrame, truth: np.ndarray, method: str, split:
         method, split: the model's name and split.
         prefix: ``trait_recovery`` or ``attribute_precision``.
         at3: the second metric's name: ``recall3`` (hits / min(3, answers)) or ``at3`` (hits / 3).
+        misses_count: a pair none of whose regions is a right answer counts as a miss (trait
+            recovery on regions other than the annotated parts: the planted part is known, but no
+            region stands for it); else such a pair is left out (no answer to find).
     """
     truth = np.asarray(truth, dtype=bool)
     rows: list[dict] = []
@@ -124,7 +127,7 @@ def ranking_rows(contrasts: pd.DataFrame, truth: np.ndarray, method: str, split:
 
     def second(per: pd.DataFrame) -> np.ndarray:
         if at3 == "recall3":
-            return (per["hit3"] / np.minimum(3, per["truth"])).to_numpy()
+            return (per["hit3"] / np.minimum(3, per["truth"]).clip(lower=1)).to_numpy()
         return (per["hit3"] / np.minimum(3, per["ranked"])).to_numpy()
 
     base = None
@@ -133,7 +136,7 @@ def ranking_rows(contrasts: pd.DataFrame, truth: np.ndarray, method: str, split:
             continue
         rank = contrasts[f"rank_{score}"].to_numpy(np.int64)
         per = _per_pair(contrasts, truth, rank)
-        per = per[(per["truth"] > 0) & (per["ranked"] > 0)]
+        per = per[((per["truth"] > 0) | misses_count) & (per["ranked"] > 0)]
         if base is None:
             base = per
         if not len(per) or (rank < 1).all():
@@ -151,7 +154,7 @@ def ranking_rows(contrasts: pd.DataFrame, truth: np.ndarray, method: str, split:
     top = np.minimum(3, n_ranked)
     rnd1 = n_truth / n_ranked
     expected_hits3 = top * n_truth / n_ranked
-    rnd3 = expected_hits3 / np.minimum(3, n_truth) if at3 == "recall3" else expected_hits3 / top
+    rnd3 = expected_hits3 / np.maximum(np.minimum(3, n_truth), 1) if at3 == "recall3" else expected_hits3 / top
     rows.append(metric_row("random", f"{prefix}_{first}", split, rnd1, seed))
     rows.append(metric_row("random", f"{prefix}_{at3}", split, rnd3, seed))
     return rows
@@ -164,7 +167,8 @@ def recovery_rows(contrasts: pd.DataFrame, method: str, split: str, seed: int = 
     if not known.any():
         return []
     sub = contrasts[known]
-    return ranking_rows(sub, sub["planted"].astype(bool).to_numpy(), method, split, "trait_recovery", "recall3", seed)
+    return ranking_rows(sub, sub["planted"].astype(bool).to_numpy(), method, split, "trait_recovery", "recall3", seed,
+                        misses_count=True)
 
 
 def attribute_rows(contrasts: pd.DataFrame, attributes: pd.DataFrame, vocab: Sequence[str], threshold: float,
