@@ -247,3 +247,52 @@ def test_tiny_config_runs_end_to_end_and_then_has_nothing_to_do(run_snakemake, r
     second = run_snakemake(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stdout
     assert "Nothing to be done" in second.stdout
+
+
+@pytest.mark.slow
+def test_users_own_imagefolder_runs_end_to_end_on_discovered_parts(run_snakemake, repo_root, tmp_path):
+    """A user's ImageFolder (no parts, masks, boxes or genus): the report shows discovered parts and ranked pairs."""
+    import shutil
+
+    from intr.data.synthetic import SyntheticConfig, synthesize
+
+    tiny = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
+    options = {k: v for k, v in tiny["synthetic"].items() if k not in ("workers", "class_names")}
+    rendered = tmp_path / "rendered"
+    synthesize(SyntheticConfig.from_dict(options), rendered, progress=False)
+    split_of = {}
+    for line in (rendered / "train_test_split.txt").read_text().split("\n"):
+        if line.strip():
+            image_id, is_train = line.split()
+            split_of[image_id] = "train" if is_train == "1" else "test"
+    photos = tmp_path / "photos"
+    for line in (rendered / "images.txt").read_text().split("\n"):
+        if not line.strip():
+            continue
+        image_id, rel = line.split(maxsplit=1)
+        species = rel.split("/")[0].split(".", 1)[1]
+        target = photos / split_of[image_id] / species / Path(rel).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(rendered / "images" / rel, target)
+
+    config = {**tiny, "dataset": {"name": "photos", "kind": "imagefolder", "root": str(photos)},
+              "extract": {**tiny["extract"], "regions": "discovered"},
+              "discovery": {"k": 4, "fit_images": 16}}
+    config.pop("synthetic")
+    (tmp_path / "photos.yaml").write_text(yaml.safe_dump(config))
+    run = run_snakemake("--cores", "2", "--workflow-profile", repo_root / "workflow" / "profiles" / "default",
+                        "--configfile", tmp_path / "photos.yaml", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout
+
+    results = tmp_path / "results" / "photos"
+    for method in ("prompt_cam", "intr"):
+        discovered = pd.read_parquet(results / method / "discovered_parts.parquet")
+        assert len(discovered) == int((pd.read_parquet(results / "manifest.parquet")["split"] == "test").sum())
+        regions = set(pd.read_parquet(results / method / "regions.parquet")["region"])
+        assert regions <= {f"part_{i}" for i in range(1, 5)} | {"background"} and regions
+        contrasts = pd.read_parquet(results / method / "contrasts.parquet")
+        assert contrasts["rank_combined"].max() >= 1 and contrasts["planted"].isna().all()
+    html = (results / "report.html").read_text()
+    answer = html[html.index('id="answer"'):html.index('id="parts"')]
+    assert "part_" in answer and "data:image" in answer  # ranked pairs with crops of discovered parts
+    assert "cell_" not in html
