@@ -450,10 +450,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NothingRaisesThis(Exception):
+    """Stands in for CheckpointError in a run that read no checkpoint."""
+
+
+def _checkpoint_error() -> type[Exception]:
+    """CheckpointError where a checkpoint was read (its module is loaded): found so, the CLI does not import torch."""
+    module = sys.modules.get("intr.models.checkpoint")
+    return module.CheckpointError if module is not None else _NothingRaisesThis
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _checkpoint_error() as err:  # damaged, unsafe or other classes' checkpoint: one line, no traceback
+        print(f"intr {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

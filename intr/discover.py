@@ -65,7 +65,7 @@ def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Pat
 
     Args:
         model_path: ``model.pt`` from ``intr train``.
-        manifest: ``manifest.parquet`` (only image_id, path, split are read).
+        manifest: ``manifest.parquet`` (image_id, path, split; class names to check the model).
         root: the data set root.
         out: ``discovered_parts.parquet`` to write.
         split: split whose images get label maps.
@@ -79,7 +79,7 @@ def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Pat
         seed: seed of the sample and of k-means.
     """
     dev = resolve_device(device)
-    model, config = load_model(model_path)
+    model, config = load_model(model_path, manifest=manifest)  # refuses other classes
     model.to(dev)
     size, norm = config["image_size"], config["normalization"]
     fit_rows = fit_sample(read_split(manifest, fit_split), fit_images, seed)

@@ -87,7 +87,7 @@ def evaluate_model(model_path: str | Path, manifest: str | Path, root: str | Pat
         progress: progress bar.
     """
     dev = resolve_device(device)
-    model, config = load_model(model_path, map_location="cpu")
+    model, config = load_model(model_path, map_location="cpu", manifest=manifest)  # refuses other classes
     model.to(dev)
     method, size = config["method"], int(config["image_size"])
     mean, std = config["normalization"]["mean"], config["normalization"]["std"]

@@ -252,7 +252,7 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
         table name -> written path.
     """
     dev = resolve_device(device)
-    model, config = load_model(model_path, map_location="cpu")
+    model, config = load_model(model_path, map_location="cpu", manifest=manifest)  # refuses other classes
     model.to(dev).eval()
     method, size = config["method"], int(config["image_size"])
     mean, std = config["normalization"]["mean"], config["normalization"]["std"]

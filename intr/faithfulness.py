@@ -261,7 +261,7 @@ def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | P
     """
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    model, config = load_model(model_path, map_location="cpu")
+    model, config = load_model(model_path, map_location="cpu", manifest=manifest)  # refuses other classes
     model.to(dev).eval()
     method, size = config["method"], int(config["image_size"])
     mean, std = config["normalization"]["mean"], config["normalization"]["std"]

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,7 +43,8 @@ from tqdm import tqdm
 
 from analysis.config import defaults
 from intr.data.images import ImageSet, read_split
-from intr.models import build_model, read_checkpoint, resolve_device
+from intr.models import CheckpointError, build_model, read_checkpoint, resolve_device
+from intr.models.checkpoint import class_record
 from intr.models.backbones import normalization
 from analysis.tables import write_table
 
@@ -158,15 +160,80 @@ def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def _atomic_save(obj: Any, path: Path, keep_previous: Path | None = None) -> None:
+    """Write ``obj`` to ``path`` so that a crash leaves the old file or the new one, never half of one.
+
+    Args:
+        obj: what to save.
+        path: the file to (re)write.
+        keep_previous: where the file being replaced is moved (None: it is overwritten).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
+    with tmp.open("wb") as file:
+        torch.save(obj, file)
+        file.flush()
+        os.fsync(file.fileno())  # on disk before the rename, so a power cut cannot leave a torn file
+    if keep_previous is not None and path.exists():
+        os.replace(path, keep_previous)
     os.replace(tmp, path)
+
+
+def previous_checkpoint(ckpt_path: Path) -> Path:
+    """``last.prev.pt``: the epoch checkpoint before ``last.pt``, the fallback when ``last.pt`` is damaged."""
+    return ckpt_path.with_name(f"{ckpt_path.stem}.prev{ckpt_path.suffix}")
+
+
+def read_resume_checkpoint(ckpt_path: Path, main: bool = True) -> tuple[dict[str, Any] | None, Path | None]:
+    """The newest readable epoch checkpoint and its file: ``last.pt``, else ``last.prev.pt``.
+
+    Falling back warns and moves the damaged ``last.pt`` to ``last-damaged.pt``, so the
+    next save does not rotate it into ``last.prev.pt``.
+
+    Args:
+        ckpt_path: ``checkpoints/last.pt``.
+        main: this process renames files (the main DDP rank).
+
+    Raises:
+        CheckpointError: no checkpoint is readable; the message says which files to delete.
+    """
+    candidates = [p for p in (ckpt_path, previous_checkpoint(ckpt_path)) if p.exists()]
+    errors: list[CheckpointError] = []
+    for path in candidates:
+        try:
+            saved = read_checkpoint(path)
+        except CheckpointError as err:
+            errors.append(err)
+            continue
+        if errors and main:
+            damaged = ckpt_path.with_name(f"{ckpt_path.stem}-damaged{ckpt_path.suffix}")
+            os.replace(ckpt_path, damaged)
+            warnings.warn(f"{errors[0]}; resuming from the previous checkpoint {path} (epoch {saved.get('epoch')}); "
+                          f"the damaged file is kept as {damaged.name}", stacklevel=3)
+        return saved, path
+    if errors:
+        raise CheckpointError(f"cannot resume training: {'; '.join(map(str, errors))}. To start over, delete "
+                              f"{' and '.join(map(str, candidates))}")
+    return None, None
 
 
 def _config_digest(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resume_mismatch(saved: Mapping[str, Any], digest: str, fingerprint: str) -> str | None:
+    """Why an epoch checkpoint belongs to another run (None: it is this run's).
+
+    Args:
+        saved: the checkpoint's contents.
+        digest: this run's config digest.
+        fingerprint: this run's class fingerprint (checkpoints from before class names were stored have none).
+    """
+    if saved.get("digest") != digest:
+        return "with another config"
+    if saved.get("class_fingerprint", fingerprint) != fingerprint:
+        return "for other classes"
+    return None
 
 
 # --------------------------------------------------------------------------- data order
@@ -250,6 +317,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
 
     train_rows, val_rows = read_split(manifest, "train"), read_split(manifest, "val")
     num_classes = int(pd.read_parquet(manifest, columns=["class_id"])["class_id"].max()) + 1
+    classes = class_record(manifest)  # stored in every checkpoint: evaluate and extract refuse other classes
     config = {"method": method, "model": dict(model_options), "num_classes": num_classes,
               "image_size": image_size, "train": vars(opts) | {"workers": 0, "device": "auto"}}
     digest = _config_digest(config)
@@ -267,13 +335,16 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
 
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     start_epoch, log, best = 0, [], {"epoch": 0, "val_acc": -1.0, "state": trainable_state(model)}
-    saved = read_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    if saved is not None and saved["digest"] != digest:
-        # A changed config starts over; the old run's checkpoint is kept under another name.
-        kept = ckpt_path.with_name(f"last-superseded-{saved['digest']}.pt")
+    saved, source = read_resume_checkpoint(ckpt_path, ddp.main)
+    changed = _resume_mismatch(saved, digest, classes["class_fingerprint"]) if saved is not None else None
+    if changed:
+        # A changed config or class list starts over; the old run's checkpoints are kept under other names.
+        kept = ckpt_path.with_name(f"last-superseded-{saved.get('digest')}.pt")
         if ddp.main:
-            os.replace(ckpt_path, kept)
-            print(f"{ckpt_path} was written with another config; starting over (kept as {kept.name})", flush=True)
+            if source == ckpt_path and previous_checkpoint(ckpt_path).exists():
+                os.replace(previous_checkpoint(ckpt_path), previous_checkpoint(kept))
+            os.replace(source, kept)
+            print(f"{source} was written {changed}; starting over (kept as {kept.name})", flush=True)
         saved = None
     if saved is not None:
         model.load_state_dict(saved["state"], strict=False)
@@ -283,7 +354,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
         best = {"epoch": int(saved["best_epoch"]), "val_acc": float(saved["best_val_acc"]),
                 "state": saved["best_state"]}
         if ddp.main:
-            print(f"resuming {method} from {ckpt_path} after epoch {start_epoch}", flush=True)
+            print(f"resuming {method} from {source} after epoch {start_epoch}", flush=True)
 
     wrapped = model
     if ddp.world > 1:
@@ -342,13 +413,14 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
             _atomic_save({"digest": digest, "epoch": epoch + 1, "state": trainable_state(model),
                           "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                           "log": json.dumps(log), "best_epoch": best["epoch"],
-                          "best_val_acc": best["val_acc"], "best_state": best["state"]}, ckpt_path)
+                          "best_val_acc": best["val_acc"], "best_state": best["state"], **classes},
+                         ckpt_path, keep_previous=previous_checkpoint(ckpt_path))
         if ddp.world > 1:
             dist.barrier()
 
     finished = len(log) == opts.epochs
     if ddp.main and finished:
-        _atomic_save({"config": json.dumps(config), "state": best["state"], "epoch": best["epoch"]},
+        _atomic_save({"config": json.dumps(config), "state": best["state"], "epoch": best["epoch"], **classes},
                      out_dir / "model.pt")
         write_table(pd.DataFrame(log), out_dir / "train_log.parquet",
                     metadata={"method": method, "best_epoch": best["epoch"], "config": config})

@@ -3,19 +3,34 @@
 Files are opened with ``torch.load(..., weights_only=True)``: tensors,
 containers and plain values only, so a checkpoint cannot run code.  A release
 that also pickles a harmless class (DINO's argparse ``Namespace``) names it in
-``trusted_classes``; nothing else is let through.
+``trusted_classes``; nothing else is let through.  A file that cannot be read
+(empty, truncated, damaged, or holding other Python objects) raises
+:class:`CheckpointError` naming the file and the cause.
+
+``model.pt`` and ``last.pt`` also hold the class names they were trained on
+(``class_names``, in class_id order) and their fingerprint; ``load_model``
+with a manifest refuses a model trained on other classes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import warnings
+import zipfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
+import pandas as pd
 import torch
 from torch import nn
 
 from intr.models.factory import build_model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, unsafe, or trained on other classes."""
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
@@ -28,21 +43,149 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         map_location: where the tensors land.
         trusted_classes: extra classes the file may hold besides tensors and
             plain containers (allowed for this call only).
+
+    Raises:
+        CheckpointError: the file is empty, truncated or damaged, or holds
+            Python objects other than tensors and the trusted classes.
+        FileNotFoundError: there is no such file.
     """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); it is not a checkpoint")
     with torch.serialization.safe_globals(list(trusted_classes)):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # torch reports damage as RuntimeError, OSError, EOFError, KeyError, ...
+            if "weights_only" in str(err):  # the safe unpickler met a class it does not allow
+                raise CheckpointError(_unsafe_message(path, err)) from None
+            raise CheckpointError(f"{path} {_damage(path)}; torch could not read it "
+                                  f"({type(err).__name__}: {_first_line(err)})") from err
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def _unsafe_message(path: Path, err: Exception) -> str:
+    """Why torch's safe loader refused ``path``, without its advice to load the file unsafely."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if found:
+        return (f"{path} is not a checkpoint this tool wrote (it holds Python objects other than tensors: "
+                f"{found.group(1)}); refusing to load it")
+    detail = str(err).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or "unreadable contents"
+    return f"{path} is damaged or not a checkpoint this tool wrote ({detail}); refusing to load it"
+
+
+def _damage(path: Path) -> str:
+    """What is wrong with a checkpoint torch could not read (torch writes zip archives)."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        is_zip = file.read(4) == b"PK\x03\x04"
+    if not is_zip:
+        return f"is truncated or not a checkpoint ({size} bytes, not a zip archive)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        return f"is truncated ({size} bytes; its zip archive has no end: the write did not finish)"
+    where = f": entry {bad} fails its checksum" if bad else ""
+    return f"is damaged ({size} bytes; its zip archive is corrupted{where})"
+
+
+def _first_line(err: Exception) -> str:
+    """The first sentence of torch's message (the rest is advice about miniz internals)."""
+    return str(err).split(". ")[0].splitlines()[0][:160] if str(err) else "no message"
+
+
+# --------------------------------------------------------------------------- the classes a model was trained on
+
+
+def manifest_class_names(manifest: str | Path) -> list[str]:
+    """The manifest's class names in class_id order (one per class_id 0..max).
+
+    Args:
+        manifest: ``manifest.parquet`` from ``intr prepare``.
+    """
+    classes = pd.read_parquet(manifest, columns=["class_id", "class_name"]).drop_duplicates("class_id")
+    name_of = dict(zip(classes["class_id"].astype(int), classes["class_name"].astype(str)))
+    # train() sizes the model by the largest class_id; an id without images still has a row.
+    return [name_of.get(i, f"<class_id {i}: no images>") for i in range(max(name_of, default=-1) + 1)]
+
+
+def class_fingerprint(names: Sequence[str]) -> str:
+    """sha256 of the ordered class names (JSON, so no separator can be confused with a name).
+
+    Args:
+        names: class names in class_id order.
+    """
+    return hashlib.sha256(json.dumps(list(names), ensure_ascii=False).encode()).hexdigest()
+
+
+def class_record(manifest: str | Path) -> dict[str, Any]:
+    """``class_names`` and ``class_fingerprint`` of a manifest, as stored in every checkpoint ``intr train`` writes.
+
+    Args:
+        manifest: ``manifest.parquet`` from ``intr prepare``.
+    """
+    names = manifest_class_names(manifest)
+    return {"class_names": names, "class_fingerprint": class_fingerprint(names)}
+
+
+def check_classes(saved: Mapping[str, Any], path: str | Path, manifest: str | Path) -> None:
+    """Refuse a checkpoint trained on other classes than the manifest's.
+
+    Args:
+        saved: the checkpoint's contents (``model.pt`` or ``last.pt``).
+        path: the checkpoint file (for the message).
+        manifest: ``manifest.parquet`` the model is about to be run on.
+
+    Raises:
+        CheckpointError: the class lists differ (sizes and first difference named), or an old
+            checkpoint without names has another number of classes.
+    """
+    expected = manifest_class_names(manifest)
+    if "class_names" not in saved:  # written before checkpoints stored their classes
+        trained = int(json.loads(saved["config"])["num_classes"]) if "config" in saved else None
+        if trained is not None and trained != len(expected):
+            raise CheckpointError(f"{path} was trained on {trained} classes but {manifest} has {len(expected)}; "
+                                  "it is a model of other classes (retrain on this manifest)")
+        warnings.warn(f"{path} holds no class names (written by an older intr train): cannot check that its "
+                      f"classes are the {len(expected)} of {manifest}; retrain to store them", stacklevel=3)
+        return
+    names = list(saved["class_names"])
+    if saved.get("class_fingerprint") == class_fingerprint(expected) and names == expected:
+        return
+    raise CheckpointError(_mismatch_message(path, names, manifest, expected))
+
+
+def _mismatch_message(path: str | Path, trained: list[str], manifest: str | Path, expected: list[str]) -> str:
+    """Both lists' sizes and their first differing names."""
+    first = next(i for i in range(max(len(trained), len(expected)))
+                 if i >= len(trained) or i >= len(expected) or trained[i] != expected[i])
+    in_model = repr(trained[first]) if first < len(trained) else "none"
+    in_manifest = repr(expected[first]) if first < len(expected) else "none"
+    return (f"{path} was trained on other classes than {manifest}: {len(trained)} classes in the model, "
+            f"{len(expected)} in the manifest; first difference at class_id {first}: {in_model} in the model, "
+            f"{in_manifest} in the manifest. Use the manifest the model was trained on, or retrain on this one")
+
+
+# --------------------------------------------------------------------------- model.pt
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu",
+               manifest: str | Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained model from ``model.pt``; return it in eval mode with its config.
 
     Args:
         path: ``model.pt`` from ``intr train`` (``config``: the JSON of the
             method, model section, number of classes, image size, train
-            options and normalisation; ``state``: the trained weights).
+            options and normalisation; ``state``: the trained weights;
+            ``class_names``: the classes it was trained on).
         map_location: where the saved tensors land before they are copied in.
+        manifest: the manifest the model is about to be run on: a model of other
+            classes is refused (:func:`check_classes`) before anything is built.
     """
     saved = read_checkpoint(path, map_location)
+    if manifest is not None:
+        check_classes(saved, path, manifest)
     config = json.loads(saved["config"])
     # A backbone without a weights file is random: rebuild it from the seed train() built it with.
     with torch.random.fork_rng(devices=[]):
