@@ -95,3 +95,25 @@ def tiny_models(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
         models[method] = out / method / "model.pt"
     torch.set_num_threads(threads)
     return models
+
+
+@pytest.fixture(scope="session")
+def six_class_manifest(tiny_dataset, tmp_path_factory) -> Path:
+    """``tiny_dataset``'s manifest relabelled to 6 classes (same images and root).
+
+    Class 1 is renamed ``renamed_species``; the odd image_ids of classes 2 and 3
+    become classes 4 and 5 (``extra_species_4``, ``extra_species_5``), so the
+    first name that differs from the 4-class manifest's is class_id 1's.
+    """
+    import pandas as pd
+
+    manifest, _ = tiny_dataset
+    table = pd.read_parquet(manifest)
+    table.loc[table["class_id"] == 1, "class_name"] = "renamed_species"
+    for old, new in ((2, 4), (3, 5)):
+        moved = (table["class_id"] == old) & (table["image_id"] % 2 == 1)
+        table.loc[moved, "class_id"] = new
+        table.loc[moved, "class_name"] = f"extra_species_{new}"
+    path = tmp_path_factory.mktemp("six_classes") / "manifest.parquet"
+    table.to_parquet(path, index=False)
+    return path

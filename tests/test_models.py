@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import pickle
+import hashlib
+import json
+import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
-from intr.models import METHODS, BlurContext, InterpretableModel, build_model, read_checkpoint
+from intr.models import (METHODS, BlurContext, CheckpointError, InterpretableModel, build_model, check_classes,
+                         read_checkpoint)
 from intr.ranking import rank_heads_by_blurring
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -86,11 +90,100 @@ def test_checkpoint_loader_reads_weights_and_refuses_pickled_code(tmp_path: Path
     assert torch.equal(loaded["w"], weights["w"]) and loaded["meta"] == {"epoch": 2}
     # DINO's release files pickle an argparse Namespace: refused unless trusted for that call.
     torch.save({"args": argparse.Namespace(arch="vit_small"), "w": torch.ones(1)}, tmp_path / "dino.pth")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="holds Python objects other than tensors: argparse.Namespace"):
         read_checkpoint(tmp_path / "dino.pth")
     assert read_checkpoint(tmp_path / "dino.pth", trusted_classes=[argparse.Namespace])["args"].arch == "vit_small"
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="argparse.Namespace"):
         read_checkpoint(tmp_path / "dino.pth")  # the trust does not outlive the call
+
+
+class MakesAFolder:
+    """Unpickling this would run ``os.mkdir(target)``: a visible, harmless stand-in for hostile code."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.target),)
+
+
+def test_pickled_code_is_refused_without_suggesting_unsafe_loading(tmp_path: Path) -> None:
+    ran = tmp_path / "code_ran"
+    torch.save({"state": {"w": torch.ones(1)}, "payload": MakesAFolder(ran)}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError) as refused:
+        read_checkpoint(tmp_path / "model.pt")
+    message = str(refused.value)
+    assert message == (f"{tmp_path / 'model.pt'} is not a checkpoint this tool wrote (it holds Python objects "
+                       "other than tensors: posix.mkdir); refusing to load it")
+    assert "weights_only" not in message and not ran.exists()
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__  # torch's advice is not chained
+
+
+def test_empty_and_truncated_checkpoints_name_the_file_and_the_cause(tmp_path: Path) -> None:
+    torch.save({"state": {f"w{i}": torch.randn(500) for i in range(8)}}, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "half.pt").write_bytes(data[:len(data) // 2])  # torch itself fails with "[Errno 22] Invalid argument"
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"^\S*empty\.pt is empty \(0 bytes\)"):
+        read_checkpoint(tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError) as half:
+        read_checkpoint(tmp_path / "half.pt")
+    assert str(half.value).startswith(f"{tmp_path / 'half.pt'} is truncated ({len(data) // 2} bytes; its zip archive "
+                                      "has no end: the write did not finish)")
+    with pytest.raises(CheckpointError, match=r"notes\.pt is truncated or not a checkpoint \(16 bytes, not a zip"):
+        read_checkpoint(tmp_path / "notes.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        read_checkpoint(tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------- the classes a model was trained on
+
+
+def write_manifest(path: Path, names: list[str]) -> Path:
+    """A manifest with two images per class, classes in the given class_id order."""
+    rows = [{"image_id": 2 * c + i, "path": f"{name}/{i}.png", "class_id": c, "class_name": name, "split": "train"}
+            for c, name in enumerate(names) for i in range(2)]
+    pd.DataFrame(rows).to_parquet(path, index=False)
+    return path
+
+
+def model_checkpoint(names: list[str] | None, num_classes: int) -> dict:
+    """What model.pt holds (names None: a checkpoint from before class names were stored)."""
+    saved = {"config": json.dumps({"num_classes": num_classes}), "state": {}}
+    if names is not None:
+        saved |= {"class_names": names, "class_fingerprint": hashlib.sha256(json.dumps(names).encode()).hexdigest()}
+    return saved
+
+
+FOUR = ["crow", "raven", "jay", "magpie"]
+SIX = ["crow", "rook", "jay", "magpie", "jackdaw", "chough"]
+
+
+def test_class_lists_that_differ_are_refused_with_sizes_and_first_difference(tmp_path: Path) -> None:
+    four, six = write_manifest(tmp_path / "four.parquet", FOUR), write_manifest(tmp_path / "six.parquet", SIX)
+    check_classes(model_checkpoint(FOUR, 4), "model.pt", four)  # the same list passes, silently
+    with pytest.raises(CheckpointError) as model_of_four:
+        check_classes(model_checkpoint(FOUR, 4), "model.pt", six)
+    assert str(model_of_four.value) == (
+        f"model.pt was trained on other classes than {six}: 4 classes in the model, 6 in the manifest; first "
+        "difference at class_id 1: 'raven' in the model, 'rook' in the manifest. Use the manifest the model was "
+        "trained on, or retrain on this one")
+    with pytest.raises(CheckpointError, match="6 classes in the model, 4 in the manifest; first difference at "
+                       "class_id 1: 'rook' in the model, 'raven' in the manifest"):
+        check_classes(model_checkpoint(SIX, 6), "model.pt", four)
+    # One list a prefix of the other: the first difference is the first class only one of them has.
+    with pytest.raises(CheckpointError, match="class_id 4: 'jackdaw' in the model, none in the manifest"):
+        check_classes(model_checkpoint(FOUR[:1] + SIX[1:], 6), "model.pt",
+                      write_manifest(tmp_path / "short.parquet", SIX[:4]))
+
+
+def test_checkpoint_without_class_names_is_refused_only_when_the_class_count_differs(tmp_path: Path) -> None:
+    four, six = write_manifest(tmp_path / "four.parquet", FOUR), write_manifest(tmp_path / "six.parquet", SIX)
+    with pytest.warns(UserWarning, match=f"old.pt holds no class names .*cannot check .* the 4 of {four}"):
+        check_classes(model_checkpoint(None, 4), "old.pt", four)
+    with pytest.raises(CheckpointError, match=f"old.pt was trained on 4 classes but {six} has 6"):
+        check_classes(model_checkpoint(None, 4), "old.pt", six)
 
 
 def test_every_checkpoint_in_the_code_is_read_through_the_one_loader() -> None:

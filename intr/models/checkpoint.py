@@ -58,20 +58,13 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         except FileNotFoundError:
             raise
         except Exception as err:  # torch reports damage as RuntimeError, OSError, EOFError, KeyError, ...
-            if "weights_only" in str(err):  # the safe unpickler met a class it does not allow
-                raise CheckpointError(_unsafe_message(path, err)) from None
-            raise CheckpointError(f"{path} {_damage(path)}; torch could not read it "
-                                  f"({type(err).__name__}: {_first_line(err)})") from err
-
-
-def _unsafe_message(path: Path, err: Exception) -> str:
-    """Why torch's safe loader refused ``path``, without its advice to load the file unsafely."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(err))
-    if found:
-        return (f"{path} is not a checkpoint this tool wrote (it holds Python objects other than tensors: "
-                f"{found.group(1)}); refusing to load it")
-    detail = str(err).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or "unreadable contents"
-    return f"{path} is damaged or not a checkpoint this tool wrote ({detail}); refusing to load it"
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))  # the safe unpickler met a class it does not allow
+            if found or "allowlisted" in str(err):
+                named = f": {found.group(1)}" if found else ""
+                raise CheckpointError(f"{path} is not a checkpoint this tool wrote (it holds Python objects other "
+                                      f"than tensors{named}); refusing to load it") from None
+            # from None: torch's message may advise weights_only=False, which this tool never suggests.
+            raise CheckpointError(f"{path} {_damage(path)}; torch could not read it ({_cause(err)})") from None
 
 
 def _damage(path: Path) -> str:
@@ -86,13 +79,18 @@ def _damage(path: Path) -> str:
             bad = archive.testzip()
     except zipfile.BadZipFile:
         return f"is truncated ({size} bytes; its zip archive has no end: the write did not finish)"
-    where = f": entry {bad} fails its checksum" if bad else ""
-    return f"is damaged ({size} bytes; its zip archive is corrupted{where})"
+    if bad:
+        return f"is damaged ({size} bytes; entry {bad} of its zip archive fails its checksum)"
+    return f"is damaged or not a checkpoint ({size} bytes; its zip archive is whole but its contents are not)"
 
 
-def _first_line(err: Exception) -> str:
-    """The first sentence of torch's message (the rest is advice about miniz internals)."""
-    return str(err).split(". ")[0].splitlines()[0][:160] if str(err) else "no message"
+def _cause(err: Exception) -> str:
+    """The informative part of torch's message: the unpickler's complaint, or its first sentence."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.partition("WeightsUnpickler error:")[2].strip()
+    first = text.split(". ")[0].splitlines()[0][:160] if text.strip() else "no message"
+    return f"{type(err).__name__}: {first}"
 
 
 # --------------------------------------------------------------------------- the classes a model was trained on
