@@ -11,6 +11,7 @@ from analysis.stats import bootstrap_mean, metric_row
 from intr.data.images import ImageSet, read_split
 from intr.evaluate import evaluate_model, gather_evaluation
 from analysis.tables import read_metadata, read_table, write_table
+from intr.cli import main as intr_main
 from intr.models import load_model
 
 
@@ -49,6 +50,30 @@ def test_evaluate_writes_model_accuracy_and_the_linear_probe_only(method, tiny_m
         probe.fit(features(fit), fit.labels.numpy())
         expected_probe = (probe.predict(features(data)) == data.labels.numpy()).mean()
     assert rows.loc[("linear_probe", "top1"), "value"] == pytest.approx(expected_probe)
+
+
+def test_cli_refuses_a_model_of_other_classes_and_a_truncated_model_in_one_line(tiny_models, tiny_dataset,
+                                                                               six_class_manifest, tmp_path, capsys):
+    manifest, root = tiny_dataset
+    model = tiny_models["prompt_cam"]
+    out = tmp_path / "metrics_model.parquet"
+
+    def evaluate(model_path, manifest_path) -> int:
+        return intr_main(["evaluate", "--model", str(model_path), "--manifest", str(manifest_path), "--root",
+                          str(root), "--out", str(out), "--quiet", "--config-json", '{"extract": {"device": "cpu"}}'])
+
+    assert evaluate(model, six_class_manifest) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"intr evaluate: error: {model} was trained on other classes than {six_class_manifest}: "
+                          "4 classes in the model, 6 in the manifest; first difference at class_id 1: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+    data = model.read_bytes()
+    (tmp_path / "model.pt").write_bytes(data[:len(data) // 2])
+    assert evaluate(tmp_path / "model.pt", manifest) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"intr evaluate: error: {tmp_path / 'model.pt'} is truncated ({len(data) // 2} bytes")
+    assert err.count("\n") == 1 and not out.exists()
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_items():

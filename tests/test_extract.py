@@ -13,7 +13,8 @@ import intr.extract as ex
 from analysis import io, regions
 from intr.data.images import ImageSet, read_split
 from intr.ranking import rank_heads_by_blurring, rank_pair_heads_by_blurring
-from intr.models import load_model
+from conftest import TINY_VIT
+from intr.models import CheckpointError, load_model
 
 
 @pytest.fixture(scope="module", params=["prompt_cam", "intr"])
@@ -190,6 +191,34 @@ def test_interrupted_extraction_leaves_no_table_and_a_rerun_is_complete(tiny_mod
     for name in ex.TABLES:
         a, b = pq.read_table(first[name]), pq.read_table(again[name])
         assert a.num_rows > 0 and a.equals(b)  # the rerun after the crash == an uninterrupted run
+
+
+@pytest.fixture(scope="module")
+def six_class_model(six_class_manifest, tiny_dataset, tmp_path_factory):
+    """model.pt of a Prompt-CAM trained one epoch on the 6-class relabelling of the tiny set."""
+    from intr.train import train
+
+    out = tmp_path_factory.mktemp("six_class_model")
+    train("prompt_cam", {"backbone": TINY_VIT}, {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "seed": 1},
+          six_class_manifest, tiny_dataset[1], out, image_size=32, progress=False)
+    return out / "model.pt"
+
+
+def test_a_model_of_other_classes_is_refused_both_ways_before_anything_is_written(
+        tiny_models, tiny_dataset, six_class_manifest, six_class_model, tmp_path, monkeypatch):
+    manifest, root = tiny_dataset
+    original = pd.read_parquet(manifest).set_index("class_id")["class_name"].loc[1].iloc[0]  # renamed in the 6
+    monkeypatch.setattr(ex, "ImageSet", None)  # refused before a single image is read
+    with pytest.raises(CheckpointError) as four_on_six:
+        ex.extract(tiny_models["prompt_cam"], six_class_manifest, root, tmp_path / "four_on_six", progress=False)
+    assert "4 classes in the model, 6 in the manifest; first difference at class_id 1: " \
+           f"{original!r} in the model, 'renamed_species' in the manifest" in str(four_on_six.value)
+    with pytest.raises(CheckpointError) as six_on_four:
+        ex.extract(six_class_model, manifest, root, tmp_path / "six_on_four", progress=False)
+    assert str(six_on_four.value).startswith(f"{six_class_model} was trained on other classes than {manifest}: "
+                                             "6 classes in the model, 4 in the manifest; first difference at "
+                                             f"class_id 1: 'renamed_species' in the model, {original!r} in the manifest")
+    assert not (tmp_path / "four_on_six").exists() and not (tmp_path / "six_on_four").exists()
 
 
 def test_lookalikes_from_confusion_pick_the_most_confused_classes():

@@ -25,7 +25,7 @@ from intr.faithfulness import (curve_auc, gaussian_blur, insertion_deletion_curv
 from intr.models.backbones import normalization
 from intr.ranking import rank_heads_by_blurring
 from analysis.tables import read_metadata
-from intr.models import build_model, load_model
+from intr.models import CheckpointError, build_model, load_model
 from intr.train import trainable_state
 
 VIT = {"name": "vit_tiny_patch16_224",
@@ -287,6 +287,18 @@ def test_cams_are_class_specific_where_they_should_be():
 def dataset(tiny_dataset) -> tuple[Path, Path]:
     """The shared tiny synthetic set (tests/conftest.py)."""
     return tiny_dataset
+
+
+def test_a_model_of_other_classes_is_refused_before_any_map_is_computed(tiny_models, dataset, six_class_manifest,
+                                                                       tmp_path):
+    _, root = dataset
+    out_maps, out_metrics = tmp_path / "baseline_maps.parquet", tmp_path / "metrics_faithfulness.parquet"
+    with pytest.raises(CheckpointError, match="4 classes in the model, 6 in the manifest; first difference at "
+                       "class_id 1: .* 'renamed_species' in the manifest"):
+        # The attention table does not exist: the class check comes before anything is read.
+        run_faithfulness(tiny_models["intr"], six_class_manifest, root, out_maps, out_metrics,
+                         attention=tmp_path / "attention.parquet", device="cpu", progress=False)
+    assert not out_maps.exists() and not out_metrics.exists()
 
 
 @pytest.mark.parametrize("method", ["prompt_cam", "intr"])

@@ -122,5 +122,30 @@ def test_discover_labels_every_image_of_the_split_and_reads_no_annotation(method
     assert pdisc.part_discovery_scores(tmp_path / "bare.parquet", bare_manifest, None, bare_root, method).empty
 
 
+def test_discover_refuses_other_classes_and_pickled_code_in_one_line_before_any_compute(
+        tiny_models, tiny_dataset, six_class_manifest, tmp_path, capsys):
+    import torch
+
+    from intr.cli import main
+
+    manifest, root = tiny_dataset
+    torch.save({"config": "{}", "payload": print}, tmp_path / "model.pt")  # builtins.print: not a tensor
+
+    def discover(model, manifest_path) -> int:
+        return main(["discover", "--model", str(model), "--manifest", str(manifest_path), "--root", str(root),
+                     "--out", str(tmp_path / "parts.parquet"), "--quiet", "--config-json",
+                     json.dumps({"extract": {"device": "cpu"}})])
+
+    assert discover(tiny_models["prompt_cam"], six_class_manifest) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"intr discover: error: {tiny_models['prompt_cam']} was trained on other classes") and \
+        "4 classes in the model, 6 in the manifest" in err and err.count("\n") == 1
+    assert discover(tmp_path / "model.pt", manifest) == 1
+    assert capsys.readouterr().err == (f"intr discover: error: {tmp_path / 'model.pt'} is not a checkpoint this tool "
+                                       "wrote (it holds Python objects other than tensors: print); "
+                                       "refusing to load it\n")
+    assert not (tmp_path / "parts.parquet").exists()
+
+
 def test_discovered_parts_table_is_declared():
     assert [c.name for c in TABLES["discovered_parts"]] == ["image_id", "labels"]

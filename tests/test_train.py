@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -17,10 +18,11 @@ import torch
 import yaml
 
 import intr.train
+from intr.cli import main as intr_main
 from intr.data.images import ImageSet, read_split
 from intr.models.backbones import BackboneSpec, normalization
 from intr.models.prompt_cam import PromptCAM
-from intr.models import load_model
+from intr.models import CheckpointError, load_model
 from intr.train import TrainingDiverged, TrainOptions, predict, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +93,12 @@ def test_training_writes_loadable_model_and_one_log_row_per_epoch(dataset, tmp_p
     assert set(saved["state"]) == {"class_prompts", "presence_head.weight", "presence_head.bias"}
     assert saved["epoch"] == best
     assert json.loads(saved["config"])["num_classes"] == 4
+    # Both files name the manifest's classes in class_id order, with the sha256 of that list.
+    names = pd.read_parquet(manifest).drop_duplicates("class_id").sort_values("class_id")["class_name"].tolist()
+    for checkpoint in (saved, load(tmp_path / "checkpoints" / "last.pt")):
+        assert checkpoint["class_names"] == names
+        assert checkpoint["class_fingerprint"] == hashlib.sha256(json.dumps(names).encode()).hexdigest()
+    assert load(tmp_path / "checkpoints" / "last.prev.pt")["epoch"] == 2  # the fallback of a damaged last.pt
 
     model, config = load_model(tmp_path / "model.pt")
     assert isinstance(model, PromptCAM) and not model.training
@@ -145,6 +153,67 @@ def test_resume_after_kill_9_matches_uninterrupted_run(dataset, tmp_path) -> Non
     momentum = [load(d / "checkpoints/last.pt")["optimizer"]["state"] for d in (resumed, straight)]
     for key in momentum[0]:
         assert torch.equal(momentum[0][key]["momentum_buffer"], momentum[1][key]["momentum_buffer"])
+
+
+def truncate(path: Path) -> None:
+    """Keep the first half of ``path``'s bytes, as a full disk or an interrupted copy would."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_damaged_last_pt_falls_back_to_last_prev_pt_and_matches_an_uninterrupted_run(dataset, tmp_path) -> None:
+    manifest, root = dataset
+    options = TRAIN | {"epochs": 3}
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    train("prompt_cam", MODEL, options, manifest, root, resumed, 32, progress=False, stop_after_epochs=2)
+    checkpoints = resumed / "checkpoints"
+    assert load(checkpoints / "last.pt")["epoch"] == 2 and load(checkpoints / "last.prev.pt")["epoch"] == 1
+    truncate(checkpoints / "last.pt")
+    with pytest.warns(UserWarning, match=r"last\.pt is truncated .*; resuming from the previous checkpoint "
+                      r".*last\.prev\.pt \(epoch 1\); the damaged file is kept as last-damaged\.pt"):
+        summary = train("prompt_cam", MODEL, options, manifest, root, resumed, 32, progress=False)
+    assert summary["finished"] and read_log(resumed)["epoch"].tolist() == [1, 2, 3]
+    assert load(checkpoints / "last.pt")["epoch"] == 3 and load(checkpoints / "last.prev.pt")["epoch"] == 2
+
+    train("prompt_cam", MODEL, options, manifest, root, straight, 32, progress=False)
+    columns = ["epoch", "train_loss", "train_acc", "val_acc", "lr"]
+    pd.testing.assert_frame_equal(read_log(resumed)[columns], read_log(straight)[columns], check_exact=True)
+    a, b = load(resumed / "model.pt")["state"], load(straight / "model.pt")["state"]
+    assert all(torch.equal(a[key], b[key]) for key in b)
+
+
+def test_unreadable_last_and_previous_checkpoints_say_what_to_delete(dataset, tmp_path, capsys) -> None:
+    manifest, root = dataset
+    train("prompt_cam", MODEL, TRAIN | {"epochs": 3}, manifest, root, tmp_path, 32, progress=False,
+          stop_after_epochs=2)
+    last, previous = tmp_path / "checkpoints" / "last.pt", tmp_path / "checkpoints" / "last.prev.pt"
+    truncate(last)
+    previous.write_bytes(b"")
+    with pytest.raises(CheckpointError) as refused:
+        train("prompt_cam", MODEL, TRAIN | {"epochs": 3}, manifest, root, tmp_path, 32, progress=False)
+    message = str(refused.value)
+    assert message.startswith(f"cannot resume training: {last} is truncated")
+    assert f"{previous} is empty (0 bytes)" in message
+    assert message.endswith(f"To start over, delete {last} and {previous}")
+    # The command line prints the same as one line, without a traceback.
+    config = write_config(tmp_path / "config.yaml", 32, TINY, TRAIN | {"epochs": 3})
+    assert intr_main(cli_train(config, dataset, tmp_path)[2:]) == 1
+    assert capsys.readouterr().err == f"intr train: error: {message}\n"
+
+
+def test_checkpoint_of_other_classes_starts_over_and_is_kept(dataset, tmp_path, capsys) -> None:
+    manifest, root = dataset
+    train("prompt_cam", MODEL, TRAIN | {"epochs": 1}, manifest, root, tmp_path / "run", 32, progress=False)
+    old = load(tmp_path / "run" / "checkpoints" / "last.pt")
+    renamed = pd.read_parquet(manifest)
+    renamed.loc[renamed["class_id"] == 1, "class_name"] = "renamed_species"  # same count, same config digest
+    renamed.to_parquet(tmp_path / "renamed.parquet", index=False)
+    train("prompt_cam", MODEL, TRAIN | {"epochs": 1}, tmp_path / "renamed.parquet", root, tmp_path / "run", 32,
+          progress=False)
+    assert "last.pt was written for other classes; starting over" in capsys.readouterr().out
+    assert load(tmp_path / "run" / "model.pt")["class_names"][1] == "renamed_species"
+    assert load(tmp_path / "run" / "checkpoints" / f"last-superseded-{old['digest']}.pt")["class_names"][1] != \
+        "renamed_species"
 
 
 # --------------------------------------------------------------------------- NaN guard
