@@ -23,6 +23,7 @@ from intr.faithfulness import (curve_auc, gaussian_blur, insertion_deletion_curv
                                run_faithfulness, top_heads_maps_from_attention, true_class_probability,
                                upsample)
 from intr.models.backbones import normalization
+from intr.models.checkpoint import class_record
 from intr.ranking import rank_heads_by_blurring
 from analysis.tables import read_metadata
 from intr.models import CheckpointError, build_model, load_model
@@ -43,8 +44,16 @@ def tiny_model(method: str, num_classes: int = 4, seed: int = 0) -> nn.Module:
     return build_model(method, MODELS[method], num_classes, 32).eval()
 
 
-def save_model(method: str, path: Path, num_classes: int = 4, seed: int = 0) -> Path:
-    """A random-weight ``model.pt`` that ``intr.models.load_model`` rebuilds exactly."""
+def save_model(method: str, path: Path, num_classes: int = 4, seed: int = 0, manifest: Path | None = None) -> Path:
+    """A random-weight ``model.pt`` that ``intr.models.load_model`` rebuilds exactly.
+
+    Args:
+        method: ``prompt_cam`` or ``intr``.
+        path: where to write it.
+        num_classes: classes of the model.
+        seed: seed of the initial and random weights.
+        manifest: the manifest whose class names it stores, as ``intr train`` does (None: no names).
+    """
     model = tiny_model(method, num_classes, seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -54,7 +63,8 @@ def save_model(method: str, path: Path, num_classes: int = 4, seed: int = 0) -> 
     config = {"method": method, "model": MODELS[method], "num_classes": num_classes, "image_size": 32,
               "train": {"seed": seed}, "normalization": {"mean": list(mean), "std": list(std)}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": json.dumps(config), "state": trainable_state(model), "epoch": 1}, path)
+    classes = class_record(manifest) if manifest is not None else {}
+    torch.save({"config": json.dumps(config), "state": trainable_state(model), "epoch": 1, **classes}, path)
     return path
 
 
@@ -304,7 +314,7 @@ def test_a_model_of_other_classes_is_refused_before_any_map_is_computed(tiny_mod
 @pytest.mark.parametrize("method", ["prompt_cam", "intr"])
 def test_run_faithfulness_writes_both_tables(method, dataset, tmp_path):
     manifest, root = dataset
-    model_path = save_model(method, tmp_path / method / "model.pt")
+    model_path = save_model(method, tmp_path / method / "model.pt", manifest=manifest)
     # The model's maps come from an extraction of the split's first 8 images; 6 of them are sampled.
     attention = extract(model_path, manifest, root, tmp_path / "extract", batch_size=8, device="cpu", limit=8,
                         progress=False)["attention"]
@@ -355,7 +365,7 @@ def test_run_faithfulness_writes_both_tables(method, dataset, tmp_path):
 
 def test_run_faithfulness_refuses_an_attention_table_of_another_split(dataset, tmp_path):
     manifest, root = dataset
-    model_path = save_model("prompt_cam", tmp_path / "model.pt")
+    model_path = save_model("prompt_cam", tmp_path / "model.pt", manifest=manifest)
     attention = extract(model_path, manifest, root, tmp_path / "extract", split="val", batch_size=8,
                         device="cpu", limit=2, progress=False)["attention"]
     with pytest.raises(ValueError, match="split"):
