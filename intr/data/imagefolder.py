@@ -126,7 +126,9 @@ def class_files(root: Path, folder: str) -> tuple[list[str], list[dict[str, str]
                 rejects.append({"path": path, "reason": "not_a_file",
                                 "detail": "not a regular file or folder (a pipe, socket or device)"})
 
-    visit(folder, frozenset({os.path.realpath(root / folder)}))
+    # A link back to the root or the split folder is a loop too: walking it would relabel other classes.
+    top = folder.split("/")[0]
+    visit(folder, frozenset(os.path.realpath(p) for p in (root, root / top, root / folder)))
     return sorted(files), rejects
 
 

@@ -314,14 +314,14 @@ def class_folder_of(paths: pd.Series) -> list[str]:
 
 
 def counted(what: str, paths: list[str]) -> str:
-    """'3 images with an EXIF orientation tag, e.g. a.jpg, b.jpg, c.jpg' (at most EXAMPLES_SHOWN named).
+    """'<what>: 4 image(s), e.g. a.jpg, b.jpg, c.jpg ...' (at most EXAMPLES_SHOWN named).
 
     Args:
-        what: the plural noun phrase after the count.
+        what: what the images have in common.
         paths: the files counted.
     """
     more = " ..." if len(paths) > EXAMPLES_SHOWN else ""
-    return f"{len(paths)} {what}, e.g. {', '.join(paths[:EXAMPLES_SHOWN])}{more}"
+    return f"{what}: {len(paths)} image(s), e.g. {', '.join(paths[:EXAMPLES_SHOWN])}{more}"
 
 
 def _decode_into(images: pd.DataFrame, root: Path, manifest: ParquetStreamWriter,
@@ -480,9 +480,9 @@ def write_tables(listing: DatasetListing, sizes: pd.DataFrame, out: Path) -> tup
         sizes: image_id, width, height of the images in the manifest.
         out: output folder.
     """
-    parts = listing.parts[listing.parts["image_id"].isin(sizes["image_id"])].reset_index(drop=True)
-    parts, outside, note = mark_keypoints_outside(parts, sizes)
-    write_table(parts.sort_values(["image_id", "part_id"]), out / "parts.parquet", schema=tables.schema("parts"))
+    parts = listing.parts[listing.parts["image_id"].isin(sizes["image_id"])]
+    parts, outside, note = mark_keypoints_outside(parts.sort_values(["image_id", "part_id"], ignore_index=True), sizes)
+    write_table(parts, out / "parts.parquet", schema=tables.schema("parts"))
     for name, table in listing.tables.items():
         write_table(table, out / f"{name}.parquet")
     _remove_outputs(out, tuple(name for name in OPTIONAL_TABLES if name not in listing.tables))
@@ -497,14 +497,14 @@ def pixel_notes(tally: _Tally) -> list[str]:
     """
     notes = []
     if tally.rotated:
-        notes.append(counted("images carry an EXIF orientation tag other than 1 (a photo viewer shows them "
-                             "rotated or mirrored)", tally.rotated)
+        notes.append(counted("EXIF orientation tag other than 1 (a photo viewer shows the image rotated or "
+                             "mirrored)", tally.rotated)
                      + "; they are used as stored, the frame of their keypoints, boxes and masks and of the "
                        "report's crops. To use the viewer's frame, rotate the files themselves "
                        "(e.g. mogrify -auto-orient) and prepare again")
     if tally.large:
-        notes.append(counted(f"images above Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} "
-                             "pixels (PIL.Image.MAX_IMAGE_PIXELS) kept", tally.large)
+        notes.append(counted(f"more pixels than Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} "
+                             "(PIL.Image.MAX_IMAGE_PIXELS), kept", tally.large)
                      + "; decoding each takes much memory: downscale them if they are not meant to be this large")
     return notes
 
