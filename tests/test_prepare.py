@@ -525,3 +525,22 @@ def test_images_above_pillows_size_limit_are_named_not_bare(tmp_path, monkeypatc
     second = root / "images" / "001.Black_footed_Albatross" / "Black_footed_Albatross_0002.png"
     with pytest.warns(UserWarning, match=f"{second}: 12 x 10 = 120 pixels, above Pillow's"):
         load_image(second, 8)
+
+
+def test_16_bit_colour_png_is_read_by_its_high_byte_not_clipped(tmp_path):
+    import struct
+    import zlib
+
+    from intr.data.images import load_image
+
+    values = np.linspace(0, 65535, 8 * 8 * 3).round().astype(">u2").reshape(8, 8, 3)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + row.tobytes() for row in values)  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0)  # 8 x 8, 16 bits, colour type 2 (RGB)
+    (tmp_path / "rgb16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                         + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    loaded = load_image(tmp_path / "rgb16.png", 8).permute(1, 2, 0).numpy()
+    assert (loaded == values // 256).all()
