@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -368,3 +370,177 @@ def test_cli_prepare_prints_the_count_line(tmp_path, capsys):
                  "--config-json", config, "--quiet"])
     assert code == 1
     assert str(tmp_path / "absent") in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- hostile but realistic inputs
+
+
+def gradient16(fmt: str, path: Path, mode: str = "I;16") -> np.ndarray:
+    """A 64 x 64 16-bit grayscale gradient over the full 0..65535 range, saved as ``fmt``; its values."""
+    values = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    byte_order = ">" if mode == "I;16B" else "<"
+    Image.frombytes(mode, (64, 64), values.astype(f"{byte_order}u2").tobytes()).save(path, fmt)
+    return values
+
+
+@pytest.mark.parametrize("fmt, suffix, mode", [("PNG", "png", "I;16"), ("TIFF", "tif", "I;16"),
+                                               ("TIFF", "tif", "I;16B")])
+def test_16_bit_grayscale_is_scaled_to_8_bits_in_prepare_and_load_image(tmp_path, fmt, suffix, mode):
+    from intr.data.images import load_image
+    from intr.data.prepare import decode_image
+
+    path = tmp_path / f"gradient.{suffix}"
+    values = gradient16(fmt, path, mode)
+    decoded = decode_image(str(path))
+    assert decoded.reason is None and decoded.mode.startswith("I;16") and (decoded.width, decoded.height) == (64, 64)
+    loaded = load_image(path, 64).numpy()
+    expected = np.rint(values / 257).astype(np.uint8)
+    assert (loaded == expected[None]).all()  # every channel equals round(v / 257)
+    assert (loaded == 255).mean() < 0.01  # Pillow's own conversion clipped 99.6 % of it to white
+
+
+def test_keypoints_outside_their_image_are_marked_invisible_and_counted(tmp_path, capsys):
+    root = write_cub(tmp_path / "CUB_200_2011", good_images())
+    locs = root / "parts" / "part_locs.txt"
+    moved = {"1 2 ": "1 2 99999 -50 1", "3 1 ": "3 1 13.0 2.0 1", "4 3 ": "4 3 2.0 -0.5 1"}
+    locs.write_text("".join(next((new for key, new in moved.items() if line.startswith(key)), line) + "\n"
+                            for line in locs.read_text().splitlines()))
+    summary = prepare("cub", root, tmp_path / "out", val_fraction=0.0)
+    parts = read_table(tmp_path / "out" / "parts.parquet").set_index(["image_id", "part_id"])
+    assert summary.keypoints_outside == 3
+    # Image 1 is 11 x 9, image 3 is 13 x 11 (x = 13 is one past the last column), image 4 is 14 x 12.
+    assert not parts.loc[[(1, 2), (3, 1), (4, 3)], "visible"].any()
+    assert parts.loc[(1, 2), ["x", "y"]].tolist() == [99999.0, -50.0]  # coordinates kept as given
+    assert parts["visible"].sum() == 18 - 1 - 3  # (2, 3) was invisible in the fixture already
+    assert ("note: 3 part keypoints outside their image marked invisible, e.g. image_id 1 part 2 (beak) "
+            "at (99999, -50) in a 11 x 9 image") in summary.describe().splitlines()
+
+
+def test_imagefolder_accounts_for_links_loops_and_odd_entries(tmp_path):
+    root = write_imagefolder(tmp_path / "data", {"train": {"cat": 2}, "val": {"cat": 1}})
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "album").mkdir(parents=True)
+    (elsewhere / "outside.png").write_bytes(image_bytes())
+    (elsewhere / "album" / "a.png").write_bytes(image_bytes())
+    (elsewhere / "dogs").mkdir()
+    for k in range(3):
+        (elsewhere / "dogs" / f"d{k}.png").write_bytes(image_bytes())
+    cat = root / "train" / "cat"
+    (cat / "linked.png").symlink_to(elsewhere / "outside.png")  # a linked file outside the root
+    (cat / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (cat / "album").symlink_to(elsewhere / "album", target_is_directory=True)
+    (cat / "sub").mkdir()
+    (cat / "sub" / "deep.png").write_bytes(image_bytes())
+    (cat / "self").symlink_to(".", target_is_directory=True)
+    (cat / "up").symlink_to("..", target_is_directory=True)
+    os.mkfifo(cat / "pipe")
+    (root / "train" / "dog").symlink_to(elsewhere / "dogs", target_is_directory=True)  # a linked class folder
+    (root / "val" / "dog").mkdir()
+    (root / "val" / "dog" / "v.png").write_bytes(image_bytes())
+    (root / "train" / "ghost").symlink_to(tmp_path / "no_such_folder", target_is_directory=True)
+
+    summary = prepare("imagefolder", root, tmp_path / "out", max_reject_fraction=0.5)
+    manifest = read_table(tmp_path / "out" / "manifest.parquet")
+    rejected = read_table(tmp_path / "out" / "rejected.parquet")
+    assert sorted(zip(rejected["path"], rejected["reason"])) == [
+        ("train/cat/dangling.png", "broken_link"), ("train/cat/pipe", "not_a_file"),
+        ("train/cat/self", "link_loop"), ("train/cat/up", "link_loop"), ("train/ghost", "broken_link")]
+    assert str(tmp_path / "gone.png") in rejected.set_index("path").loc["train/cat/dangling.png", "detail"]
+    assert sorted(manifest["path"]) == [
+        "train/cat/album/a.png", "train/cat/img_00.png", "train/cat/img_01.png", "train/cat/linked.png",
+        "train/cat/sub/deep.png", "train/dog/d0.png", "train/dog/d1.png", "train/dog/d2.png",
+        "val/cat/img_00.png", "val/dog/v.png"]
+    assert manifest.set_index("path").loc["train/dog/d0.png", "class_name"] == "dog"
+    assert (summary.inputs, summary.kept, summary.rejected) == (15, 10, 5)
+
+
+def test_imagefolder_class_folder_without_readable_image_stops_prepare_naming_it(tmp_path):
+    root = write_imagefolder(tmp_path / "data", {"train": {"cat": 3, "dog": 3, "Foo": 0},
+                                                 "val": {"cat": 1, "dog": 1, "Foo": 1}})
+    out = tmp_path / "out"
+    with pytest.raises(PrepareError, match=r"^class folder 'train/Foo' holds no readable image: "
+                                           r"remove it or add images$"):
+        prepare("imagefolder", root, out, max_reject_fraction=1.0)
+    assert not (out / "manifest.parquet").exists()
+    (root / "train" / "Foo" / "notes.txt").write_text("not an image")
+    (root / "val" / "dog" / "img_00.png").write_bytes(b"")
+    with pytest.raises(PrepareError, match=r"class folders 'train/Foo' \(1 file\(s\) rejected, see .*rejected"
+                                           r"\.parquet\), 'val/dog' \(1 file\(s\) rejected.*: remove them"):
+        prepare("imagefolder", root, out, max_reject_fraction=1.0)
+    assert sorted(read_table(out / "rejected.parquet")["path"]) == ["train/Foo/notes.txt", "val/dog/img_00.png"]
+
+
+def test_cub_class_without_readable_image_stops_prepare_naming_it(tmp_path):
+    classes = {**CLASSES, 4: "004.Crested_Auklet"}
+    root = write_cub(tmp_path / "CUB_200_2011", good_images(), with_extras=False, classes=classes)
+    with pytest.raises(PrepareError, match=r"1 class\(es\) have no readable image: 'Crested_Auklet'"):
+        prepare("cub", root, tmp_path / "out")
+
+
+def exif_rotated_jpeg(path: Path, orientation: int) -> None:
+    """A 16 x 8 JPEG stored with a dark left half and a bright right half, tagged with ``orientation``."""
+    pixels = np.zeros((8, 16, 3), dtype=np.uint8)
+    pixels[:, 8:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def test_exif_rotated_images_are_used_in_the_stored_frame_and_counted(tmp_path):
+    from intr.data.images import load_image
+
+    root = write_imagefolder(tmp_path / "data", {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}})
+    exif_rotated_jpeg(root / "train" / "cat" / "phone.jpg", orientation=6)  # a viewer turns it 90 degrees
+    exif_rotated_jpeg(root / "train" / "dog" / "upright.jpg", orientation=1)
+    summary = prepare("imagefolder", root, tmp_path / "out")
+    manifest = read_table(tmp_path / "out" / "manifest.parquet").set_index("path")
+    assert manifest.loc["train/cat/phone.jpg", ["width", "height"]].tolist() == [16, 8]  # stored, not 8 x 16
+    loaded = load_image(root / "train" / "cat" / "phone.jpg", 16).numpy().astype(int)
+    assert loaded[:, :, :6].max() < 40 and loaded[:, :, 10:].min() > 215  # left/right halves, as stored
+    assert [note for note in summary.notes if "EXIF" in note] == [
+        "EXIF orientation tag other than 1 (a photo viewer shows the image rotated or mirrored): 1 image(s), "
+        "e.g. train/cat/phone.jpg; they are used as stored, the frame of their keypoints, boxes and masks and "
+        "of the report's crops. To use the viewer's frame, rotate the files themselves (e.g. mogrify "
+        "-auto-orient) and prepare again"]
+
+
+def test_images_above_pillows_size_limit_are_named_not_bare(tmp_path, monkeypatch):
+    from intr.data.images import load_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # warn above 100 pixels, refuse above 200
+    root = write_cub(tmp_path / "CUB_200_2011", good_images())  # image k is (10 + k) x (8 + k)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = prepare("cub", root, tmp_path / "out", max_reject_fraction=0.5)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    rejected = read_table(tmp_path / "out" / "rejected.parquet")
+    assert rejected[["path", "reason"]].values.tolist() == [
+        ["images/003.Groove_billed_Ani/Groove_billed_Ani_0006.png", "too_large"]]  # 16 x 14 = 224 pixels
+    assert "MAX_IMAGE_PIXELS" in rejected["detail"][0]
+    assert summary.notes == [
+        "more pixels than Pillow's decompression-bomb limit of 100 (PIL.Image.MAX_IMAGE_PIXELS), kept: "
+        "4 image(s), e.g. images/001.Black_footed_Albatross/Black_footed_Albatross_0002.png, "
+        "images/002.Laysan_Albatross/Laysan_Albatross_0003.png, images/002.Laysan_Albatross/Laysan_Albatross_0004.png"
+        " ...; decoding each takes much memory: downscale them if they are not meant to be this large"]
+    second = root / "images" / "001.Black_footed_Albatross" / "Black_footed_Albatross_0002.png"
+    with pytest.warns(UserWarning, match=f"{second}: 12 x 10 = 120 pixels, above Pillow's"):
+        load_image(second, 8)
+
+
+def test_16_bit_colour_png_is_read_by_its_high_byte_not_clipped(tmp_path):
+    import struct
+    import zlib
+
+    from intr.data.images import load_image
+
+    values = np.linspace(0, 65535, 8 * 8 * 3).round().astype(">u2").reshape(8, 8, 3)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + row.tobytes() for row in values)  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0)  # 8 x 8, 16 bits, colour type 2 (RGB)
+    (tmp_path / "rgb16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                         + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    loaded = load_image(tmp_path / "rgb16.png", 8).permute(1, 2, 0).numpy()
+    assert (loaded == values // 256).all()

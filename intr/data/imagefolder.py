@@ -1,12 +1,26 @@
 """List a data set laid out as ``root/{train,val[,test]}/<class>/<image>`` (torchvision's ImageFolder).
 
-Every file under a class folder is an input, image or not: one that does not
-decode is rejected later, never silently skipped. Hidden files and folders
-(names starting with '.') are not inputs.
+Every entry under a split folder is accounted for (inputs = manifest +
+rejected), except hidden files and folders (names starting with '.'), which
+are not inputs:
+
+* a file under a class folder, at any depth (subfolders are walked), is an
+  input; one that does not decode is rejected later, never silently skipped;
+* symbolic links are followed wherever they point, inside or outside the
+  root: a linked file is read through its link (the manifest keeps the link's
+  path), a linked class folder or subfolder is walked like a real one;
+* a link whose target does not exist is rejected as 'broken_link'; a linked
+  folder that leads back into a folder being walked as 'link_loop'; a pipe,
+  socket or device as 'not_a_file'; a folder that cannot be listed as
+  'unreadable'; an entry directly in a split folder that is not a folder as
+  'no_class';
+* a class folder left with no readable image stops ``prepare`` (see
+  ``intr.data.prepare.classes_without_images``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,30 +79,76 @@ def class_folders(root: Path, present: list[str]) -> list[str]:
     return classes
 
 
-def class_files(folder: Path) -> list[str]:
-    """Every non-hidden file under a class folder (recursively), as sorted posix paths relative to it.
+def broken_link(entry: Path, path: str) -> dict[str, str]:
+    """The rejected row of a symbolic link whose target does not exist.
 
     Args:
-        folder: a class folder.
+        entry: the link.
+        path: its path relative to the data set root.
     """
-    files = []
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-            files.append(relative.as_posix())
-    return sorted(files)
+    return {"path": path, "reason": "broken_link", "detail": f"symbolic link to {os.readlink(entry)}, "
+                                                             "which does not exist (or is a loop of links)"}
 
 
-def stray_files(root: Path, present: list[str]) -> pd.DataFrame:
-    """Files directly inside a split folder, outside any class folder: inputs rejected as 'no_class'.
+def class_files(root: Path, folder: str) -> tuple[list[str], list[dict[str, str]]]:
+    """Every non-hidden file under a class folder, walked through links and subfolders, and the entries
+    rejected without decoding (see the module docstring).
+
+    Returns the files as sorted posix paths relative to ``root``, and rejected rows (path, reason, detail).
+
+    Args:
+        root: data set root.
+        folder: the class folder relative to the root, e.g. 'train/Foo'.
+    """
+    files: list[str] = []
+    rejects: list[dict[str, str]] = []
+
+    def visit(relative: str, ancestors: frozenset[str]) -> None:
+        try:
+            entries = visible_entries(root / relative)
+        except OSError as err:
+            rejects.append({"path": relative, "reason": "unreadable", "detail": f"cannot list the folder: {err}"})
+            return
+        for entry in entries:
+            path = f"{relative}/{entry.name}"
+            if entry.is_symlink() and not entry.exists():
+                rejects.append(broken_link(entry, path))
+            elif entry.is_dir():
+                real = os.path.realpath(entry)
+                if real in ancestors:
+                    rejects.append({"path": path, "reason": "link_loop",
+                                    "detail": f"symbolic link to {os.readlink(entry)}, a folder that holds it"})
+                else:
+                    visit(path, ancestors | {real})
+            elif entry.is_file():
+                files.append(path)
+            else:
+                rejects.append({"path": path, "reason": "not_a_file",
+                                "detail": "not a regular file or folder (a pipe, socket or device)"})
+
+    # A link back to the root or the split folder is a loop too: walking it would relabel other classes.
+    top = folder.split("/")[0]
+    visit(folder, frozenset(os.path.realpath(p) for p in (root, root / top, root / folder)))
+    return sorted(files), rejects
+
+
+def stray_entries(root: Path, present: list[str]) -> list[dict[str, str]]:
+    """Entries directly inside a split folder that are not (links to) folders: rejected as 'no_class',
+    or 'broken_link' for a link to nothing.
 
     Args:
         root: data set root.
         present: the split folders that exist.
     """
-    rows = [{"path": f"{split}/{e.name}", "reason": "no_class", "detail": "file is not inside a class folder"}
-            for split in present for e in visible_entries(root / split) if e.is_file()]
-    return pd.DataFrame(rows, columns=tables.schema("rejected").names)
+    rows = []
+    for split in present:
+        for entry in visible_entries(root / split):
+            if entry.is_symlink() and not entry.exists():
+                rows.append(broken_link(entry, f"{split}/{entry.name}"))
+            elif not entry.is_dir():
+                rows.append({"path": f"{split}/{entry.name}", "reason": "no_class",
+                             "detail": "not inside a class folder"})
+    return rows
 
 
 def read_imagefolder(root: Path) -> DatasetListing:
@@ -103,10 +163,14 @@ def read_imagefolder(root: Path) -> DatasetListing:
                            f"folder per class; found {', '.join(present) or 'none'}")
     split_of = split_of_folder(present)
     classes = class_folders(root, present)
-    rows = [(f"{folder}/{name}/{file}", class_id, split_of[folder])
-            for folder in sorted(present)
-            for class_id, name in enumerate(classes)
-            for file in class_files(root / folder / name)]
+    rows, rejects, folders = [], stray_entries(root, present), []
+    for split_folder in sorted(present):
+        for class_id, name in enumerate(classes):
+            folder = f"{split_folder}/{name}"
+            files, unread = class_files(root, folder)
+            rows += [(path, class_id, split_of[split_folder]) for path in files]
+            rejects += unread
+            folders.append((folder, class_id))
     images = pd.DataFrame(rows, columns=["path", "class_id", "split"])
     images.insert(0, "image_id", np.arange(1, len(images) + 1, dtype=np.int32))
     images["class_id"] = images["class_id"].astype(np.int16)
@@ -117,4 +181,6 @@ def read_imagefolder(root: Path) -> DatasetListing:
     class_table = pd.DataFrame({"class_id": np.arange(len(classes), dtype=np.int16), "class_name": classes,
                                 "genus": [None] * len(classes)})
     return DatasetListing(images=images, classes=class_table, parts=empty_frame("parts"),
-                          unread_rejects=stray_files(root, present), carve_val="val" not in split_of.values())
+                          unread_rejects=pd.DataFrame(rejects, columns=tables.schema("rejected").names),
+                          carve_val="val" not in split_of.values(),
+                          class_folders=pd.DataFrame(folders, columns=["folder", "class_id"]))

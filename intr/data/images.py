@@ -1,5 +1,8 @@
 """Images for the networks: decoding, the evaluation resize, and seeded augmentation.
 
+Pixels are read by ``intr.data.pixels``: 16-bit images scaled to 8 bits, EXIF
+orientation not applied (the stored frame, the one the annotations use).
+
 Evaluation geometry (what attention maps resize back to): the whole image is
 resized to ``size x size`` (no crop, aspect not kept), so patch cell (i, j) of
 a g x g grid covers image pixels x in [j W/g, (j+1) W/g), y in [i H/g, (i+1) H/g)
@@ -13,6 +16,7 @@ or split across DDP ranks, and a resumed run sees the same epochs.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -23,13 +27,25 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from intr.data.pixels import open_image, over_size_limit, size_warning, to_rgb8
+
 PRELOAD_LIMIT_BYTES = 2 << 30
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """Decode one image as RGB and resize it to (3, size, size) uint8."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    """Decode one image as 8-bit RGB in its stored frame and resize it to (3, size, size) uint8.
+
+    Bit depth and frame follow ``intr.data.pixels`` (the rules ``prepare`` used);
+    an image above Pillow's size limit gives a warning naming the file.
+
+    Args:
+        path: the image file.
+        size: side of the square output.
+    """
+    with open_image(path) as im:
+        if over_size_limit(im):
+            warnings.warn(size_warning(path, im), stacklevel=2)
+        im = to_rgb8(im)
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
         array = np.asarray(im, dtype=np.uint8)

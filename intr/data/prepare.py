@@ -5,6 +5,13 @@ Every listed image is decoded exactly once. An image that decodes goes to
 reason, so that inputs = manifest rows + rejected rows, always. The readers of
 each layout (``intr.data.cub``, ``intr.data.imagefolder``) only list what the
 data set says; decoding, splitting and writing happen here, the same for all.
+
+Pixels are read as ``intr.data.pixels`` says, the same way the networks read
+them later: 16-bit images scaled to 8 bits, EXIF orientation not applied, so
+width, height, keypoints, boxes and masks are all in the stored frame. What
+the run kept but a user should know (keypoints outside their image marked
+invisible, EXIF-rotated images, images above Pillow's size limit) is counted
+in ``PrepareSummary.notes``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import re
 import sys
 import warnings
 from contextlib import closing
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -29,11 +37,17 @@ from tqdm import tqdm
 from analysis import tables
 from analysis.config import defaults
 from analysis.tables import ParquetStreamWriter, write_table
+from intr.data.pixels import exif_orientation, open_image, over_size_limit, to_rgb8
 
 KINDS = ("cub", "imagefolder", "synthetic")
 DECODE_BATCH = 512
-# Every value rejected.parquet's reason column can take; no_class: an ImageFolder file outside any class folder.
-REJECT_REASONS = ("missing", "empty", "not_an_image", "truncated", "unreadable", "no_class")
+# Every value rejected.parquet's reason column can take. ImageFolder only: no_class (a file outside any
+# class folder), broken_link (a symbolic link whose target does not exist), link_loop (a linked folder
+# that contains itself), not_a_file (a pipe, socket or device). too_large: above twice Pillow's
+# decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS.
+REJECT_REASONS = ("missing", "empty", "not_an_image", "truncated", "unreadable", "too_large", "no_class",
+                  "broken_link", "link_loop", "not_a_file")
+EXAMPLES_SHOWN = 3
 
 PLANTED_TRAITS_COLUMNS = ("species_id", "species", "genus", "part", "colour", "pattern", "state")
 # Tables a run writes only where the data has them; a run that does not write
@@ -60,6 +74,9 @@ class DatasetListing:
         carve_val: whether 'val' is carved out of the training images.
         tables: further tables to write as they are, by name
             (class_attributes, planted_traits, lookalike_pairs), already typed.
+        class_folders: for a layout with one folder per class and split
+            (ImageFolder): folder (relative posix path, e.g. 'train/Foo') and
+            class_id of each, so that an empty folder is caught; None otherwise.
     """
 
     images: pd.DataFrame
@@ -68,32 +85,50 @@ class DatasetListing:
     unread_rejects: pd.DataFrame
     carve_val: bool = True
     tables: dict[str, pa.Table] = field(default_factory=dict)
+    class_folders: pd.DataFrame | None = None
 
 
 @dataclass
 class PrepareSummary:
-    """Counts of one ``prepare`` run: inputs = kept + rejected."""
+    """Counts of one ``prepare`` run: inputs = kept + rejected, and what was kept but needs a word.
+
+    Attributes:
+        inputs: files listed.
+        kept: rows of manifest.parquet.
+        rejected: rows of rejected.parquet.
+        classes: number of classes.
+        out: the output folder.
+        keypoints_outside: part keypoints marked visible but outside their image, set invisible.
+        notes: one sentence per such finding, for the user.
+    """
 
     inputs: int
     kept: int
     rejected: int
     classes: int
     out: Path
+    keypoints_outside: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        """One line for the user, e.g. 'inputs 1200 = manifest 1198 + rejected 2 (12 classes) -> DIR'."""
-        return (f"inputs {self.inputs} = manifest {self.kept} + rejected {self.rejected} "
+        """The count line, e.g. 'inputs 1200 = manifest 1198 + rejected 2 (12 classes) -> DIR', then a
+        'note: ...' line per note."""
+        line = (f"inputs {self.inputs} = manifest {self.kept} + rejected {self.rejected} "
                 f"({self.classes} classes) -> {self.out}")
+        return "\n".join([line, *(f"note: {note}" for note in self.notes)])
 
 
 class DecodedImage(NamedTuple):
-    """What decoding one file found: its size and mode, or why it cannot be used."""
+    """What decoding one file found: its size, mode, EXIF orientation and whether it is above Pillow's
+    size limit; or why it cannot be used."""
 
     width: int | None
     height: int | None
     mode: str | None
     reason: str | None
     detail: str | None
+    orientation: int = 1
+    large: bool = False
 
 
 def empty_frame(name: str) -> pd.DataFrame:
@@ -119,12 +154,16 @@ def decode_image(path: str) -> DecodedImage:
     try:
         if os.stat(path).st_size == 0:
             return DecodedImage(None, None, None, "empty", "file has 0 bytes")
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
-            image.convert("RGB")
-            return DecodedImage(image.width, image.height, image.mode, None, None)
+            to_rgb8(image)
+            return DecodedImage(image.width, image.height, image.mode, None, None,
+                                exif_orientation(image), over_size_limit(image))
     except FileNotFoundError as err:
         return DecodedImage(None, None, None, "missing", str(err))
+    except Image.DecompressionBombError as err:
+        return DecodedImage(None, None, None, "too_large",
+                            f"{err} (twice PIL.Image.MAX_IMAGE_PIXELS): downscale the file")
     except UnidentifiedImageError as err:
         return DecodedImage(None, None, None, "not_an_image", str(err))
     except Exception as err:  # noqa: BLE001 - a file the decoder chokes on is a rejection, not a crash
@@ -233,19 +272,56 @@ def _check_options(kind: str, val_fraction: float, max_reject_fraction: float, s
 
 @dataclass
 class _Tally:
-    """Running counts of the decoding pass, plus a few rejected examples for an error message."""
+    """Running counts of the decoding pass, plus a few examples for the messages.
 
-    kept_ids: list[np.ndarray] = field(default_factory=list)
+    kept_sizes: image_id, width, height of each kept batch (for the keypoint check);
+    kept_per_folder: kept images per class (by class_id) and per 'split/class' folder;
+    rotated, large: paths of kept images with an EXIF orientation != 1 / above Pillow's size limit.
+    """
+
+    kept_sizes: list[pd.DataFrame] = field(default_factory=list)
     kept: int = 0
     rejected: int = 0
     examples: list[str] = field(default_factory=list)
+    kept_per_class: Counter = field(default_factory=Counter)
+    kept_per_folder: Counter = field(default_factory=Counter)
+    rejected_per_folder: Counter = field(default_factory=Counter)
+    rotated: list[str] = field(default_factory=list)
+    large: list[str] = field(default_factory=list)
+
+    def add_kept(self, kept: pd.DataFrame) -> None:
+        self.kept += len(kept)
+        self.kept_sizes.append(kept[["image_id", "width", "height"]])
+        self.kept_per_class.update(kept["class_id"].astype(int))
+        self.kept_per_folder.update(class_folder_of(kept["path"]))
 
     def add_rejects(self, rejects: pd.DataFrame) -> None:
         self.rejected += len(rejects)
+        self.rejected_per_folder.update(class_folder_of(rejects["path"]))
         for path, reason in zip(rejects["path"], rejects["reason"]):
             if len(self.examples) == 5:
                 break
             self.examples.append(f"{path} ({reason})")
+
+
+def class_folder_of(paths: pd.Series) -> list[str]:
+    """'train/Foo/sub/a.png' -> 'train/Foo': the first two parts of each relative path (ImageFolder's class folder).
+
+    Args:
+        paths: relative posix paths.
+    """
+    return ["/".join(path.split("/", 2)[:2]) for path in paths]
+
+
+def counted(what: str, paths: list[str]) -> str:
+    """'<what>: 4 image(s), e.g. a.jpg, b.jpg, c.jpg ...' (at most EXAMPLES_SHOWN named).
+
+    Args:
+        what: what the images have in common.
+        paths: the files counted.
+    """
+    more = " ..." if len(paths) > EXAMPLES_SHOWN else ""
+    return f"{what}: {len(paths)} image(s), e.g. {', '.join(paths[:EXAMPLES_SHOWN])}{more}"
 
 
 def _decode_into(images: pd.DataFrame, root: Path, manifest: ParquetStreamWriter,
@@ -280,8 +356,9 @@ def _write_batch(batch: pd.DataFrame, found: pd.DataFrame, manifest: ParquetStre
         mode=found.loc[ok, "mode"],
     )
     manifest.write(kept)
-    tally.kept += len(kept)
-    tally.kept_ids.append(kept["image_id"].to_numpy())
+    tally.add_kept(kept)
+    tally.rotated += batch.loc[ok & (found["orientation"] != 1), "path"].tolist()
+    tally.large += batch.loc[ok & found["large"].astype(bool), "path"].tolist()
     rejects = pd.DataFrame({"path": batch.loc[~ok, "path"], "reason": found.loc[~ok, "reason"],
                             "detail": found.loc[~ok, "detail"]})
     rejected.write(rejects)
@@ -332,23 +409,104 @@ def write_manifest(listing: DatasetListing, images: pd.DataFrame, root: Path, ou
             f"{tally.rejected} of {inputs} images rejected ({tally.rejected / inputs:.1%}), more than "
             f"max_reject_fraction {max_reject_fraction:.1%}; e.g. {'; '.join(tally.examples)}. "
             f"All rejections: {out / 'rejected.parquet'}")
+    imageless = classes_without_images(listing, tally, out / "rejected.parquet")
+    if imageless:
+        manifest.abort()
+        _remove_outputs(out, ("manifest", "parts", *OPTIONAL_TABLES))
+        raise PrepareError(imageless)
     manifest.close()
     return tally
 
 
-def write_tables(listing: DatasetListing, kept_ids: np.ndarray, out: Path) -> None:
-    """Write parts.parquet (kept images only) and the data set's further tables.
+def classes_without_images(listing: DatasetListing, tally: _Tally, rejected_path: Path) -> str | None:
+    """The error for class folders (ImageFolder) or classes (CUB layout) left with no kept image, or None.
+
+    A class without images would still get an output of the classifier, and
+    train, evaluate and extract would run without a word about it.
+
+    Args:
+        listing: the data set listing (its classes and, for ImageFolder, class folders).
+        tally: counts of the decoding pass.
+        rejected_path: rejected.parquet, named in the message.
+    """
+    if listing.class_folders is not None:
+        empty = [folder for folder in listing.class_folders["folder"] if tally.kept_per_folder[folder] == 0]
+        found = [f"'{folder}' ({tally.rejected_per_folder[folder]} file(s) rejected, see {rejected_path})"
+                 if tally.rejected_per_folder[folder] else f"'{folder}'" for folder in empty]
+        if len(found) == 1:
+            return f"class folder {found[0]} holds no readable image: remove it or add images"
+        if found:
+            return f"class folders {', '.join(found)} hold no readable image: remove them or add images"
+        return None
+    classes = listing.classes
+    empty = classes.loc[[tally.kept_per_class[int(c)] == 0 for c in classes["class_id"]], "class_name"].tolist()
+    if not empty:
+        return None
+    return (f"{len(empty)} class(es) have no readable image: {', '.join(map(repr, empty[:10]))}"
+            f"{' ...' if len(empty) > 10 else ''} (rejections: {rejected_path}); list images for them "
+            f"or remove them from classes.txt")
+
+
+def mark_keypoints_outside(parts: pd.DataFrame, sizes: pd.DataFrame) -> tuple[pd.DataFrame, int, str | None]:
+    """Parts with visible keypoints outside their image (x<0, y<0, x>=width, y>=height) set invisible.
+
+    The coordinates are kept as the data set gives them. Returns the parts, the
+    number of keypoints changed and a note saying so with an example (None when none changed).
+
+    Args:
+        parts: the parts table of the kept images.
+        sizes: image_id, width, height of the kept images (stored frame).
+    """
+    joined = parts[["image_id", "x", "y", "visible"]].merge(sizes, on="image_id", how="left")
+    outside = (joined["visible"] & ((joined["x"] < 0) | (joined["y"] < 0) | (joined["x"] >= joined["width"])
+                                    | (joined["y"] >= joined["height"]))).to_numpy()
+    if not outside.any():
+        return parts, 0, None
+    first = joined[outside].iloc[0]
+    example = parts[outside].iloc[0]
+    note = (f"{int(outside.sum())} part keypoints outside their image marked invisible, e.g. image_id "
+            f"{int(example['image_id'])} part {int(example['part_id'])} ({example['part_name']}) at "
+            f"({example['x']:g}, {example['y']:g}) in a {int(first['width'])} x {int(first['height'])} image")
+    return parts.assign(visible=parts["visible"].to_numpy() & ~outside), int(outside.sum()), note
+
+
+def write_tables(listing: DatasetListing, sizes: pd.DataFrame, out: Path) -> tuple[int, str | None]:
+    """Write parts.parquet (kept images only, keypoints outside the image invisible) and the further tables.
+
+    Returns the number of keypoints marked invisible and the note saying so.
 
     Args:
         listing: the data set listing.
-        kept_ids: image ids in the manifest.
+        sizes: image_id, width, height of the images in the manifest.
         out: output folder.
     """
-    parts = listing.parts[listing.parts["image_id"].isin(kept_ids)]
-    write_table(parts.sort_values(["image_id", "part_id"]), out / "parts.parquet", schema=tables.schema("parts"))
+    parts = listing.parts[listing.parts["image_id"].isin(sizes["image_id"])]
+    parts, outside, note = mark_keypoints_outside(parts.sort_values(["image_id", "part_id"], ignore_index=True), sizes)
+    write_table(parts, out / "parts.parquet", schema=tables.schema("parts"))
     for name, table in listing.tables.items():
         write_table(table, out / f"{name}.parquet")
     _remove_outputs(out, tuple(name for name in OPTIONAL_TABLES if name not in listing.tables))
+    return outside, note
+
+
+def pixel_notes(tally: _Tally) -> list[str]:
+    """Notes on kept images whose pixels need a word: EXIF-rotated ones and ones above Pillow's size limit.
+
+    Args:
+        tally: counts of the decoding pass.
+    """
+    notes = []
+    if tally.rotated:
+        notes.append(counted("EXIF orientation tag other than 1 (a photo viewer shows the image rotated or "
+                             "mirrored)", tally.rotated)
+                     + "; they are used as stored, the frame of their keypoints, boxes and masks and of the "
+                       "report's crops. To use the viewer's frame, rotate the files themselves "
+                       "(e.g. mogrify -auto-orient) and prepare again")
+    if tally.large:
+        notes.append(counted(f"more pixels than Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} "
+                             "(PIL.Image.MAX_IMAGE_PIXELS), kept", tally.large)
+                     + "; decoding each takes much memory: downscale them if they are not meant to be this large")
+    return notes
 
 
 DATASET = defaults("dataset")  # the config schema's defaults
@@ -393,7 +551,9 @@ def prepare_dataset(
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"kind": kind, "root": str(root), "val_fraction": val_fraction, "seed": seed}
     tally = write_manifest(listing, images, root, out, metadata, max_reject_fraction, workers, progress)
-    kept_ids = np.concatenate(tally.kept_ids) if tally.kept_ids else np.array([], dtype=np.int32)
-    write_tables(listing, kept_ids, out)
+    sizes = pd.concat(tally.kept_sizes, ignore_index=True) if tally.kept_sizes else \
+        pd.DataFrame({"image_id": [], "width": [], "height": []})
+    keypoints_outside, keypoint_note = write_tables(listing, sizes, out)
+    notes = ([keypoint_note] if keypoint_note else []) + pixel_notes(tally)
     return PrepareSummary(inputs=tally.kept + tally.rejected, kept=tally.kept, rejected=tally.rejected,
-                          classes=len(classes), out=out)
+                          classes=len(classes), out=out, keypoints_outside=keypoints_outside, notes=notes)
