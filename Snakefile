@@ -6,7 +6,7 @@
 import json
 import os
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -17,9 +17,24 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 # The one schema of the config, shipped inside the package: every `intr`
-# sub-command validates its section against the same file (analysis/config.py).
-# (validate() reads the schema path relative to this file.)
-validate(config, "analysis/schemas/config.schema.yaml")
+# sub-command validates its section against the same file through the same
+# code (analysis/config.py), which lists every schema error at once and adds
+# the checks a schema cannot make (top_heads against the backbone's heads,
+# warm-up within the epochs, ...). Loaded by path: it needs only PyYAML and
+# jsonschema, which Snakemake brings, also where this package is not installed
+# (conda mode).
+def load_config_module():
+    """analysis/config.py of this workflow, loaded by path."""
+    import importlib.util
+
+    path = os.path.join(workflow.basedir, "analysis", "config.py")
+    spec = importlib.util.spec_from_file_location("workflow_config", path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+config.update(load_config_module().validated(config))
 
 
 report: "workflow/report/workflow.rst"
