@@ -3,6 +3,7 @@
 # Run:  snakemake --cores 2 --workflow-profile workflow/profiles/default
 # (or `make run`); another config:  --configfile config/tiny.yaml
 
+import importlib.util
 import json
 import os
 
@@ -23,18 +24,12 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 # warm-up within the epochs, ...). Loaded by path: it needs only PyYAML and
 # jsonschema, which Snakemake brings, also where this package is not installed
 # (conda mode).
-def load_config_module():
-    """analysis/config.py of this workflow, loaded by path."""
-    import importlib.util
-
-    path = os.path.join(workflow.basedir, "analysis", "config.py")
-    spec = importlib.util.spec_from_file_location("workflow_config", path)
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    return loaded
-
-
-config.update(load_config_module().validated(config))
+config_module_spec = importlib.util.spec_from_file_location(
+    "workflow_config", os.path.join(workflow.basedir, "analysis", "config.py")
+)
+config_module = importlib.util.module_from_spec(config_module_spec)
+config_module_spec.loader.exec_module(config_module)
+config.update(config_module.validated(config))
 
 
 report: "workflow/report/workflow.rst"
