@@ -3,10 +3,11 @@
 # Run:  snakemake --cores 2 --workflow-profile workflow/profiles/default
 # (or `make run`); another config:  --configfile config/tiny.yaml
 
+import importlib.util
 import json
 import os
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -17,9 +18,18 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 # The one schema of the config, shipped inside the package: every `intr`
-# sub-command validates its section against the same file (analysis/config.py).
-# (validate() reads the schema path relative to this file.)
-validate(config, "analysis/schemas/config.schema.yaml")
+# sub-command validates its section against the same file through the same
+# code (analysis/config.py), which lists every schema error at once and adds
+# the checks a schema cannot make (top_heads against the backbone's heads,
+# warm-up within the epochs, ...). Loaded by path: it needs only PyYAML and
+# jsonschema, which Snakemake brings, also where this package is not installed
+# (conda mode).
+config_module_spec = importlib.util.spec_from_file_location(
+    "workflow_config", os.path.join(workflow.basedir, "analysis", "config.py")
+)
+config_module = importlib.util.module_from_spec(config_module_spec)
+config_module_spec.loader.exec_module(config_module)
+config.update(config_module.validated(config))
 
 
 report: "workflow/report/workflow.rst"

@@ -233,6 +233,44 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _process_is_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of ``path`` left by writers that were killed (``.NAME.tmp-PID`` whose
+    process no longer runs), so an interrupted run does not leave them behind for good.
+
+    A temporary of this process or of a live one is kept (another writer may be at work; the
+    workflow never runs two jobs for one output, so a live PID here is a writer or a recycled id).
+
+    Args:
+        path: the table's final path.
+
+    Returns:
+        The temporaries removed.
+    """
+    path = Path(path)
+    prefix = f".{path.name}.tmp-"
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for candidate in path.parent.iterdir():
+        pid = candidate.name.removeprefix(prefix)
+        if candidate.name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() \
+                and not _process_is_running(int(pid)):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
 def write_table(
     table: pa.Table | pd.DataFrame,
     path: str | os.PathLike,
@@ -263,7 +301,9 @@ class ParquetStreamWriter:
 
     Rows go to disk as they are produced, so memory does not grow with the
     data set.  The file appears under its final name only when the writer is
-    closed without an exception; on error the temporary file is removed.
+    closed without an exception; on error the temporary file is removed, and
+    the temporaries of writers killed before they could remove theirs are
+    removed when the next writer of the same file starts.
 
     Args:
         path: destination ``.parquet`` file.
@@ -279,6 +319,7 @@ class ParquetStreamWriter:
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path)
         self.schema = with_metadata(schema.remove_metadata(), {**decode_metadata(schema.metadata), **(metadata or {})})
         self._tmp = _temporary_name(self.path)
         self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=COMPRESSION)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -54,6 +55,38 @@ def _config_section(args: argparse.Namespace, name: str) -> dict:
     return _config(args)[name]
 
 
+def _check_writable(command: str, path: str | Path, folder: bool) -> None:
+    """Stop with one line naming ``path`` unless the sub-command can write there (run before any compute).
+
+    Creates the folder (or the file's folder) when missing and writes and removes a temporary file in it,
+    so a read-only folder, a file where a folder belongs (or the reverse) fails now, not after an epoch.
+
+    Args:
+        command: the sub-command (for the message).
+        path: the output folder, or the output file.
+        folder: whether ``path`` is a folder (else a file, whose parent folder is checked).
+    """
+    target = Path(path)
+    where = target if folder else target.parent
+    problem = None
+    if folder and target.is_file():
+        problem = "it is a file, not a folder; give a folder"
+    elif not folder and target.is_dir():
+        problem = "it is a folder; give a file name"
+    blocking = next((p for p in (where, *where.parents) if p.exists()), None)
+    if problem is None and blocking is not None and not blocking.is_dir():
+        problem = f"{blocking} is a file, not a folder"
+    if problem is None:
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=where, prefix=".intr-write-test-"):
+                pass
+        except OSError as err:
+            problem = f"{err.strerror or err} in {where}; make it writable or choose another output"
+    if problem:
+        raise SystemExit(f"intr {command}: cannot write the output {target}: {problem}")
+
+
 def _set_threads(threads: int | None) -> None:
     """Torch CPU threads for a network stage (None: torch's default)."""
     if threads:
@@ -76,6 +109,7 @@ def _add_model_inputs(parser: argparse.ArgumentParser, manifest_help: str) -> No
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
+    _check_writable(args.command, args.out, folder=True)
     from intr.data.synthetic import SyntheticConfig, synthesize
 
     if args.recipe and (args.config or args.config_json):
@@ -99,6 +133,7 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    _check_writable(args.command, args.out, folder=True)
     from intr.data.prepare import PrepareError, prepare_dataset
 
     options = _config_section(args, "dataset")
@@ -122,6 +157,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    _check_writable(args.command, args.out, folder=False)
     from intr.pretrain import load_recipe, pretrain
 
     recipe = load_recipe(args.recipe)
@@ -139,6 +175,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    _check_writable(args.command, args.out, folder=True)
     from intr.train import TrainingDiverged, train
 
     section = _config_section(args, args.method)
@@ -157,6 +194,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    _check_writable(args.command, args.out, folder=False)
     from intr.evaluate import evaluate_model
 
     options = _config_section(args, "extract")
@@ -170,6 +208,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluation(args: argparse.Namespace) -> int:
+    _check_writable(args.command, args.out, folder=False)
     from intr.evaluate import gather_evaluation
 
     table = gather_evaluation(args.inputs, Path(args.out))
@@ -182,6 +221,7 @@ EXTRACT_KEYS = ("split", "batch_size", "top_heads", "siblings_k", "regions", "re
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    _check_writable(args.command, args.out, folder=True)
     from intr.extract import extract
 
     _set_threads(args.threads)
@@ -193,6 +233,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:
+    _check_writable(args.command, args.out, folder=False)
     from intr.discover import discover_parts
 
     _set_threads(args.threads)
@@ -206,6 +247,8 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 
 
 def _cmd_faithfulness(args: argparse.Namespace) -> int:
+    for out in (args.out_maps, args.out_metrics):
+        _check_writable(args.command, out, folder=False)
     from intr.faithfulness import run_faithfulness
 
     _set_threads(args.threads)
@@ -221,6 +264,7 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    _check_writable(args.command, args.out, folder=True)
     from dataclasses import fields
 
     from analysis.pipeline import AnalysisInputs, analyze
@@ -252,6 +296,7 @@ def _method_tables(method_args: list[list[str]]) -> dict[str, dict[str, Path]]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    _check_writable(args.command, args.out, folder=False)
     from analysis.report import ReportTables, build_report
 
     config = _config(args)

@@ -37,6 +37,7 @@ a rerun recomputes them, and gives the same bytes of data.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -294,6 +295,10 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
     cells = grid[0] * grid[1]
     heads = int(model.num_heads)
     top = min(top_heads, heads)
+    if top_heads > heads:  # the config could not tell (a backbone whose heads its name does not say)
+        print(f"intr extract: warning: extract.top_heads {top_heads} is more than the {heads} heads of "
+              f"{model_path}; trait features use all {heads} (set extract.top_heads to at most {heads})",
+              file=sys.stderr)
     meta = {"method": method, "backbone": config["model"]["backbone"]["name"], "grid_h": grid[0],
             "grid_w": grid[1], "patch_size": size // grid[0], "image_size": size, "num_heads": heads,
             "split": split, "num_classes": num_classes, "lookalike_source": source,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from analysis.config import SCHEMA_PATH, ConfigError, config_section, defaults, load_schema, resolve, validated
+from analysis.config import (SCHEMA_PATH, ConfigError, config_section, defaults, load_schema, method_heads, resolve,
+                             validated)
 
 REPO = Path(__file__).resolve().parent.parent
 SUBCOMMANDS_WITH_OPTIONS = ("synthesize", "prepare", "train", "evaluate", "extract", "faithfulness", "analyze",
@@ -212,4 +214,136 @@ def test_the_package_and_the_snakefile_read_the_same_schema_file():
 
     assert SCHEMA_PATH == REPO / "analysis" / "schemas" / "config.schema.yaml"
     assert '"schemas/*.yaml"' in pyproject  # package data: an installed package finds it
-    assert 'validate(config, "analysis/schemas/config.schema.yaml")' in snakefile
+    assert 'os.path.join(workflow.basedir, "analysis", "config.py")' in snakefile  # the same validated()
+    assert "validated(config)" in snakefile
+
+
+def test_every_schema_error_is_listed_at_once_one_line_each_without_the_schema():
+    config = {"synthetic": {"image_size": 8, "images_per_specie": 3}, "analysis": {"top_heads": 0}}
+
+    with pytest.raises(ConfigError) as caught:
+        validated(config)
+
+    assert str(caught.value).splitlines() == [
+        "3 problems in the config:",
+        "  analysis.top_heads: 0 is less than the minimum of 1",
+        "  synthetic: Additional properties are not allowed ('images_per_specie' was unexpected)",
+        "  synthetic.image_size: 8 is less than the minimum of 32",
+    ]
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"analysis": {"traits_k_range": [16, 4]}},
+     r"^analysis.traits_k_range: \[16, 4\] has its minimum above its maximum; write it as \[min, max\], "
+     r"e.g. \[4, 16\]$"),
+    ({"intr": {"train": {"epochs": 3, "warmup_epochs": 5}}},
+     r"^intr.train.warmup_epochs: 5 is more than intr.train.epochs \(3\), .*lower warmup_epochs or raise epochs$"),
+    ({"methods": ["prompt_cam"], "extract": {"top_heads": 7}},  # default backbone: kwargs.num_heads 6
+     r"^extract.top_heads: 7 is more than the 6 attention heads of prompt_cam's model; set it to at most 6$"),
+    ({"methods": ["intr"], "analysis": {"top_heads": 9}},  # INTR's maps: the decoder's 8 heads
+     r"^analysis.top_heads: 9 is more than the 8 attention heads of intr's model; set it to at most 8$"),
+    ({"methods": ["prompt_cam"], "extract": {"top_heads": 4}, "analysis": {"top_heads": 2},
+      "prompt_cam": {"model": {"backbone": {"name": "vit_tiny_patch16_224"}}}},  # timm's vit_tiny: 3 heads
+     r"^extract.top_heads: 4 is more than the 3 attention heads of prompt_cam's model"),
+])
+def test_values_at_odds_with_each_other_or_the_model_stop_validation_naming_key_and_value(config, message):
+    with pytest.raises(ConfigError, match=message):
+        validated(config)
+
+
+def test_top_heads_is_checked_against_the_methods_the_config_names_or_gives():
+    assert validated({"methods": ["intr"], "extract": {"top_heads": 8}})["extract"]["top_heads"] == 8
+    # A sub-command handed only its own section (as the workflow's rules do) knows no model: extract checks.
+    assert validated({"extract": {"top_heads": 64}})["extract"]["top_heads"] == 64
+    with pytest.raises(ConfigError, match="extract.top_heads: 9 is more than the 8 attention heads of intr"):
+        validated({"intr": {"image_size": 64}, "extract": {"top_heads": 9}})
+
+
+@pytest.mark.parametrize("backbone, heads", [
+    ({"name": "vit_base_patch16_224.dino"}, 12),
+    ({"name": "vit_small_patch14_dinov2.lvd142m"}, 6),
+    ({"name": "vit_base_patch16_224", "kwargs": {"num_heads": 4}}, 4),
+    ({"name": "resnet50"}, None),  # not a ViT whose heads the name says: checked at extract time
+])
+def test_prompt_cam_heads_come_from_kwargs_or_the_timm_name(backbone, heads):
+    section = config_section({"prompt_cam": {"model": {"backbone": backbone}}}, "prompt_cam")
+
+    assert method_heads("prompt_cam", section) == heads
+
+
+def test_a_dataset_root_that_is_a_file_is_refused_for_real_data(tmp_path):
+    archive = tmp_path / "birds.tgz"
+    archive.write_bytes(b"not a folder")
+
+    with pytest.raises(ConfigError, match=rf"^dataset.root: '{re.escape(str(archive))}' is a file, not a folder; "
+                       r"for dataset.kind 'imagefolder' give the folder holding train/ and val/"):
+        validated({"dataset": {"kind": "imagefolder", "root": str(archive)}})
+    assert validated({"dataset": {"kind": "imagefolder", "root": str(tmp_path)}})["dataset"]["root"] == str(tmp_path)
+
+
+def test_a_semantic_problem_stops_the_subcommand_before_it_runs(tmp_path):
+    from intr.cli import main
+
+    with pytest.raises(SystemExit, match=r"^intr synthesize: analysis.traits_k_range: \[16, 4\]"):
+        main(["synthesize", "--out", str(tmp_path / "d"), "--config-json", '{"analysis": {"traits_k_range": [16, 4]}}'])
+    assert not (tmp_path / "d" / "images.txt").exists()
+
+
+# Every sub-command that writes, with arguments whose inputs need not exist: the output check comes first.
+WRITING_COMMANDS = {
+    "train": (["train", "--method", "intr", "--manifest", "m.parquet", "--root", "r"], "--out", True),
+    "evaluate": (["evaluate", "--model", "m.pt", "--manifest", "m.parquet", "--root", "r"], "--out", False),
+    "extract": (["extract", "--model", "m.pt", "--manifest", "m.parquet", "--root", "r"], "--out", True),
+    "faithfulness": (["faithfulness", "--model", "m.pt", "--manifest", "m.parquet", "--root", "r", "--attention",
+                      "a.parquet", "--out-maps", "{ok}/maps.parquet"], "--out-metrics", False),
+    "discover": (["discover", "--model", "m.pt", "--manifest", "m.parquet", "--root", "r"], "--out", False),
+    "analyze": (["analyze", "--attention", "a", "--predictions", "p", "--manifest", "m", "--root", "r"],
+                "--out", True),
+    "report": (["report", "--manifest", "m", "--method", "prompt_cam", "--root", "r"], "--out", False),
+}
+
+
+@pytest.mark.parametrize("command", WRITING_COMMANDS)
+def test_an_output_under_a_file_stops_the_subcommand_naming_the_path(command, tmp_path):
+    from intr.cli import main
+
+    args, flag, folder = WRITING_COMMANDS[command]
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("a file where a folder belongs")
+    out = a_file if folder else a_file / "table.parquet"
+    args = [a.format(ok=tmp_path) for a in args] + [flag, str(out)]
+
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+
+    reason = "it is a file, not a folder; give a folder" if folder else f"{a_file} is a file, not a folder"
+    assert str(stopped.value) == f"intr {command}: cannot write the output {out}: {reason}"
+
+
+def test_an_output_file_that_is_a_folder_is_refused(tmp_path):
+    from intr.cli import main
+
+    with pytest.raises(SystemExit, match=rf"^intr evaluate: cannot write the output {re.escape(str(tmp_path))}: "
+                       "it is a folder; give a file name$"):
+        main(["evaluate", "--model", "m.pt", "--manifest", "m.parquet", "--root", "r", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("command", WRITING_COMMANDS)
+def test_a_read_only_output_folder_stops_the_subcommand_naming_the_path(command, tmp_path):
+    from intr.cli import main
+
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.access(read_only, os.W_OK):
+        read_only.chmod(0o755)
+        pytest.skip("running as root: a read-only mode does not stop root from writing")
+    args, flag, folder = WRITING_COMMANDS[command]
+    out = read_only / "out" if folder else read_only / "table.parquet"
+    args = [a.format(ok=tmp_path) for a in args] + [flag, str(out)]
+    try:
+        with pytest.raises(SystemExit, match=rf"^intr {command}: cannot write the output {re.escape(str(out))}: "
+                           "Permission denied in .*; make it writable or choose another output$"):
+            main(args)
+    finally:
+        read_only.chmod(0o755)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -85,3 +87,28 @@ def test_no_module_of_analysis_imports_torch():
             "    importlib.import_module('analysis.' + m)\n"
             "assert 'torch' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_a_killed_writers_temporary_is_removed_when_the_next_writer_of_that_file_starts(tmp_path):
+    path = tmp_path / "rejected.parquet"
+    killed = ("import os, signal, sys\n"
+              "from analysis import tables\n"
+              "writer = tables.ParquetStreamWriter(sys.argv[1], tables.schema('rejected'))\n"
+              "writer.write([{'path': 'a.jpg', 'reason': 'empty', 'detail': ''}])\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    run = subprocess.run([sys.executable, "-c", killed, str(path)], cwd=REPO_ROOT)
+    assert run.returncode == -9
+    (stale,) = tmp_path.iterdir()  # what kill -9 left: the killed writer's temporary
+    dead_pid = stale.name.removeprefix(".rejected.parquet.tmp-")
+    live = tmp_path / f".rejected.parquet.tmp-{os.getppid()}"  # a writer still at work: kept
+    other_table = tmp_path / f".parts.parquet.tmp-{dead_pid}"  # another file's: not this writer's
+    live.write_bytes(b"")
+    other_table.write_bytes(b"")
+
+    tables.write_table(pd.DataFrame({"path": ["b.jpg"], "reason": ["empty"], "detail": [""]}), path,
+                       schema=tables.schema("rejected"))
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name, other_table.name])
+    assert not stale.exists()
+    assert tables.read_table(path)["path"].tolist() == ["b.jpg"]
+

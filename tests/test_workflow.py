@@ -36,6 +36,80 @@ def test_misspelled_config_key_stops_before_any_job(run_snakemake, repo_root, tm
     assert not (tmp_path / "results").exists()
 
 
+def test_every_config_problem_is_listed_before_any_job_without_the_schema(run_snakemake, repo_root, tmp_path):
+    config = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
+    config["synthetic"]["images_per_specie"] = config["synthetic"].pop("images_per_species")
+    config["extract"]["split"] = "validation"
+    config["analysis"]["top_heads"] = 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+
+    result = run_snakemake("-n", "--cores", "1", "--configfile", bad, cwd=tmp_path)
+
+    assert result.returncode != 0
+    assert "3 problems in the config:" in result.stdout
+    for line in ("  analysis.top_heads: 0 is less than the minimum of 1",
+                 "  extract.split: 'validation' is not one of ['train', 'val', 'test']",
+                 "  synthetic: Additional properties are not allowed ('images_per_specie' was unexpected)"):
+        assert line in result.stdout.splitlines(), line
+    assert "Failed validating" not in result.stdout and "'description'" not in result.stdout  # no schema dump
+    assert not (tmp_path / "results").exists()
+
+
+def test_values_at_odds_with_each_other_or_the_model_stop_the_workflow_before_any_job(run_snakemake, repo_root,
+                                                                                     tmp_path):
+    config = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
+    config["analysis"]["traits_k_range"] = [16, 4]
+    config["intr"]["train"]["warmup_epochs"] = 5  # epochs: 2
+    config["extract"]["top_heads"] = 5  # the tiny INTR decoder has 4 heads
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+
+    result = run_snakemake("-n", "--cores", "1", "--configfile", bad, cwd=tmp_path)
+
+    assert result.returncode != 0
+    assert "analysis.traits_k_range: [16, 4] has its minimum above its maximum" in result.stdout
+    assert "intr.train.warmup_epochs: 5 is more than intr.train.epochs (2)" in result.stdout
+    assert "extract.top_heads: 5 is more than the 4 attention heads of intr's model" in result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_dataset_root_that_is_a_file_or_has_braces_stops_the_workflow_naming_it(run_snakemake, tmp_path):
+    archive = tmp_path / "gulls.tgz"
+    archive.write_bytes(b"an archive, not a folder")
+    (tmp_path / "gulls{2}" / "train" / "a").mkdir(parents=True)
+    for root, message in ((archive, f"dataset.root: '{archive}' is a file, not a folder"),
+                          (tmp_path / "gulls{2}", f"dataset.root: '{tmp_path}/gulls{{2}}' has {{ or }}, which "
+                                                  "Snakemake reads as a wildcard")):
+        config = tmp_path / "gulls.yaml"
+        config.write_text(yaml.safe_dump({"dataset": {"name": "gulls", "kind": "imagefolder", "root": str(root)}}))
+
+        result = run_snakemake("-n", "--cores", "1", "--configfile", config, cwd=tmp_path)
+
+        assert result.returncode != 0
+        assert message in result.stdout, result.stdout
+        assert "WildcardError" not in result.stdout
+
+
+def test_class_names_with_braces_reach_the_manifest_as_written(run_snakemake, repo_root, tmp_path):
+    names = ["a{2}", "{dataset}", "b}{"]  # Python format and Snakemake wildcard syntax, taken as text
+    config = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
+    config["synthetic"].update(class_names=names, images_per_species=2, image_size=32)
+    path = tmp_path / "braces.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    plan = run_snakemake("-n", "-p", "--cores", "1", "--configfile", path, cwd=tmp_path)
+    assert plan.returncode == 0, plan.stdout
+    synthesize = shell_commands(plan.stdout, "synthesize")[0]
+    assert json.loads(option(synthesize, "--config-json"))["synthetic"]["class_names"] == names
+
+    run = run_snakemake("results/tiny/manifest.parquet", "--cores", "1", "--configfile", path, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout
+    manifest = pd.read_parquet(tmp_path / "results" / "tiny" / "manifest.parquet")
+    by_class = manifest.drop_duplicates("class_id").sort_values("class_id")
+    assert by_class["class_name"].tolist()[:3] == names  # the first species, in class order
+
+
 def test_real_dataset_kind_needs_a_root(run_snakemake, tmp_path):
     config = tmp_path / "cub.yaml"
     config.write_text(yaml.safe_dump({"dataset": {"name": "cub", "kind": "cub"}}))

@@ -44,11 +44,28 @@ elif intr_bin_dir():
     shell.prefix(f'set -euo pipefail; export PATH={shlex.quote(intr_bin_dir())}:"$PATH"; ')
 
 
-if DATA_KIND != "synthetic" and not config["dataset"]["root"]:
-    raise ValueError(
-        f"dataset.root must be set for dataset.kind '{DATA_KIND}': the folder of "
-        "the data set (see config/README.md)"
-    )
+# Config paths the workflow turns into rule inputs, outputs or params.
+WORKFLOW_PATH_KEYS = (("dataset", "root"), ("dataset", "taxonomy"), ("backbone_pretrain", "recipe"))
+
+
+def workflow_config_problems():
+    """What only the workflow refuses (the `intr` sub-commands accept it): a real data set without
+    a root, and a path with { or }, which Snakemake reads as a wildcard in any file name."""
+    problems = []
+    if DATA_KIND != "synthetic" and not config["dataset"]["root"]:
+        problems.append(f"dataset.root must be set for dataset.kind '{DATA_KIND}': the folder of "
+                        "the data set (see config/README.md)")
+    for section, key in WORKFLOW_PATH_KEYS:
+        path = config[section][key]
+        if path and ("{" in path or "}" in path):
+            problems.append(f"{section}.{key}: {path!r} has {{ or }}, which Snakemake reads as a wildcard "
+                            "in a file path; rename it, or link it under a name without braces "
+                            "(the intr sub-commands take it as it is)")
+    return problems
+
+
+if workflow_config_problems():
+    raise ValueError("\n".join(workflow_config_problems()))
 
 
 def data_root():
