@@ -47,6 +47,7 @@ import yaml
 from analysis import io, plots, regions
 from analysis.config import validated
 from analysis.ground_truth import planted_parts_by_class
+from analysis.pixels import to_rgb8
 from analysis.traits import dominant_region
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -331,8 +332,8 @@ class ImageStore:
                 self._cache[image_id] = None
                 self.missing.append(str(path) if path is not None else f"image_id {image_id}")
             else:
-                with Image.open(path) as im:
-                    self._cache[image_id] = np.asarray(im.convert("RGB"))
+                with Image.open(path) as im:  # 16-bit images scaled, not clipped (analysis.pixels)
+                    self._cache[image_id] = np.asarray(to_rgb8(im))
         return self._cache[image_id]
 
 

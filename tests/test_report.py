@@ -481,3 +481,16 @@ def test_answer_and_gallery_with_discovered_parts(fixture_tables, tmp_path):
     section = _section(page, "parts", "summary")
     names = [_text(n).strip() for n in re.findall(r'<div class="card parts-card"><h4>(.*?)</h4>', section, flags=re.S)]
     assert names == [*[f"part_{i}" for i in range(1, background + 1)], "background"] * 2   # each method's own parts
+
+
+def test_report_images_of_16_bit_files_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from analysis.report import ImageStore
+
+    gradient = (np.arange(64 * 16, dtype=np.uint16).reshape(16, 64) * 64).astype(np.uint16)
+    Image.frombytes("I;16", (64, 16), gradient.astype("<u2").tobytes()).save(tmp_path / "deep.png")
+    pixels = ImageStore(tmp_path, {1: "deep.png"}).get(1)
+    assert pixels.shape == (16, 64, 3)
+    assert np.array_equal(pixels[..., 0], np.round(gradient / 257).astype(np.uint8))
+    assert (pixels == 255).mean() < 0.01

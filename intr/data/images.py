@@ -1,6 +1,6 @@
 """Images for the networks: decoding, the evaluation resize, and seeded augmentation.
 
-Pixels are read by ``intr.data.pixels``: 16-bit images scaled to 8 bits, EXIF
+Pixels are read by ``analysis.pixels``: 16-bit images scaled to 8 bits, EXIF
 orientation not applied (the stored frame, the one the annotations use).
 
 Evaluation geometry (what attention maps resize back to): the whole image is
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from intr.data.pixels import open_image, over_size_limit, size_warning, to_rgb8
+from analysis.pixels import open_image, over_size_limit, size_warning, to_rgb8
 
 PRELOAD_LIMIT_BYTES = 2 << 30
 
@@ -35,7 +35,7 @@ PRELOAD_LIMIT_BYTES = 2 << 30
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """Decode one image as 8-bit RGB in its stored frame and resize it to (3, size, size) uint8.
 
-    Bit depth and frame follow ``intr.data.pixels`` (the rules ``prepare`` used);
+    Bit depth and frame follow ``analysis.pixels`` (the rules ``prepare`` used);
     an image above Pillow's size limit gives a warning naming the file.
 
     Args:

@@ -6,7 +6,7 @@ reason, so that inputs = manifest rows + rejected rows, always. The readers of
 each layout (``intr.data.cub``, ``intr.data.imagefolder``) only list what the
 data set says; decoding, splitting and writing happen here, the same for all.
 
-Pixels are read as ``intr.data.pixels`` says, the same way the networks read
+Pixels are read as ``analysis.pixels`` says, the same way the networks read
 them later: 16-bit images scaled to 8 bits, EXIF orientation not applied, so
 width, height, keypoints, boxes and masks are all in the stored frame. What
 the run kept but a user should know (keypoints outside their image marked
@@ -37,7 +37,7 @@ from tqdm import tqdm
 from analysis import tables
 from analysis.config import defaults
 from analysis.tables import ParquetStreamWriter, write_table
-from intr.data.pixels import exif_orientation, open_image, over_size_limit, to_rgb8
+from analysis.pixels import exif_orientation, open_image, over_size_limit, to_rgb8
 
 KINDS = ("cub", "imagefolder", "synthetic")
 DECODE_BATCH = 512

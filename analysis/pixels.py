@@ -1,4 +1,4 @@
-"""Reading an image file's pixels the same way in ``prepare`` and in the networks' loader.
+"""Reading an image file's pixels the same way in ``prepare``, the networks' loader and the report.
 
 Two rules live here so that the manifest's width, height and mode describe
 exactly the pixels the network later sees:
