@@ -513,6 +513,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _checkpoint_error() as err:  # damaged, unsafe or other classes' checkpoint: one line, no traceback
         print(f"intr {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except FileNotFoundError as err:  # a missing input (model.pt, a table, the data root): name it
+        missing = err.filename or str(err)
+        print(f"intr {args.command}: error: {missing}: no such file (check the path, or run the stage that "
+              f"writes it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

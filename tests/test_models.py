@@ -190,3 +190,14 @@ def test_every_checkpoint_in_the_code_is_read_through_the_one_loader() -> None:
     sources = [p for folder in ("intr", "benchmarks", "analysis", "scripts") for p in (REPO_ROOT / folder).rglob("*.py")]
     callers = sorted(str(p.relative_to(REPO_ROOT)) for p in sources if "torch.load(" in p.read_text())
     assert callers == ["intr/models/checkpoint.py"]
+
+
+def test_cli_names_a_missing_model_file_in_one_line(tmp_path, capsys):
+    from intr.cli import main
+
+    code = main(["evaluate", "--model", str(tmp_path / "nowhere.pt"), "--manifest", str(tmp_path / "m.parquet"),
+                 "--root", str(tmp_path), "--out", str(tmp_path / "out.parquet"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err == f"intr evaluate: error: {tmp_path / 'nowhere.pt'}: no such file (check the path, or run the stage " \
+                  "that writes it)"
