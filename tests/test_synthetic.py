@@ -17,9 +17,11 @@ from intr.data.synthetic import (
     PARTS,
     SyntheticConfig,
     build_taxonomy,
+    control_state,
     draw_nuisance,
     part_keypoints,
     render_bird,
+    render_counterfactual,
     synthesize,
 )
 
@@ -209,3 +211,54 @@ def test_keypoint_of_a_hidden_part_is_invisible():
     assert points[PART_ID["crown"]][2] == 1
     assert mask[int(points[PART_ID["crown"]][1]), int(points[PART_ID["crown"]][0])] == PART_ID["crown"]
     assert points[PART_ID["eye"]] == (0.0, 0.0, 0)
+
+
+def test_counterfactual_changes_only_the_swapped_parts_pixels():
+    taxonomy = build_taxonomy(SyntheticConfig(seed=0))
+    rng = np.random.default_rng(7)
+    for a, b in itertools.permutations(taxonomy[:3], 2):
+        for part in a.differing_parts(b):
+            nuisance = draw_nuisance(rng)
+            original, mask = render_bird(a, nuisance, 64)
+            swapped, new_mask = render_counterfactual(a, nuisance, 64, {part: b.states[part]})
+            changed = np.any(original != swapped, axis=-1)
+            inside = (mask == PART_ID[part]) | (new_mask == PART_ID[part])
+            assert not np.any(changed & ~inside), f"{a.name} with {b.name}'s {part} changed other pixels"
+            if (mask == PART_ID[part]).sum() >= 20:
+                assert changed[mask == PART_ID[part]].mean() > 0.2, f"{part} barely changed"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_swapping_every_planted_part_reproduces_the_look_alikes_render_byte_for_byte(seed):
+    taxonomy = build_taxonomy(SyntheticConfig(seed=seed))
+    rng = np.random.default_rng(200 + seed)
+    pairs = [(a, b) for a, b in itertools.permutations(taxonomy, 2) if a.genus.name == b.genus.name]
+    assert len(pairs) == 4 * 3 * 2
+    for a, b in pairs:
+        nuisance = draw_nuisance(rng)
+        swapped = render_counterfactual(a, nuisance, 64, {p: b.states[p] for p in a.differing_parts(b)})
+        own = render_bird(b, nuisance, 64)
+        assert swapped[0].tobytes() == own[0].tobytes() and swapped[1].tobytes() == own[1].tobytes()
+
+
+def test_control_swap_uses_a_state_from_elsewhere_that_makes_no_known_species():
+    taxonomy = build_taxonomy(SyntheticConfig(seed=0))
+    known = {tuple(sp.states[p] for p in PARTS) for sp in taxonomy}
+    a, b = taxonomy[0], taxonomy[1]
+    shared = [p for p in PARTS if p not in a.differing_parts(b)]
+    nuisance = draw_nuisance(np.random.default_rng(3))
+    original, mask = render_bird(a, nuisance, 64)
+    for part in shared:
+        state = control_state(taxonomy, a, part)
+        assert state is not None and state != a.states[part]
+        assert any(sp.states[part] == state and sp.genus.name != a.genus.name for sp in taxonomy)
+        assert tuple((state if p == part else a.states[p]) for p in PARTS) not in known
+        swapped, _ = render_counterfactual(a, nuisance, 64, {part: state})
+        changed = np.any(original != swapped, axis=-1)
+        assert not np.any(changed & (mask != PART_ID[part]))
+
+
+def test_counterfactual_of_an_unknown_part_is_an_error_naming_it():
+    sp = build_taxonomy(SyntheticConfig())[0]
+    with pytest.raises(ValueError, match="wings"):
+        render_counterfactual(sp, draw_nuisance(np.random.default_rng(0)), 64, {"wings": sp.states["wing"]})

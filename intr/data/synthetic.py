@@ -568,6 +568,51 @@ def render_bird(species: Species, nuisance: Nuisance, size: int) -> tuple[np.nda
     return image, mask
 
 
+def render_counterfactual(species: Species, nuisance: Nuisance, size: int,
+                          states: Mapping[str, PartState]) -> tuple[np.ndarray, np.ndarray]:
+    """Render ``species`` under ``nuisance`` with some parts' states replaced ("A with B's beak").
+
+    The same rasteriser as :func:`render_bird`: shapes, background and noise
+    come from the genus and the nuisance, so only the replaced parts' pixels change.
+
+    Args:
+        species: the species drawn (its genus keeps the shapes and the background's palette).
+        nuisance: pose, background and jitter of the image re-rendered.
+        size: image side in pixels.
+        states: new state per part name; parts not named keep the species' own state.
+
+    Returns:
+        ``(image, mask)`` as :func:`render_bird`.
+    """
+    unknown = sorted(set(states) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown part(s) {', '.join(unknown)}; parts are {', '.join(PARTS)}")
+    return render_bird(replace(species, states={**species.states, **states}), nuisance, size)
+
+
+def control_state(taxonomy: Sequence[Species], species: Species, part: str) -> PartState | None:
+    """A state of ``part`` that occurs elsewhere in the data set, for a control swap of ``species``.
+
+    The first species in class order outside ``species``' genus whose ``part`` differs,
+    skipping states that would turn the bird into another species of the set (a
+    control must change the bird without making it a known class). None if no such state.
+
+    Args:
+        taxonomy: every species of the data set, in class order.
+        species: the species whose image is changed.
+        part: the part to change (one the compared pair shares).
+    """
+    known = {_species_key(sp) for sp in taxonomy}
+    for other in taxonomy:
+        state = other.states[part]
+        if other.genus.name == species.genus.name or state == species.states[part]:
+            continue
+        changed = replace(species, states={**species.states, part: state})
+        if _species_key(changed) not in known:
+            return state
+    return None
+
+
 # --------------------------------------------------------------------------- ground truth per image
 
 MIN_VISIBLE_PIXELS = 3
