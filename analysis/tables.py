@@ -92,6 +92,10 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "trait_features": (_c("image_id", _i32), _c("class_id", _i16), _c("head", _i8), _c("rank", _i8),
                        _c("feature", _f16, "feature_dim")),
     "lookalikes": (_c("class_a", _i16), _c("class_b", _i16), _c("source", _str)),
+    # -- counterfactual renders (intr counterfactual, synthetic data)
+    "counterfactuals": (_c("image_id", _i32), _c("class_a", _i16), _c("class_b", _i16), _c("part", _str),
+                        _c("kind", _str), _c("state", _str), _c("margin_before", _f32), _c("margin_after", _f32),
+                        _c("pred_after", _i16)),
     # -- faithfulness (intr faithfulness)
     "baseline_maps": (_c("image_id", _i32), _c("method", _str), _c("class_id", _i16), _c("attn", _f16, "cells")),
     # -- analysis (intr analyze)

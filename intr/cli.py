@@ -263,6 +263,27 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_counterfactual(args: argparse.Namespace) -> int:
+    _check_writable(args.command, args.out, folder=False)
+    from intr.counterfactual import run_counterfactuals
+
+    _set_threads(args.threads)
+    config = _config(args)
+    extract = config["extract"]
+    try:
+        table = run_counterfactuals(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
+                                    images_per_pair=config["counterfactual"]["images_per_pair"],
+                                    split=extract["split"], batch_size=extract["batch_size"],
+                                    device=extract["device"], synthetic=config["synthetic"])
+    except ValueError as err:
+        print(f"intr counterfactual: error: {err}", file=sys.stderr)
+        return 1
+    flips = (table["pred_after"] == table["class_b"]).groupby(table["kind"]).mean()
+    print(f"counterfactual: {len(table)} rows -> {args.out}; prediction becomes B: "
+          + ", ".join(f"{kind} {share:.3f}" for kind, share in flips.items()))
+    return 0
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     _check_writable(args.command, args.out, folder=True)
     from dataclasses import fields
@@ -447,6 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(fa, "its 'extract' section")
     _add_run_options(fa)
     fa.set_defaults(func=_cmd_faithfulness)
+
+    cf = sub.add_parser(
+        "counterfactual",
+        help="re-render test images with one part swapped to a look-alike's state and score the model (synthetic data)",
+        description="Write counterfactuals.parquet: every correctly classified image of species A (the first "
+        "counterfactual.images_per_pair per look-alike pair) re-rendered by the generator with the same nuisance "
+        "and a part set to look-alike B's state (planted, all_planted) or to a state from another genus (control), "
+        "with the logit margin A - B before and after and the prediction after (docs/tables.md).",
+    )
+    _add_model_inputs(cf, "manifest.parquet of the synthetic data set")
+    cf.add_argument("--out", required=True, help="counterfactuals.parquet to write")
+    _add_config_options(cf, "its 'counterfactual' section (and extract's split, batch_size, device)")
+    _add_run_options(cf)
+    cf.set_defaults(func=_cmd_counterfactual)
 
     an = sub.add_parser(
         "analyze",

@@ -14,7 +14,7 @@ from analysis.config import (SCHEMA_PATH, ConfigError, config_section, defaults,
 
 REPO = Path(__file__).resolve().parent.parent
 SUBCOMMANDS_WITH_OPTIONS = ("synthesize", "prepare", "train", "evaluate", "extract", "faithfulness", "analyze",
-                            "report", "discover")
+                            "report", "discover", "counterfactual")
 # Flags that name a file or say how to run, although a config key has the same name.
 FILE_AND_RUN_FLAGS = {"--root", "--recipe", "--workers"}
 
