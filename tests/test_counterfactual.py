@@ -6,7 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.counterfactual import counterfactual_scores, pair_part_effects, single_part_planted
+from analysis.counterfactual import (
+    counterfactual_scores,
+    pair_part_effects,
+    single_part_planted,
+)
 
 
 def _row(image_id, a, b, part, kind, before, after, pred):
@@ -62,10 +66,14 @@ def test_pair_part_effects_rank_parts_by_mean_margin_drop(hand_made):
 
 
 def test_stage_rows_match_the_model_on_the_stored_image_and_on_bs_own_render(tiny_dataset, tiny_models, tmp_path):
-    import torch
 
     from analysis.tables import read_table
-    from intr.counterfactual import Scorer, image_index, run_counterfactuals, synthetic_config
+    from intr.counterfactual import (
+        Scorer,
+        image_index,
+        run_counterfactuals,
+        synthetic_config,
+    )
     from intr.data.images import ImageSet, read_split
     from intr.data.synthetic import PARTS, build_taxonomy, image_nuisance, render_bird
 
