@@ -59,6 +59,7 @@ rule all:
         expand(rules.evaluate.output, dataset=DATASET, method=METHODS),
         expand(rules.extract.output, dataset=DATASET, method=METHODS),
         expand(rules.discover.output, dataset=DATASET, method=METHODS) if REGIONS == "discovered" else [],
+        expand(rules.counterfactual.output, dataset=DATASET, method=METHODS) if DATA_KIND == "synthetic" else [],
         expand(rules.faithfulness.output, dataset=DATASET, method=METHODS),
         expand(rules.analyze.output, dataset=DATASET, method=METHODS),
         expand(rules.evaluation.output, dataset=DATASET, method=METHODS),

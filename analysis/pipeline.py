@@ -43,6 +43,7 @@ import pandas as pd
 from analysis import io, tables
 from analysis.config import defaults
 from analysis.contrasts import COMBINED_RULE, pair_contrasts, species_regions
+from analysis.counterfactual import counterfactual_scores
 from analysis.ground_truth import planted_parts_by_class
 from analysis.localization import box_cells, localization_rows, peak_on_planted_part_rows
 from analysis.part_discovery import part_discovery_scores
@@ -85,6 +86,7 @@ class AnalysisInputs:
         lookalike_pairs: ``lookalike_pairs.parquet`` (pairs and planted parts).
         class_attributes: ``class_attributes.parquet`` (attribute precision on CUB).
         discovered_parts: ``discovered_parts.parquet`` (the regions with ``regions: discovered``).
+        counterfactuals: ``counterfactuals.parquet`` (synthetic data: what the model relies on).
     """
 
     attention: Path
@@ -100,6 +102,7 @@ class AnalysisInputs:
     lookalike_pairs: Path | None = None
     class_attributes: Path | None = None
     discovered_parts: Path | None = None
+    counterfactuals: Path | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -126,7 +129,7 @@ class AnalysisInputs:
 
         method_tables = {name: present(method_dir / f"{name}.parquet")
                          for name in ("head_ranks", "region_effects", "pair_head_ranks", "trait_features",
-                                      "baseline_maps", "discovered_parts")}
+                                      "baseline_maps", "discovered_parts", "counterfactuals")}
         data_tables = {name: present(manifest.parent / f"{name}.parquet")
                        for name in ("parts", "lookalike_pairs", "class_attributes")}
         return cls(attention=method_dir / "attention.parquet", predictions=method_dir / "predictions.parquet",
@@ -783,6 +786,9 @@ def analyze(inputs: AnalysisInputs, out_dir: str | Path, options: dict | None = 
 
     metrics, contrasts = ground_truth_scores(method, split, maps, images, tops, geometry, truth, contrasts, data,
                                              inputs.baseline_maps, opts)
+    if inputs.counterfactuals is not None:  # counterfactual renders: does the model use the planted part
+        metrics = pd.concat([metrics, counterfactual_scores(pd.read_parquet(inputs.counterfactuals), method, split)],
+                            ignore_index=True)
     if inputs.discovered_parts is not None:  # the discovered parts against the true ones (evaluation)
         metrics = pd.concat([metrics, part_discovery_scores(inputs.discovered_parts, inputs.manifest, inputs.parts,
                                                             inputs.root, method, int(opts["region_cells"]),

@@ -502,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--parts", help="parts.parquet (without it: grid-cell regions)")
     an.add_argument("--lookalike-pairs", dest="lookalike_pairs", help="lookalike_pairs.parquet (planted parts)")
     an.add_argument("--class-attributes", dest="class_attributes", help="class_attributes.parquet (CUB)")
+    an.add_argument("--counterfactuals", help="counterfactuals.parquet (synthetic data: flip-rate scores)")
     an.add_argument("--discovered-parts", dest="discovered_parts",
                     help="discovered_parts.parquet (the regions with extract.regions 'discovered')")
     an.add_argument("--root", required=True, help="data set root (part masks)")

@@ -296,6 +296,10 @@ def test_tiny_config_runs_end_to_end_and_then_has_nothing_to_do(run_snakemake, r
             assert (results / method / f"{table}.parquet").exists(), (method, table)
         for rule in ("extract", "faithfulness", "analyze"):
             assert (tmp_path / "logs" / "tiny" / method / f"{rule}.log").exists()
+    counterfactuals = pd.read_parquet(results / "prompt_cam" / "counterfactuals.parquet")
+    assert set(counterfactuals["kind"]) <= {"planted", "all_planted", "control"}
+    if (counterfactuals["kind"] == "control").any():  # only correctly classified images are re-rendered
+        assert ("prompt_cam", "counterfactual_flip_rate_control") in rows
     attention = pd.read_parquet(results / "prompt_cam" / "attention.parquet")
     assert set(attention["image_id"]) == set(manifest.query("split == 'test'")["image_id"])
     assert {("prompt_cam", "insertion_auc"), ("prompt_cam", "deletion_auc"), ("gradcam", "deletion_auc"),

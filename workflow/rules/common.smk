@@ -257,6 +257,7 @@ def analyze_inputs(wildcards):
         "parts": rules.prepare.output.parts,
         **optional_tables("lookalike_pairs", "class_attributes"),
         **({"discovered_parts": rules.discover.output.parts} if REGIONS == "discovered" else {}),
+        **({"counterfactuals": rules.counterfactual.output.table} if DATA_KIND == "synthetic" else {}),
     }
 
 
@@ -286,7 +287,8 @@ def region_table_args(wildcards, input):
 def optional_table_args(wildcards, input):
     """`--lookalike-pairs`, `--class-attributes` and `--discovered-parts` for the tables the run has."""
     return " ".join(f"--{name.replace('_', '-')} {shlex.quote(getattr(input, name))}"
-                    for name in ("lookalike_pairs", "class_attributes", "discovered_parts") if hasattr(input, name))
+                    for name in ("lookalike_pairs", "class_attributes", "discovered_parts", "counterfactuals")
+                    if hasattr(input, name))
 
 
 def evaluation_inputs(wildcards):

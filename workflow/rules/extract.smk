@@ -28,6 +28,37 @@ rule discover:
         " --out {output.parts:q} --config-json {params.config:q} --threads {threads} --quiet > {log:q} 2>&1"
 
 
+# Counterfactual renders exist only for the synthetic data (the generator re-renders an image).
+if DATA_KIND == "synthetic":
+
+    rule counterfactual:
+        input:
+            model=rules.train.output.model,
+            manifest=rules.prepare.output.manifest,
+            images_txt=rules.synthesize.output.images_txt,
+        output:
+            table="results/{dataset}/{method}/counterfactuals.parquet",
+        params:
+            config=config_json({"counterfactual": None, "synthetic": None,
+                                "extract": ("split", "batch_size", "device")}),
+            root=folder_of_input("images_txt"),
+        log:
+            "logs/{dataset}/{method}/counterfactual.log",
+        benchmark:
+            "logs/{dataset}/benchmarks/{method}_counterfactual.tsv"
+        threads: 1
+        resources:
+            mem_mb=8000,
+            runtime=60,
+            gpu=extract_resources_gpu,
+            cpus_per_task=cpus_from_threads,
+        conda:
+            "../envs/trait-discovery.yaml"
+        shell:
+            "intr counterfactual --model {input.model:q} --manifest {input.manifest:q} --root {params.root:q}"
+            " --out {output.table:q} --config-json {params.config:q} --threads {threads} --quiet > {log:q} 2>&1"
+
+
 rule extract:
     input:
         unpack(extract_inputs),
