@@ -400,12 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate",
-        help="accuracy, linear probe and the planted-part test of a trained model",
-        description="Write metrics_model.parquet: top1/top5 of the model, a linear probe of its frozen "
-        "backbone, and (on data with part masks) how often the top-ranked head's peak lands on the "
-        "planted distinguishing part, beside chance, the best fixed head and the lowest-ranked head.",
+        help="accuracy of a trained model and of a linear probe on its frozen backbone",
+        description="Write metrics_model.parquet: top1/top5 of the model and top1 of a linear probe of its "
+        "frozen backbone (the planted-part scores come from intr analyze, on the extracted tables).",
     )
-    _add_model_inputs(ev, "manifest.parquet (parts and pairs tables beside it)")
+    _add_model_inputs(ev, "manifest.parquet")
     ev.add_argument("--out", required=True, help="metrics table to write")
     _add_config_options(ev, "its 'extract' section (split, batch_size, device)")
     _add_run_options(ev)
