@@ -372,12 +372,6 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pd.
     return pq.read_table(path, columns=columns).to_pandas()
 
 
-def read_optional(path: str | os.PathLike | None) -> pd.DataFrame | None:
-    """A table as a DataFrame, or None where no path is given or the file does not exist."""
-    if path is None or not Path(path).exists():
-        return None
-    return pq.read_table(path).to_pandas()
-
 
 def table_from_columns(schema_: pa.Schema, columns: Mapping[str, Any]) -> pa.Table:
     """An Arrow table of ``schema_`` from one array (or list) per column; 2-D arrays fill fixed-size lists."""
