@@ -162,6 +162,10 @@ def semantic_problems(filled: Mapping[str, Any], given: Mapping[str, Any]) -> li
             problems.append(f"{method}.train.warmup_epochs: {train['warmup_epochs']} is more than "
                             f"{method}.train.epochs ({train['epochs']}), so the learning rate never reaches "
                             "its peak; lower warmup_epochs or raise epochs")
+        low_area, high_area = train["crop_area"]
+        if low_area > high_area:
+            problems.append(f"{method}.train.crop_area: [{low_area}, {high_area}] has its minimum above its "
+                            f"maximum; write it as [min, max], e.g. [{high_area}, {low_area}]")
     for method in _checked_methods(filled, given):
         heads = method_heads(method, filled[method])
         for section in ("extract", "analysis"):

@@ -29,7 +29,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -69,6 +69,11 @@ class TrainOptions:
         weight_decay: weight decay.
         momentum: SGD momentum.
         warmup_epochs: linear warm-up before the cosine decay.
+        schedule: ``cosine`` (per step), ``cosine_per_epoch`` (Prompt-CAM's timm schedule) or
+            ``step`` (INTR's: lr x 0.1 every ``lr_drop_epochs``).
+        min_lr: the cosine schedules' final learning rate.
+        lr_drop_epochs: epochs between the step schedule's drops.
+        crop_area: [min, max] area fraction of the augmentation's random square-ish crop.
         clip_grad: gradient norm clip (0: off).
         label_smoothing: cross-entropy label smoothing.
         seed: seed of initialisation, data order and augmentation.
@@ -85,6 +90,10 @@ class TrainOptions:
     weight_decay: float = TRAIN["weight_decay"]
     momentum: float = TRAIN["momentum"]
     warmup_epochs: int = TRAIN["warmup_epochs"]
+    schedule: str = TRAIN["schedule"]
+    min_lr: float = TRAIN["min_lr"]
+    lr_drop_epochs: int = TRAIN["lr_drop_epochs"]
+    crop_area: list[float] = field(default_factory=lambda: list(TRAIN["crop_area"]))
     clip_grad: float = TRAIN["clip_grad"]
     label_smoothing: float = TRAIN["label_smoothing"]
     seed: int = TRAIN["seed"]
@@ -133,11 +142,44 @@ def _init_distributed(device: torch.device) -> Dist:
 # --------------------------------------------------------------------------- schedule and optimiser
 
 
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+def lr_at(step: int, total: int, warmup: int, base: float, min_lr: float = 0.0) -> float:
+    """This project's schedule: linear warm-up over ``warmup`` steps, then cosine to ``min_lr`` at ``total``."""
     if warmup and step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_per_epoch_cosine(epoch: int, epochs: int, warmup: int, base: float, min_lr: float) -> float:
+    """Prompt-CAM's schedule (timm's CosineLRScheduler, warm-up from 0, stepped once per epoch).
+
+    The official trainer steps the scheduler after epoch e with e itself, so epoch e trains
+    at the schedule's value for e - 1 (epochs 0 and 1 both at the warm-up start), and the
+    cosine runs over all epochs counted from 0, warm-up included.
+    """
+    t = max(epoch - 1, 0)
+    if t < warmup:
+        return base * t / warmup
+    return min_lr + 0.5 * (base - min_lr) * (1.0 + math.cos(math.pi * t / epochs))
+
+
+def lr_for_step(opts: "TrainOptions", step: int, steps_per_epoch: int, base: float) -> float:
+    """Learning rate of a parameter group whose peak is ``base`` at global ``step``.
+
+    Args:
+        opts: schedule, epochs, warm-up, min_lr, lr_drop_epochs.
+        step: optimizer steps taken so far.
+        steps_per_epoch: optimizer steps per epoch.
+        base: the group's peak learning rate.
+    """
+    epoch = step // steps_per_epoch
+    if opts.schedule == "cosine":
+        return lr_at(step, steps_per_epoch * opts.epochs, steps_per_epoch * opts.warmup_epochs, base, opts.min_lr)
+    if opts.schedule == "cosine_per_epoch":
+        return lr_per_epoch_cosine(epoch, opts.epochs, opts.warmup_epochs, base, opts.min_lr)
+    if opts.schedule == "step":  # INTR: torch's StepLR(step_size=lr_drop), gamma 0.1, stepped per epoch
+        return base * 0.1 ** (epoch // opts.lr_drop_epochs)
+    raise ValueError(f"unknown schedule {opts.schedule!r}; expected cosine, cosine_per_epoch or step")
 
 
 def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
@@ -324,14 +366,14 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
     model = build_model(method, model_options, num_classes, image_size).to(device)
     mean, std = normalization(model.backbone if hasattr(model, "backbone") else model)
     config["normalization"] = {"mean": list(mean), "std": list(std)}
-    train_set = ImageSet(root, train_rows, image_size, mean, std, train=True, seed=opts.seed)
+    train_set = ImageSet(root, train_rows, image_size, mean, std, train=True, seed=opts.seed,
+                         crop_area=tuple(opts.crop_area))
     val_set = ImageSet(root, val_rows, image_size, mean, std)
 
     optimizer = _optimizer(model, opts)
     steps_per_epoch = len(train_set) // opts.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {opts.batch_size} is larger than the {len(train_set)} training images")
-    total_steps, warmup = steps_per_epoch * opts.epochs, steps_per_epoch * opts.warmup_epochs
 
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     start_epoch, log, best = 0, [], {"epoch": 0, "val_acc": -1.0, "state": trainable_state(model)}
@@ -379,7 +421,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps, warmup, g["base_lr"])
+                g["lr"] = lr_for_step(opts, step, steps_per_epoch, g["base_lr"])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = wrapped(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=opts.label_smoothing)

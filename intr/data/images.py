@@ -52,15 +52,17 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def augment(image: torch.Tensor, generator: torch.Generator, min_scale: float = 0.75) -> torch.Tensor:
-    """Random resized crop (area >= ``min_scale``, near-square) and horizontal flip.
+def augment(image: torch.Tensor, generator: torch.Generator, min_scale: float = 0.75,
+            max_scale: float = 1.0) -> torch.Tensor:
+    """Random resized crop (area fraction in [``min_scale``, ``max_scale``], near-square) and horizontal flip.
 
     Colour is left alone: the planted traits are colours, and jitter strong
-    enough to matter would swap them.
+    enough to matter would swap them.  Prompt-CAM's resize-to-240, random
+    224 crop is ``min_scale = max_scale = (224 / 240) ** 2``.
     """
     _, h, w = image.shape
     r = torch.rand(4, generator=generator).tolist()
-    scale = min_scale + (1 - min_scale) * r[0]
+    scale = min_scale + (max_scale - min_scale) * r[0]
     ch, cw = max(1, round(h * scale ** 0.5)), max(1, round(w * scale ** 0.5))
     top, left = int(r[1] * (h - ch + 1)), int(r[2] * (w - cw + 1))
     crop = image[:, top:top + ch, left:left + cw].unsqueeze(0).float()
@@ -82,13 +84,14 @@ class ImageSet(Dataset):
         std: per-channel std of the backbone.
         train: apply seeded augmentation.
         seed: augmentation seed.
+        crop_area: [min, max] area fraction of the augmentation's crop.
         preload: decode everything once into memory (default: when it fits
             in ``PRELOAD_LIMIT_BYTES``).
     """
 
     def __init__(self, root: str | Path, manifest: pd.DataFrame, size: int,
                  mean: Sequence[float], std: Sequence[float], train: bool = False, seed: int = 0,
-                 preload: bool | None = None) -> None:
+                 preload: bool | None = None, crop_area: tuple[float, float] = (0.75, 1.0)) -> None:
         self.root = Path(root)
         self.rows = manifest.reset_index(drop=True)
         self.size = size
@@ -96,6 +99,7 @@ class ImageSet(Dataset):
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255
         self.train = train
         self.seed = seed
+        self.crop_area = crop_area
         self.epoch = 0
         self.labels = torch.as_tensor(self.rows["class_id"].to_numpy(np.int64))
         self.image_ids = torch.as_tensor(self.rows["image_id"].to_numpy(np.int64))
@@ -125,7 +129,7 @@ class ImageSet(Dataset):
         image = self.raw(i)
         if self.train:
             g = torch.Generator().manual_seed(hash((self.seed, self.epoch, int(i))) & 0x7FFFFFFF)
-            image = augment(image, g)
+            image = augment(image, g, *self.crop_area)
         return (image.float() - self.mean) / self.std, int(self.labels[i])
 
 

@@ -17,6 +17,14 @@ whose maps are asked for.  Parameter names follow DETR's
 checkpoints load directly; DETR's 100 object queries are replaced by one per
 class.  Unlike DETR (any image size, padded and masked), a model is built for
 one square input size, so its map grid is known before the first forward pass.
+
+Training as the paper did (config/cub.yaml): ``train_backbone_layers`` trains
+only the named ResNet stages (DETR and INTR: layer2-4; stem and layer1 stay
+fixed), batch norm is always frozen for CNN backbones (DETR's
+FrozenBatchNorm2d: statistics and affine fixed), and ``xavier_init``
+Xavier-initialises every transformer matrix as DETR's ``_reset_parameters``
+does (off, only the attention in-projections are, which the small CPU recipe
+was tuned with).
 """
 
 from __future__ import annotations
@@ -350,6 +358,33 @@ class INTR(nn.Module):
                            target.reshape(-1))
 
 
+def xavier_init_transformer(transformer: nn.Module) -> None:
+    """Xavier-uniform every matrix of ``transformer`` (every parameter with dim > 1), as DETR does.
+
+    Args:
+        transformer: the encoder-decoder (its biases and norms keep their init).
+    """
+    for p in transformer.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+def train_only_backbone_layers(backbone: FeatureBackbone, layers: list[str]) -> None:
+    """Freeze every backbone parameter outside the named top-level modules (``layer2`` ...).
+
+    Args:
+        backbone: the feature backbone.
+        layers: names of the body's child modules that keep training (DETR: layer2, layer3, layer4).
+    """
+    children = {name for name, _ in backbone.body.named_children()}
+    unknown = sorted(set(layers) - children)
+    if unknown:
+        raise ValueError(f"train_backbone_layers names {unknown}, which the backbone does not have "
+                         f"(its layers: {sorted(children)})")
+    for name, p in backbone.body.named_parameters():
+        p.requires_grad_(name.split(".", 1)[0] in layers)
+
+
 def load_detr_checkpoint(model: INTR, path) -> None:
     """Load a DETR checkpoint (``detr-r50-e632da11.pth`` layout) into ``model``.
 
@@ -380,15 +415,20 @@ def build_intr(options: Mapping[str, Any], num_classes: int, image_size: int) ->
     Args:
         options: ``backbone`` (BackboneSpec mapping), ``transformer``
             (TransformerConfig fields), ``detr_checkpoint`` (optional DETR
-            weights), ``freeze_backbone``.
+            weights), ``freeze_backbone``, ``train_backbone_layers`` (null: all),
+            ``xavier_init`` (every transformer matrix, before any checkpoint loads).
         num_classes: number of classes.
         image_size: input side in pixels.
     """
     spec = BackboneSpec.from_dict(options["backbone"])
     model = INTR(FeatureBackbone(spec), num_classes, TransformerConfig(**dict(options.get("transformer") or {})),
                  image_size)
+    if options.get("xavier_init", False):
+        xavier_init_transformer(model.transformer)
     if options.get("detr_checkpoint"):
         load_detr_checkpoint(model, resolve_checkpoint(options["detr_checkpoint"]))
+    if options.get("train_backbone_layers") is not None:
+        train_only_backbone_layers(model.backbone, list(options["train_backbone_layers"]))
     if options.get("freeze_backbone", False):
         model.backbone.requires_grad_(False)
     return model

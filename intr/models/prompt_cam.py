@@ -11,6 +11,13 @@ How this departs from the official code: the last block computes only the
 class-prompt rows (nothing reads the patch rows after it), with fused
 attention; the explicit softmax is computed only for the prompt rows whose
 maps are asked for.  The timm backbone is used unpatched.
+
+Training as the paper did (config/cub.yaml): ``prompt_dropout`` drops prompt
+features as the official VPT module does (one mask per block over the
+(classes, D) prompt matrix, shared by the batch), and ``backbone_train_mode``
+keeps the frozen backbone in train mode while training, so its stochastic
+depth (timm's ``drop_path_rate``, linear over the blocks) is active as in the
+official code; the backbone's weights stay frozen either way.
 """
 
 from __future__ import annotations
@@ -33,9 +40,13 @@ class PromptCAM(nn.Module):
     Args:
         backbone: a timm ``VisionTransformer`` (frozen here).
         num_classes: number of classes, one prompt per class per block.
+        prompt_dropout: dropout rate on the prompts while training (the paper: 0.1).
+        backbone_train_mode: run the frozen backbone in train mode while training, so its
+            drop-path is active (the official code); False keeps it in eval mode.
     """
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int) -> None:
+    def __init__(self, backbone: VisionTransformer, num_classes: int, prompt_dropout: float = 0.0,
+                 backbone_train_mode: bool = False) -> None:
         super().__init__()
         if not isinstance(backbone, VisionTransformer):
             raise TypeError(f"Prompt-CAM needs a timm VisionTransformer, got {type(backbone).__name__}")
@@ -48,11 +59,13 @@ class PromptCAM(nn.Module):
         bound = math.sqrt(6.0 / float(3 * patch[0] * patch[1] + dim))
         self.class_prompts = nn.Parameter(torch.empty(depth, num_classes, dim).uniform_(-bound, bound))
         self.presence_head = nn.Linear(dim, 1)
+        self.prompt_dropout = nn.Dropout(prompt_dropout)
+        self.backbone_train_mode = backbone_train_mode
 
-    # The backbone never leaves eval mode: it is frozen, dropout off.
+    # The frozen backbone stays in eval mode unless the paper's recipe asks for its drop-path.
     def train(self, mode: bool = True) -> "PromptCAM":
         super().train(mode)
-        self.backbone.eval()
+        self.backbone.train(mode and self.backbone_train_mode)
         return self
 
     @property
@@ -68,7 +81,7 @@ class PromptCAM(nn.Module):
         return self.backbone.embed_dim
 
     def _with_prompts(self, x: torch.Tensor, depth: int) -> torch.Tensor:
-        prompts = self.class_prompts[depth].to(x.dtype).expand(x.shape[0], -1, -1)
+        prompts = self.prompt_dropout(self.class_prompts[depth]).to(x.dtype).expand(x.shape[0], -1, -1)
         return torch.cat([x[:, :self.num_prefix], prompts, x[:, self.num_prefix:]], dim=1)
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
@@ -106,8 +119,9 @@ class PromptCAM(nn.Module):
         block = self.backbone.blocks[-1]
         attn = block.attn
         o = attn.proj(attn.norm(head_out.flatten(-2)))
-        y = x_rows + block.ls1(o)
-        y = y + block.ls2(block.mlp(block.norm2(y)))
+        # drop_path: the identity in eval mode; per-sample stochastic depth when the backbone trains
+        y = x_rows + block.drop_path1(block.ls1(o))
+        y = y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
         return self.presence_head(self.backbone.norm(y)).squeeze(-1)
 
     def _class_rows(self) -> slice:
@@ -192,7 +206,8 @@ def build_prompt_cam(options: Mapping[str, Any], num_classes: int, image_size: i
     """Prompt-CAM from the config's ``model`` section.
 
     Args:
-        options: ``backbone``: a BackboneSpec mapping (a timm ViT).
+        options: ``backbone``: a BackboneSpec mapping (a timm ViT; its kwargs may set
+            ``drop_path_rate``); ``prompt_dropout``; ``backbone_train_mode``.
         num_classes: number of classes.
         image_size: input side in pixels; the ViT must be made for it.
     """
@@ -200,4 +215,5 @@ def build_prompt_cam(options: Mapping[str, Any], num_classes: int, image_size: i
     if tuple(backbone.patch_embed.img_size) != (image_size, image_size):
         raise ValueError(f"the ViT backbone takes {tuple(backbone.patch_embed.img_size)} px images, not "
                          f"{image_size} px: set its kwargs img_size to the image size")
-    return PromptCAM(backbone, num_classes)
+    return PromptCAM(backbone, num_classes, prompt_dropout=float(options.get("prompt_dropout", 0.0)),
+                     backbone_train_mode=bool(options.get("backbone_train_mode", False)))
