@@ -179,6 +179,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from intr.train import TrainingDiverged, train
 
     section = _config_section(args, args.method)
+    if section["pretrained_model"]:
+        return _convert_published(args, section)
     if args.backbone_checkpoint:
         section["model"]["backbone"]["checkpoint"] = str(Path(args.backbone_checkpoint).resolve())
     _set_threads(args.threads)
@@ -190,6 +192,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.method}: best val acc {result['best_val_acc']:.3f} at epoch {result['best_epoch']} "
           f"-> {args.out}/model.pt")
+    return 0
+
+
+def _convert_published(args: argparse.Namespace, section: dict) -> int:
+    """``intr train`` with ``pretrained_model`` set: convert the released checkpoint, train nothing."""
+    from intr.models.published import convert_published
+
+    _set_threads(args.threads)
+    path = convert_published(args.method, section["model"], section["pretrained_model"], Path(args.manifest),
+                             Path(args.out), image_size=section["image_size"])
+    print(f"{args.method}: converted the published checkpoint {section['pretrained_model']} -> {path} "
+          "(no training; train_log.parquet has no epochs)")
     return 0
 
 
@@ -383,10 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser(
         "train",
-        help="train Prompt-CAM or INTR (resumable; torchrun for several GPUs)",
+        help="train Prompt-CAM or INTR (resumable; torchrun for several GPUs), or convert a published "
+        "checkpoint",
         description="Train a method on the manifest's train split, validating on val. Rerunning the "
         "same command resumes from the last epoch checkpoint. Several GPUs: "
-        "torchrun --nproc_per_node N -m intr.cli train ...",
+        "torchrun --nproc_per_node N -m intr.cli train ... When the method's section sets "
+        "pretrained_model (a checkpoint released with the paper's code), that file is converted into "
+        "model.pt instead, and nothing is trained.",
     )
     tr.add_argument("--method", required=True, choices=["prompt_cam", "intr"])
     _add_config_options(tr, "the section named after --method")

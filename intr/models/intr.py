@@ -391,6 +391,7 @@ def load_detr_checkpoint(model: INTR, path) -> None:
     ``backbone.0.body.*`` goes to the ResNet, ``transformer.*`` and
     ``input_proj.*`` load as they are; DETR's object queries, class and box
     heads are dropped (INTR has one query per class and a presence head).
+    A trained INTR released by the paper loads whole through ``intr.models.published``.
     """
     state = read_checkpoint(path)
     state = state.get("model", state)

@@ -45,7 +45,8 @@ elif intr_bin_dir():
 
 
 # Config paths the workflow turns into rule inputs, outputs or params.
-WORKFLOW_PATH_KEYS = (("dataset", "root"), ("dataset", "taxonomy"), ("backbone_pretrain", "recipe"))
+WORKFLOW_PATH_KEYS = (("dataset", "root"), ("dataset", "taxonomy"), ("backbone_pretrain", "recipe"),
+                      ("prompt_cam", "pretrained_model"), ("intr", "pretrained_model"))
 
 
 def workflow_config_problems():
@@ -206,17 +207,25 @@ def _anchor(path):
 config["backbone_pretrain"]["recipe"] = _anchor(config["backbone_pretrain"]["recipe"])
 
 
+def published_model(method):
+    """The method's `pretrained_model` (a paper's released checkpoint that train converts), or None."""
+    return config[method]["pretrained_model"]
+
+
 def train_inputs(wildcards):
-    """What `train` reads: the manifest (and a freshly pretrained backbone when configured)."""
+    """What `train` reads: the manifest, and the released checkpoint it converts when one is
+    configured, else a freshly pretrained backbone when configured."""
     inputs = {"manifest": rules.prepare.output.manifest}
-    if pretrain_enabled():
+    if published_model(wildcards.method):
+        inputs["published"] = published_model(wildcards.method)
+    elif pretrain_enabled():
         inputs["backbone"] = rules.pretrain.output.weights
     return inputs
 
 
 def backbone_override(wildcards, input):
     """`--backbone-checkpoint` when the workflow pretrained the backbone itself."""
-    return f"--backbone-checkpoint {shlex.quote(input.backbone)}" if pretrain_enabled() else ""
+    return f"--backbone-checkpoint {shlex.quote(input.backbone)}" if hasattr(input, "backbone") else ""
 
 
 def train_resources_gpu(wildcards):
@@ -227,7 +236,7 @@ def train_resources_gpu(wildcards):
 def train_launcher(wildcards):
     """`intr train`, or torchrun with one process per GPU when the method asks for several."""
     gpus = config[wildcards.method]["gpus"]
-    if gpus > 1:
+    if gpus > 1 and not published_model(wildcards.method):  # converting a released model is one process
         return f"torchrun --standalone --nproc_per_node {gpus} -m intr.cli train"
     return "intr train"
 
