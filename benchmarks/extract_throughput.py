@@ -37,8 +37,16 @@ sys.path.insert(0, str(REPO))
 TARGET_FULL = 3000.0
 
 
-def build_full(tmp: Path, images_per_species: int) -> tuple[Path, Path, Path]:
-    """A random-weight ViT-B/16 Prompt-CAM model.pt and a 224-px synthetic data set of 200 classes."""
+def build_full(tmp: Path, images_per_species: int, model_name: str = "vit_base_patch16_224",
+               image_size: int = 224) -> tuple[Path, Path, Path]:
+    """A random-weight ViT-B/16 Prompt-CAM model.pt and a 224-px synthetic data set of 200 classes.
+
+    Args:
+        tmp: folder for the model, the data and the tables.
+        images_per_species: rendered images per class.
+        model_name: timm ViT (``--model``; a smaller one for a smoke run).
+        image_size: image side (``--img-size``; the ViT is built for it).
+    """
     import torch
 
     from intr.data.prepare import prepare_dataset
@@ -49,13 +57,13 @@ def build_full(tmp: Path, images_per_species: int) -> tuple[Path, Path, Path]:
 
     data = tmp / "data"
     synthesize(SyntheticConfig(genera=50, species_per_genus=4, images_per_species=images_per_species,
-                               image_size=224, train_fraction=0.0), data, progress=False, workers=4)
+                               image_size=image_size, train_fraction=0.0), data, progress=False, workers=4)
     prepare_dataset("synthetic", data, tmp / "tables", progress=False)
-    options = {"backbone": {"name": "vit_base_patch16_224", "kwargs": {}}}
+    options = {"backbone": {"name": model_name, "kwargs": {} if image_size == 224 else {"img_size": image_size}}}
     torch.manual_seed(0)
-    model = build_model("prompt_cam", options, 200, 224)
+    model = build_model("prompt_cam", options, 200, image_size)
     mean, std = normalization(model.backbone)
-    config = {"method": "prompt_cam", "model": options, "num_classes": 200, "image_size": 224,
+    config = {"method": "prompt_cam", "model": options, "num_classes": 200, "image_size": image_size,
               "train": {"seed": 0}, "normalization": {"mean": list(mean), "std": list(std)}}
     path = tmp / "model.pt"
     torch.manual_seed(0)
@@ -100,13 +108,16 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--memory", action="store_true", help="also peak RSS at 1x and 4x --images/4")
+    parser.add_argument("--model", default="vit_base_patch16_224", help="--full: the timm ViT (random weights)")
+    parser.add_argument("--img-size", type=int, default=224, help="--full: image side in pixels")
+    parser.add_argument("--json-out", type=Path, help="append one JSON line with the results")
     args = parser.parse_args()
     images = args.images or (4000 if args.full else 600)
     batch = args.batch or (256 if args.full else 64)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if args.full:
-            model, manifest, root = build_full(tmp, images_per_species=max(1, -(-images // 200)))
+            model, manifest, root = build_full(tmp, max(1, -(-images // 200)), args.model, args.img_size)
         else:
             model = args.results / args.method / "model.pt"
             manifest, root = args.results / "manifest.parquet", args.results / "data"
@@ -124,6 +135,15 @@ def main() -> None:
         print("  table sizes: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(sizes.items())))
         if args.full:
             print(f"  target >= {TARGET_FULL:.0f} img/s: {'PASS' if rate >= TARGET_FULL else 'FAIL'}")
+        if args.json_out:
+            result = {"benchmark": "extract_throughput", "preset": "full" if args.full else f"default/{args.method}",
+                      "model": args.model if args.full else str(model), "img_size": args.img_size if args.full else None,
+                      "images": images, "batch": batch, "device": args.device, "marginal_img_s": rate,
+                      "overall_img_s": images / t_big, "table_bytes": sizes,
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            args.json_out.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.json_out, "a") as f:
+                f.write(json.dumps(result) + "\n")
         if args.memory:
             quarter = max(batch, images // 4)
             one = peak_rss_mb(model, manifest, root, tmp / "m1", quarter, batch, args.device, args.threads)

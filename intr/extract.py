@@ -53,6 +53,7 @@ from analysis import regions as reg
 from analysis import tables
 from analysis.config import defaults
 from analysis.tables import ParquetStreamWriter, read_table
+from intr import precision
 from intr.data.images import ImageSet, read_split
 from intr.faithfulness import gaussian_blur
 from intr.models import load_model, resolve_device
@@ -245,7 +246,7 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
         blur_sigma: blur of the replaced regions, as a fraction of the image side.
         device: ``auto``, ``cpu`` or ``cuda``.
         workers: image-decoding processes.
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast on CUDA (and on CPU with INTR_CPU_BF16=1: ``intr.precision``).
         limit: only the first ``limit`` images of the split (for benchmarks).
         progress: progress bar.
 
@@ -263,8 +264,7 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
         rows = rows.iloc[:limit].reset_index(drop=True)
     data = ImageSet(root, rows, size, mean, std, preload=False)
     loader = DataLoader(_Indexed(data), batch_size=batch_size, shuffle=False, num_workers=workers)
-    use_amp = amp and dev.type == "cuda"
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp)  # noqa: E731
+    autocast = lambda: precision.autocast(dev, amp)  # noqa: E731
     num_classes = int(config["num_classes"])
 
     looks = lookalikes_from_genus(full)

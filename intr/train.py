@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from analysis.config import defaults
+from intr import precision
 from intr.data.images import ImageSet, read_split
 from intr.models import CheckpointError, build_model, read_checkpoint, resolve_device
 from intr.models.checkpoint import class_record
@@ -323,7 +324,7 @@ def predict(model: nn.Module, data: ImageSet, device: torch.device, batch_size: 
     outputs = []
     for images, _ in DataLoader(data, batch_size=batch_size, num_workers=workers):
         images = images.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with precision.autocast(device, amp):
             outputs.append(model(images).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
 
@@ -402,7 +403,6 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
     if ddp.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_amp = opts.amp and device.type == "cuda"
     sampler = GlobalBatchSampler(len(train_set), opts.batch_size, opts.seed, ddp.rank, ddp.world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=opts.workers,
                         pin_memory=device.type == "cuda")
@@ -422,7 +422,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
             labels = labels.to(device, non_blocking=True)
             for g in optimizer.param_groups:
                 g["lr"] = lr_for_step(opts, step, steps_per_epoch, g["base_lr"])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with precision.autocast(device, opts.amp):
                 logits = wrapped(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=opts.label_smoothing)
             if not torch.isfinite(loss):
@@ -442,7 +442,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}")
         if ddp.world > 1:
             dist.all_reduce(totals)
-        val_acc = accuracy(model, val_set, device, use_amp, opts.workers)
+        val_acc = accuracy(model, val_set, device, opts.amp, opts.workers)
         row = {"epoch": epoch + 1, "train_loss": float(totals[0] / totals[2]),
                "train_acc": float(totals[1] / totals[2]), "val_acc": val_acc,
                "lr": float(optimizer.param_groups[0]["lr"]), "seconds": time.time() - started}

@@ -41,6 +41,7 @@ from torch import nn
 from intr.models.backbones import BackboneSpec, check_shapes, create_backbone, resolve_checkpoint
 from intr.models.checkpoint import read_checkpoint
 from intr.models.protocol import BlurContext
+from intr.precision import float32_last_block
 
 
 @dataclass
@@ -292,12 +293,19 @@ class INTR(nn.Module):
 
     def _last_layer_input(self, images: torch.Tensor):
         """Everything before the last decoder layer's cross-attention, computed once."""
+        return self._last_layer_start(*self._decoder_trunk(images))
+
+    def _decoder_trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder memory, the input of the last decoder layer and the query positions, (B, *, d) each."""
         memory, pos = self.memory(images)
         tgt, query_pos = self._queries(memory.shape[0], memory.dtype)
-        layers = self.transformer.decoder.layers
-        for layer in layers[:-1]:
+        for layer in self.transformer.decoder.layers[:-1]:
             tgt = layer(tgt, memory, query_pos)
-        last = layers[-1]
+        return memory, tgt, query_pos
+
+    def _last_layer_start(self, memory: torch.Tensor, tgt: torch.Tensor, query_pos: torch.Tensor):
+        """The last decoder layer up to its cross-attention: the layer, its queries' input and q, k, v."""
+        last = self.transformer.decoder.layers[-1]
         tgt = last.before_cross(tgt, query_pos)
         q, k, v = last.multihead_attn.project(tgt + query_pos, memory, memory)
         return last, tgt, q, k, v
@@ -341,7 +349,15 @@ class INTR(nn.Module):
                 pass up to the last layer; the context's rows are then the B * R (image, row)
                 pairs, image-major.
         """
-        last, tgt, q, k, v = self._last_layer_input(images)
+        trunk = self._decoder_trunk(images)  # in the caller's precision (bf16 under autocast)
+        with float32_last_block(images.device):
+            dtype = self.presence_head.weight.dtype
+            return self._blur_context_from_trunk(*(t.to(dtype) for t in trunk), target)
+
+    def _blur_context_from_trunk(self, memory: torch.Tensor, tgt: torch.Tensor, query_pos: torch.Tensor,
+                                 target: torch.Tensor) -> BlurContext:
+        """:meth:`blur_context` after the decoder trunk, in the inputs' dtype (called with autocast off)."""
+        last, tgt, q, k, v = self._last_layer_start(memory, tgt, query_pos)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
         logits = self._finish(last, tgt, out)
         idx = target.view(target.shape[0], -1)  # (B, R)
@@ -352,7 +368,8 @@ class INTR(nn.Module):
 
         def finish(head_out: torch.Tensor, row: torch.Tensor | None = None) -> torch.Tensor:
             tgt_in = tgt_row if row is None else tgt_row[row]
-            return self._finish(last, tgt_in.expand(-1, head_out.shape[1], -1), head_out)
+            with float32_last_block(tgt_in.device):  # candidates differ below bf16's resolution
+                return self._finish(last, tgt_in.expand(-1, head_out.shape[1], -1), head_out.to(tgt_in.dtype))
 
         return BlurContext(normal, blurred, finish, logits.repeat_interleave(idx.shape[1], dim=0),
                            target.reshape(-1))

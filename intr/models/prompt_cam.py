@@ -32,6 +32,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from intr.models.backbones import BackboneSpec, create_backbone
 from intr.models.protocol import BlurContext
+from intr.precision import float32_last_block
 
 
 class PromptCAM(nn.Module):
@@ -174,7 +175,12 @@ class PromptCAM(nn.Module):
             target: (B,) class ids, or (B, R) for R prompt rows per image that share one
                 trunk pass; the context's rows are then the B * R (image, row) pairs, image-major.
         """
-        x = self.trunk(images)
+        x = self.trunk(images)  # in the caller's precision (bf16 under autocast)
+        with float32_last_block(x.device):
+            return self._blur_context_from_trunk(x.to(self.presence_head.weight.dtype), target)
+
+    def _blur_context_from_trunk(self, x: torch.Tensor, target: torch.Tensor) -> BlurContext:
+        """:meth:`blur_context` after the trunk, in ``x``'s dtype (called with autocast off)."""
         logits = self.forward_from_trunk(x)
         rows = target.view(target.shape[0], -1) + self.num_prefix  # (B, R)
         q, k, v, _ = self._query_key_value(x, rows)
@@ -186,7 +192,8 @@ class PromptCAM(nn.Module):
 
         def finish(head_out: torch.Tensor, row: torch.Tensor | None = None) -> torch.Tensor:
             x_in = x_row if row is None else x_row[row]
-            return self._finish_rows(x_in.expand(-1, head_out.shape[1], -1), head_out)
+            with float32_last_block(x_in.device):  # candidates differ below bf16's resolution
+                return self._finish_rows(x_in.expand(-1, head_out.shape[1], -1), head_out.to(x_in.dtype))
 
         return BlurContext(normal, blurred, finish, logits.repeat_interleave(rows.shape[1], dim=0),
                            target.reshape(-1))

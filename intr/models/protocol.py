@@ -26,6 +26,12 @@ class BlurContext:
     image ((B, R) targets) every field has B * R rows, image-major, and
     ``finish(head_out, row)`` takes an optional (B',) index of the context row
     each of its B' entries belongs to (default: entry i is row i).
+
+    Precision: the trunk runs in the caller's precision (bf16 under autocast),
+    but every field, and ``finish`` at every call, is computed in the model's
+    parameter dtype (float32) with autocast off: the candidates' target logits
+    differ by less than bf16's resolution, and rounding them would flip the
+    order of near-tied heads (``intr.precision.float32_last_block``).
     """
 
     normal: torch.Tensor
