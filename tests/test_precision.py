@@ -16,8 +16,7 @@ import torch
 
 import intr.extract as ex
 from intr import precision
-from intr.ranking import (rank_heads_by_blurring, rank_heads_naive, rank_pair_heads_by_blurring,
-                          rank_pair_heads_naive)
+from intr.ranking import (rank_heads_by_blurring, rank_heads_naive, rank_pair_heads_by_blurring)
 from intr.train import train
 from test_ranking import PAIRS_A, PAIRS_B, images_and_targets, random_intr, random_model
 
