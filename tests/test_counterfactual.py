@@ -7,8 +7,12 @@ import pandas as pd
 import pytest
 
 from analysis.counterfactual import (
+    agreement_rows,
+    causal_effects,
     counterfactual_scores,
+    pair_agreement,
     pair_part_effects,
+    part_ranks,
     single_part_planted,
 )
 
@@ -63,6 +67,68 @@ def test_pair_part_effects_rank_parts_by_mean_margin_drop(hand_made):
     assert list(planted_02["part"]) == ["beak", "crown"]  # drops 3 and 2
     beak_01 = effects[(effects["class_b"] == 1) & (effects["kind"] == "planted")].iloc[0]
     assert (beak_01["images"], beak_01["mean_margin_drop"], beak_01["flip_rate"]) == (2, 4.5, 0.5)
+
+
+def _contrast_rows(b: int, combined: list[int], occlusion: list[int]) -> list[dict]:
+    """One pair (0, b) over regions beak, wing, legs, crown, background (annotated: region = part)."""
+    regions = ["beak", "wing", "legs", "crown", "background"]
+    area = [0.01, 0.3, 0.05, 0.02, 0.6]
+    return [{"class_a": 0, "class_b": b, "region": r, "part": r, "area": s, "rank_combined": c, "rank_density": c,
+             "rank_difference": -1, "rank_occlusion": o, "rank_pair_attention": -1}
+            for r, s, c, o in zip(regions, area, combined + [-1], occlusion + [-1])]
+
+
+@pytest.fixture
+def hand_made_contrasts() -> pd.DataFrame:
+    """Combined follows the model on both pairs; occlusion only on (0, 2); background is never ranked."""
+    return pd.DataFrame(_contrast_rows(1, [1, 2, 3, 4], [3, 2, 1, 4]) + _contrast_rows(2, [1, 2, 4, 3], [1, 3, 4, 2]))
+
+
+def test_causal_ranking_counts_planted_and_control_parts_but_not_all_planted(hand_made):
+    effects = causal_effects(hand_made)
+    assert effects[(0, 1)].to_dict() == {"beak": 4.5, "wing": 0.25, "legs": 0.0}  # (6+3)/2, (-0.5+1)/2, 0
+    assert effects[(0, 2)].to_dict() == {"beak": 3.0, "crown": 2.0}
+
+
+def test_regions_of_one_part_take_its_best_rank_and_unranked_parts_come_last():
+    ranks = part_ranks(np.array([3, 1, 2, -1]), ["beak", "beak", "wing", "beak"], ["beak", "wing", "legs"])
+    assert ranks.tolist() == [1.0, 2.0, 4.0]  # legs has no region: after the 3 ranked ones
+
+
+def test_pair_agreement_top1_and_spearman_on_one_pair():
+    effect = pd.Series({"beak": 4.5, "wing": 0.25, "legs": 0.0})
+    assert pair_agreement(effect, np.array([1, 2, 3, -1]), ["beak", "wing", "legs", "background"]) == (1.0, 1.0)
+    assert pair_agreement(effect, np.array([3, 2, 1, -1]), ["beak", "wing", "legs", "background"]) == (0.0, -1.0)
+    # the top region stands for a part the stage never changed: a miss
+    assert pair_agreement(effect, np.array([2, 3, 4, 1]), ["beak", "wing", "legs", "crown"])[0] == 0.0
+
+
+def test_agreement_rows_score_each_ranking_and_the_references(hand_made, hand_made_contrasts):
+    rows = pd.DataFrame(agreement_rows(hand_made, hand_made_contrasts, "intr", "test"))
+    values = rows.set_index(["method", "metric"])["value"]
+    assert values[("intr", "counterfactual_agreement_top1")] == pytest.approx(1.0)
+    assert values[("intr", "counterfactual_spearman")] == pytest.approx(1.0)
+    assert values[("intr", "counterfactual_agreement_top1_density")] == pytest.approx(1.0)
+    # occlusion: (0, 1) puts legs first (miss, order reversed: -1); (0, 2) beak first (hit, +1)
+    assert values[("intr", "counterfactual_agreement_top1_occlusion")] == pytest.approx(0.5)
+    assert values[("intr", "counterfactual_spearman_occlusion")] == pytest.approx(0.0)
+    # size baseline: wing (largest) first in both pairs: never the top cause; beak (smallest) last:
+    # (0, 1) part ranks beak 4, wing 1, legs 2 against effects 4.5, 0.25, 0 -> -0.5; (0, 2) -> -1
+    assert values[("size_baseline", "counterfactual_agreement_top1")] == pytest.approx(0.0)
+    assert values[("size_baseline", "counterfactual_spearman")] == pytest.approx(-0.75)
+    # random: beak is 1 of the 4 ranked regions of each pair
+    assert values[("random", "counterfactual_agreement_top1")] == pytest.approx(0.25)
+    assert abs(values[("random", "counterfactual_spearman")]) < 0.2
+    assert set(rows["n"]) == {2}
+    # scores without a ranking in this run (difference, pair_attention) give no rows
+    assert not rows["metric"].str.contains("difference|pair_attention").any()
+
+
+def test_agreement_rows_skip_pairs_without_counterfactual_rows(hand_made, hand_made_contrasts):
+    only_01 = hand_made[hand_made["class_b"] == 1]
+    rows = pd.DataFrame(agreement_rows(only_01, hand_made_contrasts, "intr", "test"))
+    occlusion = rows[rows["metric"] == "counterfactual_agreement_top1_occlusion"]
+    assert occlusion[["n", "value"]].to_numpy().tolist() == [[1, 0.0]]
 
 
 def test_stage_rows_match_the_model_on_the_stored_image_and_on_bs_own_render(tiny_dataset, tiny_models, tmp_path):
