@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -131,22 +134,32 @@ def test_agreement_rows_skip_pairs_without_counterfactual_rows(hand_made, hand_m
     assert occlusion[["n", "value"]].to_numpy().tolist() == [[1, 0.0]]
 
 
-def test_stage_rows_match_the_model_on_the_stored_image_and_on_bs_own_render(tiny_dataset, tiny_models, tmp_path):
+@pytest.fixture(scope="module")
+def stage_run(tiny_dataset, tiny_models, tmp_path_factory) -> tuple[pd.DataFrame, Path]:
+    """The stage on the tiny INTR model: its rows, and the folder of both tables it wrote."""
+    from intr.counterfactual import run_counterfactuals
+
+    manifest, root = tiny_dataset
+    out = tmp_path_factory.mktemp("counterfactual")
+    table = run_counterfactuals(tiny_models["intr"], manifest, root, out / "cf.parquet", images_per_pair=2,
+                                split="test", batch_size=5, device="cpu", examples_out=out / "examples.parquet")
+    return table, out
+
+
+def test_stage_rows_match_the_model_on_the_stored_image_and_on_bs_own_render(tiny_dataset, tiny_models, stage_run):
 
     from analysis.tables import read_table
     from intr.counterfactual import (
         Scorer,
         image_index,
-        run_counterfactuals,
         synthetic_config,
     )
     from intr.data.images import ImageSet, read_split
     from intr.data.synthetic import PARTS, build_taxonomy, image_nuisance, render_bird
 
     manifest, root = tiny_dataset
-    table = run_counterfactuals(tiny_models["intr"], manifest, root, tmp_path / "cf.parquet",
-                                images_per_pair=2, split="test", batch_size=5, device="cpu")
-    assert len(table) and table.equals(read_table(tmp_path / "cf.parquet").astype(table.dtypes))
+    table, out = stage_run
+    assert len(table) and table.equals(read_table(out / "cf.parquet").astype(table.dtypes))
     rows = read_split(manifest, "test")
     scorer = Scorer(tiny_models["intr"], manifest, "cpu", 8)
     data = ImageSet(root, rows, scorer.size, [0.0] * 3, [1.0 / 255] * 3)
@@ -166,3 +179,35 @@ def test_stage_rows_match_the_model_on_the_stored_image_and_on_bs_own_render(tin
         assert sorted(group.loc[group["kind"] == "planted", "part"]) == sorted(differing)
         assert set(group.loc[group["kind"] == "control", "part"]) <= set(PARTS) - set(differing)
     assert table.groupby(["class_a", "class_b"])["image_id"].nunique().max() <= 2
+
+
+def test_examples_hold_each_pairs_first_image_original_and_planted_renders(tiny_dataset, stage_run):
+    from PIL import Image
+
+    from analysis.tables import read_table, schema
+    from intr.data.images import ImageSet, read_split
+
+    manifest, root = tiny_dataset
+    table, out = stage_run
+    examples = read_table(out / "examples.parquet")
+    assert list(examples.columns) == schema("counterfactual_examples").names
+    rows = read_split(manifest, "test")
+    data = ImageSet(root, rows, 32, [0.0] * 3, [1.0 / 255] * 3)
+    for (a, b), group in table.groupby(["class_a", "class_b"]):
+        shown = examples[(examples["class_a"] == a) & (examples["class_b"] == b)]
+        first = group.iloc[0]
+        assert set(shown["image_id"]) == {first["image_id"]}  # the pair's first image only
+        swaps = group[group["image_id"] == first["image_id"]]
+        planted = swaps[swaps["kind"] == "planted"]
+        kinds = ["original"] + ["planted"] * len(planted) + (["all_planted"] if len(planted) > 1 else [])
+        assert shown["kind"].tolist() == kinds
+        assert shown["part"].tolist()[1:len(planted) + 1] == planted["part"].tolist()
+        original = shown.iloc[0]
+        assert (original["margin"], original["pred"]) == (pytest.approx(first["margin_before"]), a)
+        after = swaps.set_index(["kind", "part"]).loc[list(zip(shown["kind"][1:], shown["part"][1:]))]
+        assert shown["margin"].tolist()[1:] == pytest.approx(after["margin_after"].tolist())
+        assert shown["pred"].tolist()[1:] == after["pred_after"].tolist()
+        stored = data.raw(int(np.flatnonzero(rows["image_id"] == first["image_id"])[0])).permute(1, 2, 0).numpy()
+        decoded = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in shown["png"]]
+        assert np.array_equal(decoded[0], stored)  # the original is the image the model was scored on
+        assert all(not np.array_equal(d, stored) for d in decoded[1:])  # every swap changes it
