@@ -92,7 +92,7 @@ RANDOM_ORDERS = 200  # random orders per pair behind the ``random`` reference's 
 
 
 def causal_effects(table: pd.DataFrame) -> dict[tuple[int, int], pd.Series]:
-    """Per directed pair (A, B): the mean margin drop of each part with single-part swaps.
+    """Per directed pair (A, B): the mean margin drop of each part with single-part swaps, largest first.
 
     Planted and control swaps both count: the model-causal ranking is over every part the
     stage changed on its own, so a region ranking that puts a shared part first is caught.
@@ -101,7 +101,7 @@ def causal_effects(table: pd.DataFrame) -> dict[tuple[int, int], pd.Series]:
         table: ``counterfactuals.parquet``.
     """
     effects = pair_part_effects(table[table["kind"].isin(SINGLE_PART_KINDS)])
-    return {(int(a), int(b)): group.set_index("part")["mean_margin_drop"]
+    return {(int(a), int(b)): group.set_index("part")["mean_margin_drop"].sort_values(ascending=False, kind="stable")
             for (a, b), group in effects.groupby(["class_a", "class_b"])}
 
 

@@ -90,6 +90,7 @@ def hand_made_contrasts() -> pd.DataFrame:
 def test_causal_ranking_counts_planted_and_control_parts_but_not_all_planted(hand_made):
     effects = causal_effects(hand_made)
     assert effects[(0, 1)].to_dict() == {"beak": 4.5, "wing": 0.25, "legs": 0.0}  # (6+3)/2, (-0.5+1)/2, 0
+    assert list(effects[(0, 1)].index) == ["beak", "wing", "legs"]  # largest first, across kinds
     assert effects[(0, 2)].to_dict() == {"beak": 3.0, "crown": 2.0}
 
 
