@@ -4,6 +4,12 @@ A row is one image of species A re-rendered with some parts changed, scored
 against one look-alike B (docs/tables.md).  The model *uses* a planted part
 when setting it to B's state makes it predict B; a control swap (a part A and
 B share, set to a state from another genus) should not.
+
+The swaps also rank the parts by what the model relies on (``causal_effects``:
+mean margin drop of each single-part swap, planted and control alike), which
+``agreement_rows`` holds each region ranking of ``contrasts.parquet`` against:
+does the region ranked first stand for the part the model relies on most, and
+do the two orders agree (Spearman)?
 """
 
 from __future__ import annotations
