@@ -43,7 +43,7 @@ import pandas as pd
 from analysis import io, tables
 from analysis.config import defaults
 from analysis.contrasts import COMBINED_RULE, pair_contrasts, species_regions
-from analysis.counterfactual import counterfactual_scores
+from analysis.counterfactual import agreement_rows, counterfactual_scores
 from analysis.ground_truth import planted_parts_by_class
 from analysis.localization import box_cells, localization_rows, peak_on_planted_part_rows
 from analysis.part_discovery import part_discovery_scores
@@ -668,6 +668,14 @@ def peak_scores(method: str, split: str, maps: MapTable, images: ImageTable, geo
     return peak_on_planted_part_rows(method, split, peaks, ranks, on_planted[image], geometry.inside[image], seed)
 
 
+def region_parts(contrasts: pd.DataFrame, names: dict[int, list[str]] | None, vocab: list[str]) -> list[str]:
+    """The ground-truth part each contrasts row's region stands for: its majority part over the
+    pair's A images where ``names`` maps regions to parts (``majority_parts``), else the region."""
+    index = {name: i for i, name in enumerate(vocab)}
+    return [names[int(a)][index[region]] if names is not None and int(a) in names else str(region)
+            for a, region in zip(contrasts["class_a"], contrasts["region"])]
+
+
 def with_planted_flags(contrasts: pd.DataFrame, pairs: pd.DataFrame | None,
                        names: dict[int, list[str]] | None, vocab: list[str]) -> pd.DataFrame:
     """contrasts with ``planted`` set from the ground truth: the region (by its majority part,
@@ -676,24 +684,24 @@ def with_planted_flags(contrasts: pd.DataFrame, pairs: pd.DataFrame | None,
                                                             pairs["differing_parts"])} \
         if pairs is not None and "differing_parts" in pairs else {}
     planted.update({(b, a): d for (a, b), d in list(planted.items())})
-    index = {name: i for i, name in enumerate(vocab)}
     flags = []
-    for a, b, region in zip(contrasts["class_a"], contrasts["class_b"], contrasts["region"]):
+    for a, b, part in zip(contrasts["class_a"], contrasts["class_b"], region_parts(contrasts, names, vocab)):
         parts = planted.get((int(a), int(b)))
-        part = names[int(a)][index[region]] if names is not None and int(a) in names else region
         flags.append(None if parts is None else part in parts)
     return contrasts.assign(planted=pd.array(flags, dtype="boolean"))
 
 
 def ground_truth_scores(method: str, split: str, maps: MapTable, images: ImageTable, tops: TopMaps,
                         geometry: RegionGeometry, truth: RegionGeometry | None, contrasts: pd.DataFrame,
-                        data: DataTables, baseline_maps: Path | None,
-                        opts: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+                        data: DataTables, baseline_maps: Path | None, opts: dict[str, Any],
+                        counterfactuals: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """metrics_analysis.parquet (localization, trait recovery, attribute precision, peak on planted
-    part) and the contrasts with their ``planted`` flags.
+    part, agreement with the counterfactual renders) and the contrasts with their ``planted`` flags.
 
     The one step that reads the ground truth. With regions other than the annotated parts, a
     region counts as the part that holds most of it over the pair's A images (``majority_parts``).
+    ``counterfactuals`` (``counterfactuals.parquet``; None: no such table) gives the
+    ``counterfactual_agreement_*`` and ``counterfactual_spearman*`` rows.
     """
     seed = int(opts["seed"])
     use = used_images(images, tops)
@@ -709,6 +717,9 @@ def ground_truth_scores(method: str, split: str, maps: MapTable, images: ImageTa
     if truth is not None or geometry.planted is not None:
         contrasts = with_planted_flags(contrasts, data.pairs, names, geometry.vocab)
     rows += recovery_rows(contrasts, method, split, seed)
+    if counterfactuals is not None and truth is not None and len(contrasts):  # which ranking follows the model
+        rows += agreement_rows(counterfactuals, contrasts.assign(part=region_parts(contrasts, names, geometry.vocab)),
+                               method, split, seed)
     if data.attributes is not None and len(data.attributes) and len(contrasts):
         labelled = contrasts if names is None else contrasts.assign(region=[
             names[int(a)][geometry.vocab.index(r)] for a, r in zip(contrasts["class_a"], contrasts["region"])])
@@ -784,11 +795,11 @@ def analyze(inputs: AnalysisInputs, out_dir: str | Path, options: dict | None = 
                                pair_attention)
     _log(progress, t0, f"contrasts of {contrasts.groupby(['class_a', 'class_b']).ngroups} directed pairs")
 
+    counterfactuals = _optional(inputs.counterfactuals)
     metrics, contrasts = ground_truth_scores(method, split, maps, images, tops, geometry, truth, contrasts, data,
-                                             inputs.baseline_maps, opts)
-    if inputs.counterfactuals is not None:  # counterfactual renders: does the model use the planted part
-        metrics = pd.concat([metrics, counterfactual_scores(pd.read_parquet(inputs.counterfactuals), method, split)],
-                            ignore_index=True)
+                                             inputs.baseline_maps, opts, counterfactuals)
+    if counterfactuals is not None:  # counterfactual renders: does the model use the planted part
+        metrics = pd.concat([metrics, counterfactual_scores(counterfactuals, method, split)], ignore_index=True)
     if inputs.discovered_parts is not None:  # the discovered parts against the true ones (evaluation)
         metrics = pd.concat([metrics, part_discovery_scores(inputs.discovered_parts, inputs.manifest, inputs.parts,
                                                             inputs.root, method, int(opts["region_cells"]),

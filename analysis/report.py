@@ -20,7 +20,12 @@ with every figure and thumbnail inline as a ``data:`` URI. Sections:
    the region where each map is densest.
 3. Look-alike pairs: side-by-side maps of both classes' queries on the same
    image and their difference, and the ranked distinguishing regions of both
-   directions with q-values.
+   directions with q-values; on synthetic data, beside them the counterfactual
+   strip of each direction (counterfactuals.parquet and
+   counterfactual_examples.parquet): A's image re-rendered with each planted part
+   set to B's state, the predictions and margin changes, the share of images that
+   become B, and the parts ranked by what their swap does to the model. Where the
+   model does not flip, the strip says so: a finding about the model.
 4. Traits: per method the UMAP of trait members coloured by trait, a gallery
    per trait (``report.gallery`` images), and the head types.
 5. INTR against Prompt-CAM on the same species (when both ran).
@@ -34,6 +39,7 @@ drops the part of the report that needs it and leaves a note saying so.
 
 from __future__ import annotations
 
+import base64
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +52,7 @@ import yaml
 
 from analysis import io, plots, regions
 from analysis.config import validated
+from analysis.counterfactual import causal_effects, pair_part_effects
 from analysis.ground_truth import planted_parts_by_class
 from analysis.pixels import to_rgb8
 from analysis.traits import dominant_region
@@ -53,6 +60,8 @@ from analysis.traits import dominant_region
 TEMPLATES = Path(__file__).parent / "templates"
 METHOD_TABLES = ("evaluation", "predictions", "head_ranks", "region_effects", "baseline_maps", "head_types",
                  "traits", "trait_members", "regions", "contrasts")
+# Read where given, with no note where absent: only synthetic data has counterfactual renders.
+OPTIONAL_METHOD_TABLES = ("counterfactuals", "counterfactual_examples")
 ACCURACY_METRICS = ("top1", "top5")
 FAITHFULNESS_METRICS = ("insertion_auc", "deletion_auc")
 METHOD_LABELS = {"prompt_cam": "Prompt-CAM", "intr": "INTR"}
@@ -69,6 +78,9 @@ MAX_CROP_CANDIDATES = 32    # images of a class searched for the one where a reg
 AREA_SAMPLES = 64           # sample points a side when measuring a region's share of an image
 GALLERY_IMAGES = 3          # exemplar images per region in the parts gallery (one per species)
 GALLERY_SIDE = 64           # their longer side, px
+FLIP_FINDING = 0.5          # below this share of images becoming B with the planted parts swapped, the strip
+                            # says the model does not rely on them
+CAUSAL_PARTS = 4            # parts listed in a strip's model-causal ranking
 
 
 class ReportError(RuntimeError):
@@ -172,7 +184,8 @@ class ReportTables:
         return cls(manifest=results_dir / "manifest.parquet", parts=results_dir / "parts.parquet",
                    lookalike_pairs=results_dir / "lookalike_pairs.parquet",
                    methods={m: {name: results_dir / m / f"{name}.parquet"
-                                for name in (*METHOD_TABLES, "attention", "discovered_parts")} for m in methods})
+                                for name in (*METHOD_TABLES, *OPTIONAL_METHOD_TABLES, "attention",
+                                             "discovered_parts")} for m in methods})
 
 
 def load_method(method: str, tables: Mapping[str, Path]) -> MethodData:
@@ -180,7 +193,7 @@ def load_method(method: str, tables: Mapping[str, Path]) -> MethodData:
 
     Args:
         method: the method's name (``prompt_cam``, ``intr``).
-        tables: its table paths by name (``METHOD_TABLES`` and ``attention``).
+        tables: its table paths by name (``METHOD_TABLES``, ``OPTIONAL_METHOD_TABLES`` and ``attention``).
     """
     paths = {name: Path(path) for name, path in tables.items()}
     folder = next(iter(paths.values())).parent if paths else Path(method)
@@ -190,6 +203,10 @@ def load_method(method: str, tables: Mapping[str, Path]) -> MethodData:
         if frame is None:
             data.missing.append(f"{name}.parquet")
         else:
+            data.tables[name] = frame
+    for name in OPTIONAL_METHOD_TABLES:
+        frame = _read_optional(paths.get(name))
+        if frame is not None:
             data.tables[name] = frame
     attention = paths.get("attention")
     if attention is not None and attention.is_file():
@@ -676,6 +693,58 @@ def _contrast_maps(rep: Report, m: MethodData, image_id: int, own: int, other: i
     return item
 
 
+def png_uri(png: bytes) -> str:
+    """Data URI of PNG file bytes (the counterfactual renders are shown as the model scored them)."""
+    return "data:image/png;base64," + base64.b64encode(bytes(png)).decode("ascii")
+
+
+def _strip_images(rep: Report, examples: pd.DataFrame | None, a: int, b: int) -> list[dict]:
+    """The pair's example renders (original first) with prediction, margin A − B and its change."""
+    if examples is None:
+        return []
+    shown = examples[(examples["class_a"] == a) & (examples["class_b"] == b)]
+    original = shown.loc[shown["kind"] == "original", "margin"]
+    before = float(original.iloc[0]) if len(original) else float("nan")
+    out = []
+    for r in shown.to_dict("records"):
+        label = {"original": f"original {rep.name(a)}", "all_planted": f"all planted parts → {rep.name(b)}'s"}.get(
+            str(r["kind"]), f"{r['part']} → {rep.name(b)}'s")
+        change = float(r["margin"]) - before
+        out.append({"uri": png_uri(r["png"]), "label": label, "pred": rep.name(int(r["pred"])),
+                    "becomes_b": int(r["pred"]) == b, "margin": f"{float(r['margin']):.2f}",
+                    "change": "" if r["kind"] == "original" or not np.isfinite(change) else f"{change:+.2f}"})
+    return out
+
+
+def counterfactual_strip(rep: Report, m: MethodData, a: int, b: int) -> dict | None:
+    """The counterfactual evidence of one directed pair (A, B) for one model (None: no renders).
+
+    The example renders of ``counterfactual_examples``; from ``counterfactuals``, the share of A's
+    images predicted B with every planted part set to B's state (``all_planted``; with one
+    planted part, that swap), each planted part's flip share and margin drop, and the model-causal
+    ranking of the parts (single-part swaps, by mean margin drop).
+    """
+    table = m.tables.get("counterfactuals")
+    if table is None:
+        return None
+    rows = table[(table["class_a"] == a) & (table["class_b"] == b)]
+    if not len(rows):
+        return None
+    everything = rows[rows["kind"] == "all_planted"]
+    flipped, n = int((everything["pred_after"] == b).sum()), len(everything)
+    per_part = pair_part_effects(rows[rows["kind"] == "planted"])
+    planted = set(per_part["part"])
+    causal = causal_effects(rows).get((a, b), pd.Series(dtype=float))
+    images = _strip_images(rep, m.tables.get("counterfactual_examples"), a, b)
+    return {"a": rep.name(a), "b": rep.name(b), "images": images,
+            "flipped": flipped, "n": n, "share": f"{flipped / n:.0%}" if n else "—",
+            "no_flip": n > 0 and flipped / n < FLIP_FINDING,
+            "planted": [{"part": str(r["part"]), "flip": f"{r['flip_rate']:.0%}",
+                         "drop": f"{r['mean_margin_drop']:.2f}"} for r in per_part.to_dict("records")],
+            "causal": [{"part": str(part), "drop": f"{drop:.2f}", "planted": part in planted}
+                       for part, drop in causal.head(CAUSAL_PARTS).items()]}
+
+
 def pairs_section(rep: Report) -> dict:
     notes = []
     if rep.pairs is None:
@@ -702,7 +771,8 @@ def pairs_section(rep: Report) -> dict:
             if "contrasts" in m.tables:
                 item["ab"] = _contrast_rows(m.tables["contrasts"], a, b, expected, rep.region_colours)
                 item["ba"] = _contrast_rows(m.tables["contrasts"], b, a, expected, rep.region_colours)
-            if item["maps"] or item["ab"] or item["ba"]:
+            item["strips"] = [s for s in (counterfactual_strip(rep, m, a, b), counterfactual_strip(rep, m, b, a)) if s]
+            if item["maps"] or item["ab"] or item["ba"] or item["strips"]:
                 methods.append(item)
         out.append({"a": rep.name(a), "b": rep.name(b), "anchor_a": f"species-{a}", "anchor_b": f"species-{b}",
                     "genus": p.get("genus"), "expected": sorted(expected), "methods": methods})

@@ -96,6 +96,8 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "counterfactuals": (_c("image_id", _i32), _c("class_a", _i16), _c("class_b", _i16), _c("part", _str),
                         _c("kind", _str), _c("state", _str), _c("margin_before", _f32), _c("margin_after", _f32),
                         _c("pred_after", _i16)),
+    "counterfactual_examples": (_c("image_id", _i32), _c("class_a", _i16), _c("class_b", _i16), _c("part", _str),
+                                _c("kind", _str), _c("margin", _f32), _c("pred", _i16), _c("png", pa.binary())),
     # -- faithfulness (intr faithfulness)
     "baseline_maps": (_c("image_id", _i32), _c("method", _str), _c("class_id", _i16), _c("attn", _f16, "cells")),
     # -- analysis (intr analyze)

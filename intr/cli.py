@@ -288,7 +288,8 @@ def _cmd_counterfactual(args: argparse.Namespace) -> int:
         table = run_counterfactuals(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
                                     images_per_pair=config["counterfactual"]["images_per_pair"],
                                     split=extract["split"], batch_size=extract["batch_size"],
-                                    device=extract["device"], synthetic=config["synthetic"])
+                                    device=extract["device"], synthetic=config["synthetic"],
+                                    examples_out=Path(args.examples_out) if args.examples_out else None)
     except ValueError as err:
         print(f"intr counterfactual: error: {err}", file=sys.stderr)
         return 1
@@ -495,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_inputs(cf, "manifest.parquet of the synthetic data set")
     cf.add_argument("--out", required=True, help="counterfactuals.parquet to write")
+    cf.add_argument("--examples-out", dest="examples_out",
+                    help="counterfactual_examples.parquet to write: the renders of each pair's first image (PNG), "
+                    "which the report shows")
     _add_config_options(cf, "its 'counterfactual' section (and extract's split, batch_size, device)")
     _add_run_options(cf)
     cf.set_defaults(func=_cmd_counterfactual)

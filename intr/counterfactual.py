@@ -11,14 +11,20 @@ same nuisance and some parts' states replaced, for each look-alike B:
   (:func:`intr.data.synthetic.control_state`).
 
 Writes ``counterfactuals.parquet``: one row per (image, B, changed part, kind) with
-the logit margin A - B before and after, and the predicted class after.  The
-scores live in :mod:`analysis.counterfactual`.
+the logit margin A - B before and after, and the predicted class after; and, where
+asked, ``counterfactual_examples.parquet``: the renders themselves (PNG) of the first
+image of each directed pair (original, each planted swap, all planted parts where
+there are several), which the report shows beside the ranked regions (the report
+cannot render: it never imports torch or the generator).  The scores live in
+:mod:`analysis.counterfactual`.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -171,11 +177,58 @@ def _classes(rows: pd.DataFrame, taxonomy: Sequence[Species]) -> dict[int, int]:
     return {int(c): index[name] for c, name in names.items()}
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG file bytes of an (H, W, 3) uint8 image (lossless: the report shows the render as scored)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def example_renders(swaps: Sequence[Swap], jobs: Sequence[tuple[Species, Nuisance, dict[str, PartState]]],
+                    table: pd.DataFrame, image_size: int) -> pd.DataFrame:
+    """``counterfactual_examples`` rows: the first image of each directed pair, rendered again.
+
+    Per pair: the original (``kind`` ``original``, margin before, prediction A), each planted
+    swap, and the all-planted render where the pair differs in more than one part (with one
+    part it is the planted swap again); margin and prediction are those after the change.
+
+    Args:
+        swaps: the stage's swaps, in ``table`` order.
+        jobs: (species A, nuisance, new states) of each unique render.
+        table: the counterfactual rows (margins and predictions).
+        image_size: the generator's image side.
+    """
+    first: dict[tuple[int, int], int] = {}
+    for swap in swaps:
+        first.setdefault((swap.class_a, swap.class_b), swap.image_id)
+    planted_parts = Counter((s.image_id, s.class_a, s.class_b) for s in swaps if s.kind == "planted")
+    rows: list[dict] = []
+    shown: set[tuple[int, int]] = set()
+    for k, swap in enumerate(swaps):
+        pair = (swap.class_a, swap.class_b)
+        several = planted_parts[(swap.image_id, *pair)] > 1
+        if first[pair] != swap.image_id or not (swap.kind == "planted" or (swap.kind == "all_planted" and several)):
+            continue
+        species, nuisance, states = jobs[swap.render]
+        if pair not in shown:
+            shown.add(pair)
+            original = render_counterfactual(species, nuisance, image_size, {})[0]
+            rows.append({"image_id": swap.image_id, "class_a": swap.class_a, "class_b": swap.class_b,
+                         "part": "", "kind": "original", "margin": table.at[k, "margin_before"],
+                         "pred": swap.class_a, "png": png_bytes(original)})
+        render = render_counterfactual(species, nuisance, image_size, states)[0]
+        rows.append({"image_id": swap.image_id, "class_a": swap.class_a, "class_b": swap.class_b,
+                     "part": swap.part, "kind": swap.kind, "margin": table.at[k, "margin_after"],
+                     "pred": table.at[k, "pred_after"], "png": png_bytes(render)})
+    return pd.DataFrame(rows, columns=[c.name for c in schema("counterfactual_examples")])
+
+
 def run_counterfactuals(model_path: str | Path, manifest: str | Path, root: str | Path, out: str | Path,
                         images_per_pair: int = COUNTERFACTUAL["images_per_pair"],
                         split: str = EXTRACT["split"], batch_size: int = EXTRACT["batch_size"],
                         device: str = EXTRACT["device"],
-                        synthetic: Mapping[str, Any] | None = None) -> pd.DataFrame:
+                        synthetic: Mapping[str, Any] | None = None,
+                        examples_out: str | Path | None = None) -> pd.DataFrame:
     """Write ``counterfactuals.parquet`` for one trained model on synthetic data; return it.
 
     Args:
@@ -189,6 +242,7 @@ def run_counterfactuals(model_path: str | Path, manifest: str | Path, root: str 
         device: ``auto``, ``cpu`` or ``cuda``.
         synthetic: the workflow config's ``synthetic`` section, used only where the root has no
             ``synthetic_config.yaml``.
+        examples_out: ``counterfactual_examples.parquet`` to write (``example_renders``); None: none.
     """
     started = time.perf_counter()
     root = Path(root)
@@ -237,4 +291,7 @@ def run_counterfactuals(model_path: str | Path, manifest: str | Path, root: str 
     write_table(table, out, schema=schema("counterfactuals"), metadata={"method": scorer.method, "model": str(model_path), "split": split,
                                       "images_per_pair": images_per_pair, "renders": len(jobs),
                                       "seconds": round(time.perf_counter() - started, 2)})
+    if examples_out is not None:
+        write_table(example_renders(swaps, jobs, table, config.image_size), examples_out,
+                    schema=schema("counterfactual_examples"), metadata={"method": scorer.method, "split": split})
     return table

@@ -494,3 +494,75 @@ def test_report_images_of_16_bit_files_are_scaled_not_clipped(tmp_path):
     assert pixels.shape == (16, 64, 3)
     assert np.array_equal(pixels[..., 0], np.round(gradient / 257).astype(np.uint8))
     assert (pixels == 255).mean() < 0.01
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _counterfactual_tables(out: Path, a: int, b: int, part: str) -> dict[str, bytes]:
+    """Hand-made counterfactual tables of one pair: A -> B flips on 3 of 4 images, B -> A on none of 2."""
+    def row(image_id, x, y, kind, part_, before, after, pred):
+        return {"image_id": image_id, "class_a": x, "class_b": y, "part": part_, "kind": kind, "state": "s",
+                "margin_before": before, "margin_after": after, "pred_after": pred}
+
+    rows = [row(i, a, b, kind, part, 4.0, -1.0 if i < 3 else 1.0, b if i < 3 else a)
+            for i in range(4) for kind in ("planted", "all_planted")]
+    rows += [row(i, a, b, "control", "legs", 4.0, 3.5, a) for i in range(4)]
+    rows += [row(10 + i, b, a, kind, part, 2.0, 1.25, b) for i in range(2) for kind in ("planted", "all_planted")]
+    write_table(pd.DataFrame(rows), out / "counterfactuals.parquet", schema=tables.schema("counterfactuals"))
+    pngs = {"a_original": _png((200, 10, 10)), "a_swap": _png((10, 200, 10)),
+            "b_original": _png((10, 10, 200)), "b_swap": _png((200, 200, 10))}
+    examples = pd.DataFrame([
+        {"image_id": 0, "class_a": a, "class_b": b, "part": "", "kind": "original", "margin": 4.0, "pred": a,
+         "png": pngs["a_original"]},
+        {"image_id": 0, "class_a": a, "class_b": b, "part": part, "kind": "planted", "margin": -1.0, "pred": b,
+         "png": pngs["a_swap"]},
+        {"image_id": 10, "class_a": b, "class_b": a, "part": "", "kind": "original", "margin": 2.0, "pred": b,
+         "png": pngs["b_original"]},
+        {"image_id": 10, "class_a": b, "class_b": a, "part": part, "kind": "planted", "margin": 1.25, "pred": b,
+         "png": pngs["b_swap"]},
+    ])
+    write_table(examples, out / "counterfactual_examples.parquet", schema=tables.schema("counterfactual_examples"))
+    return pngs
+
+
+def test_counterfactual_strip_shows_renders_margins_and_says_where_the_model_does_not_flip(fixture_tables, tmp_path):
+    import base64
+    import shutil
+
+    from analysis.report import ReportTables, build_report
+
+    results = tmp_path / "tiny"
+    shutil.copytree(fixture_tables["results_dir"], results)
+    pairs = pd.read_parquet(results / "lookalike_pairs.parquet")
+    a, b, part = int(pairs["class_a"][0]), int(pairs["class_b"][0]), str(pairs["differing_parts"][0][0])
+    pngs = _counterfactual_tables(results / "intr", a, b, part)
+    page = build_report(ReportTables.under(results, fixture_tables["methods"]), fixture_tables["root"],
+                        fixture_tables["config"], tmp_path / "r.html", progress=False).read_text()
+    pairs_html = _section(page, "pairs", "traits")
+    for png in pngs.values():  # the renders as stored, beside the ranked regions
+        assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in pairs_html
+    text = " ".join(_text(pairs_html).split())
+    names = fixture_tables["names"]
+    assert "margin 4.00" in text and "margin -1.00 (-5.00)" in text    # A -> B: the swap turns the margin
+    assert "margin 2.00" in text and "margin 1.25 (-0.75)" in text     # B -> A: it only lowers it
+    assert f"3 of 4 images of {names[a]} (75%) are predicted {names[b]}" in text
+    assert text.count("The model does not flip") == 1
+    assert f"only 0 of 2 images of {names[b]} (0%) are predicted {names[a]}" in text
+    assert f"{part} 75% 4.50" in text                                   # the planted part: flip share, margin drop
+    assert re.search(rf"{part} 4.50 ?, legs 0.50", text)                # the model-causal ranking of A -> B's parts
+    assert "Counterfactual:" not in _text(_section(page, "answer", "pairs"))
+
+
+def test_report_without_counterfactual_tables_has_no_strip_and_no_note(report_html):
+    """Data other than synthetic has no renders: nothing is drawn and no table is reported missing."""
+    text = _text(report_html)
+    assert "Counterfactual:" not in text and "counterfactuals.parquet" not in text
+    assert "data:image/png" not in _section(report_html, "pairs", "traits")

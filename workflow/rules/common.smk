@@ -317,6 +317,8 @@ REPORT_METHOD_TABLES = {
     **{name: ("extract", name) for name in ("predictions", "attention", "head_ranks", "region_effects")},
     **{name: ("analyze", name) for name in ("head_types", "traits", "trait_members", "regions", "contrasts")},
     **({"discovered_parts": ("discover", "parts")} if REGIONS == "discovered" else {}),
+    **({"counterfactuals": ("counterfactual", "table"), "counterfactual_examples": ("counterfactual", "examples")}
+       if DATA_KIND == "synthetic" else {}),
 }
 
 

@@ -38,6 +38,7 @@ if DATA_KIND == "synthetic":
             images_txt=rules.synthesize.output.images_txt,
         output:
             table="results/{dataset}/{method}/counterfactuals.parquet",
+            examples="results/{dataset}/{method}/counterfactual_examples.parquet",
         params:
             config=config_json({"counterfactual": None, "synthetic": None,
                                 "extract": ("split", "batch_size", "device")}),
@@ -56,7 +57,8 @@ if DATA_KIND == "synthetic":
             "../envs/trait-discovery.yaml"
         shell:
             "intr counterfactual --model {input.model:q} --manifest {input.manifest:q} --root {params.root:q}"
-            " --out {output.table:q} --config-json {params.config:q} --threads {threads} --quiet > {log:q} 2>&1"
+            " --out {output.table:q} --examples-out {output.examples:q} --config-json {params.config:q}"
+            " --threads {threads} --quiet > {log:q} 2>&1"
 
 
 rule extract:
