@@ -105,7 +105,8 @@ def test_missing_keys_take_the_schema_defaults_at_every_depth():
 def test_a_backbone_given_in_a_config_replaces_the_default_backbone_whole():
     backbone = config_section({"intr": {"model": {"backbone": {"name": "resnet50"}}}}, "intr")["model"]["backbone"]
 
-    assert backbone == {"name": "resnet50", "pretrained": False, "checkpoint": None, "kwargs": {}}
+    assert backbone == {"name": "resnet50", "pretrained": False, "checkpoint": None, "kwargs": {},
+                        "normalization": None}
 
 
 def test_validation_leaves_the_given_config_untouched():

@@ -163,3 +163,17 @@ def test_cub_config_validates_and_follows_both_papers() -> None:
                                           "clip_grad")} == \
         {"epochs": 140, "batch_size": 48, "lr": 5e-5, "backbone_lr": 1e-5, "schedule": "step",
          "lr_drop_epochs": 80, "clip_grad": 0.1}
+
+
+def test_backbone_normalization_replaces_timm_constants_in_the_trained_model(tmp_path):
+    """A configured mean / std reaches ``normalization`` (what train stores and every stage reads)."""
+    from intr.models.backbones import BackboneSpec, create_backbone, normalization
+
+    options = {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 24,
+                                                          "depth": 1, "num_heads": 2}}
+    plain = create_backbone(BackboneSpec.from_dict(options))
+    given = create_backbone(BackboneSpec.from_dict(options | {"normalization": {"mean": [0.1, 0.2, 0.3],
+                                                                                "std": [0.4, 0.5, 0.6]}}))
+    assert normalization(plain) == (tuple(plain.pretrained_cfg["mean"]), tuple(plain.pretrained_cfg["std"]))
+    assert normalization(given) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert "normalization" not in BackboneSpec.from_dict(options).to_dict()  # earlier runs' digests unchanged

@@ -35,21 +35,28 @@ class BackboneSpec:
         checkpoint: a local weights file; relative paths resolve against the
             package folder first (how the shipped default is found), then the cwd.
         kwargs: overrides passed to ``timm.create_model`` (img_size, patch_size, ...).
+        normalization: ``{"mean": [3], "std": [3]}`` replacing timm's input
+            normalisation (Prompt-CAM's code: 0.5 / 0.5), or None.
     """
 
     name: str
     pretrained: bool = False
     checkpoint: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    normalization: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> "BackboneSpec":
         return cls(name=options["name"], pretrained=bool(options.get("pretrained", False)),
-                   checkpoint=options.get("checkpoint"), kwargs=dict(options.get("kwargs") or {}))
+                   checkpoint=options.get("checkpoint"), kwargs=dict(options.get("kwargs") or {}),
+                   normalization=options.get("normalization"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "pretrained": self.pretrained, "checkpoint": self.checkpoint,
-                "kwargs": dict(self.kwargs)}
+        out = {"name": self.name, "pretrained": self.pretrained, "checkpoint": self.checkpoint,
+               "kwargs": dict(self.kwargs)}
+        if self.normalization is not None:  # only when set, so earlier runs' config digests stay valid
+            out["normalization"] = dict(self.normalization)
+        return out
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -142,6 +149,9 @@ def create_backbone(spec: BackboneSpec, num_classes: int = 0) -> nn.Module:
                               **dict(spec.kwargs))
     if spec.checkpoint:
         load_checkpoint(model, resolve_checkpoint(spec.checkpoint))
+    if spec.normalization is not None:  # read by ``normalization`` below, so train and pretrain agree
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}),
+                                "mean": tuple(spec.normalization["mean"]), "std": tuple(spec.normalization["std"])}
     return model
 
 
