@@ -217,7 +217,7 @@ def _cmd_evaluation(args: argparse.Namespace) -> int:
 
 
 EXTRACT_KEYS = ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius", "region_cells",
-                "blur_sigma", "device")
+                "blur_sigma", "occlusion", "device")
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
@@ -257,7 +257,8 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
         Path(args.model), Path(args.manifest), Path(args.root), Path(args.out_maps), Path(args.out_metrics),
         attention=Path(args.attention),
         split=options["split"], top_heads=options["top_heads"], images=options["faithfulness_images"],
-        steps=options["faithfulness_steps"], blur_sigma=options["blur_sigma"], batch_size=options["batch_size"],
+        steps=options["faithfulness_steps"], blur_sigma=options["blur_sigma"], occlusion=options["occlusion"],
+        batch_size=options["batch_size"],
         device=options["device"], progress=not args.quiet)
     print(table.to_string(index=False, float_format="%.3f"))
     return 0
