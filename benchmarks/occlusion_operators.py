@@ -19,6 +19,9 @@ in a state of another genus (``control``), ``analysis.counterfactual.pair_part_e
   background too) competing for the occlusion top;
 * ``spearman``: mean over pairs of the rank correlation of the two rankings
   over the parts with counterfactual rows.
+
+``--json-out`` writes the table and, per operator and pair, the two top parts
+and the pair's rank correlation.
 """
 
 from __future__ import annotations
@@ -73,12 +76,16 @@ def occlusion_effects(model, data, rows: pd.DataFrame, source, siblings: dict[in
     return pd.concat(out, ignore_index=True)
 
 
-def agreement(occluded: pd.DataFrame, causal: pd.DataFrame) -> dict[str, float]:
-    """top1, top1_all_regions and mean Spearman of occlusion vs counterfactual rankings over pairs."""
+def agreement(occluded: pd.DataFrame, causal: pd.DataFrame) -> tuple[dict[str, float], list[dict]]:
+    """top1, top1_all_regions and mean Spearman of occlusion vs counterfactual rankings over pairs.
+
+    Returns:
+        (the figures, one dict per pair: class_a, class_b, the two top parts and rho).
+    """
     from scipy.stats import spearmanr
 
     drops = occluded.groupby(["class_a", "class_b", "region"], as_index=False)["margin_drop"].mean()
-    top1, top1_all, rhos = [], [], []
+    top1, top1_all, rhos, pairs = [], [], [], []
     for (a, b), cf in causal.groupby(["class_a", "class_b"]):
         occ = drops[(drops["class_a"] == a) & (drops["class_b"] == b)].set_index("region")["margin_drop"]
         cf = cf.set_index("part")["cf_drop"]
@@ -91,13 +98,16 @@ def agreement(occluded: pd.DataFrame, causal: pd.DataFrame) -> dict[str, float]:
         rho = spearmanr(occ[parts].to_numpy(), cf[parts].to_numpy()).statistic
         if np.isfinite(rho):
             rhos.append(rho)
-    return {"pairs": len(top1), "top1": float(np.mean(top1)), "top1_all_regions": float(np.mean(top1_all)),
-            "spearman": float(np.mean(rhos)) if rhos else float("nan")}
+        pairs.append({"class_a": int(a), "class_b": int(b), "counterfactual_top": best_cf,
+                      "occlusion_top": occ[parts].idxmax(), "rho": float(rho)})
+    figures = {"pairs": len(top1), "top1": float(np.mean(top1)), "top1_all_regions": float(np.mean(top1_all)),
+               "spearman": float(np.mean(rhos)) if rhos else float("nan")}
+    return figures, pairs
 
 
 def score_method(results: Path, method: str, operators: list[str], blur_sigma: float,
-                 batch_size: int) -> list[dict]:
-    """One row per operator: agreement figures and seconds, for one method's model."""
+                 batch_size: int) -> tuple[list[dict], list[dict]]:
+    """One row per operator (agreement figures, seconds) and one per operator and pair, for one method."""
     from analysis import regions as reg
     from intr.data.images import ImageSet
     from intr.extract import RegionSource
@@ -118,14 +128,16 @@ def score_method(results: Path, method: str, operators: list[str], blur_sigma: f
     data = ImageSet(root, rows, size, config["normalization"]["mean"], config["normalization"]["std"])
     source = RegionSource.load("annotated", rows, root, results / "parts.parquet", None, reg.DEFAULT_RADIUS,
                                reg.DEFAULT_CELLS)
-    table = []
+    table, per_pair = [], []
     for operator in operators:
         start = time.perf_counter()
         occluded = occlusion_effects(model, data, rows, source, siblings, Occlusion(operator, blur_sigma),
                                      size, batch_size)
-        table.append({"method": method, "operator": operator, "images": len(rows),
-                      **agreement(occluded, causal), "seconds": round(time.perf_counter() - start, 1)})
-    return table
+        figures, pairs = agreement(occluded, causal)
+        table.append({"method": method, "operator": operator, "images": len(rows), **figures,
+                      "seconds": round(time.perf_counter() - start, 1)})
+        per_pair += [{"method": method, "operator": operator, **pair} for pair in pairs]
+    return table, per_pair
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,17 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    table = []
+    table, per_pair = [], []
     for method in args.methods:
         if not (args.results / method / "counterfactuals.parquet").exists():
             print(f"{method}: no counterfactuals.parquet under {args.results / method}; skipped", file=sys.stderr)
             continue
-        table += score_method(args.results, method, args.operators, args.blur_sigma, args.batch_size)
+        rows, pairs = score_method(args.results, method, args.operators, args.blur_sigma, args.batch_size)
+        table += rows
+        per_pair += pairs
     frame = pd.DataFrame(table)
     print(f"occlusion vs counterfactual ranking, {args.results}")
     print(frame.to_string(index=False, float_format="%.3f"))
     if args.json_out:
-        args.json_out.write_text(json.dumps({"results": str(args.results), "rows": table}, indent=1))
+        args.json_out.write_text(json.dumps({"results": str(args.results), "rows": table,
+                                              "pairs": per_pair}, indent=1))
     return 0
 
 

@@ -458,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="insertion/deletion AUC of the model's maps and of CAM baselines on the same backbone",
         description="Write baseline_maps.parquet (the model's top-heads map, Grad-CAM, Layer-CAM, "
         "Eigen-CAM of a linear probe on the frozen backbone, attention rollout) and "
-        "metrics_faithfulness.parquet (insertion_auc, deletion_auc per method).",
+        "metrics_faithfulness.parquet (insertion_auc, deletion_auc per method, RISE's blur; with "
+        "extract.occlusion other than blur also insertion_auc_<operator>, deletion_auc_<operator>).",
     )
     _add_model_inputs(fa, "manifest.parquet")
     fa.add_argument("--attention", required=True,
