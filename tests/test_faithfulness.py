@@ -378,8 +378,8 @@ def test_another_occlusion_adds_its_rows_beside_the_unchanged_blur_protocol(data
     model_path = save_model("prompt_cam", tmp_path / "model.pt", manifest=manifest)
     attention = extract(model_path, manifest, root, tmp_path / "extract", batch_size=8, device="cpu", limit=4,
                         progress=False)["attention"]
-    settings = dict(attention=attention, split="test", top_heads=2, images=4, steps=4, batch_size=4,
-                    device="cpu", seed=0, progress=False)
+    settings = {"attention": attention, "split": "test", "top_heads": 2, "images": 4, "steps": 4,
+                "batch_size": 4, "device": "cpu", "seed": 0, "progress": False}
     blur = run_faithfulness(model_path, manifest, root, tmp_path / "m0.parquet", tmp_path / "f0.parquet",
                             **settings)
     both = run_faithfulness(model_path, manifest, root, tmp_path / "m1.parquet", tmp_path / "f1.parquet",
