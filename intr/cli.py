@@ -231,7 +231,7 @@ def _cmd_evaluation(args: argparse.Namespace) -> int:
 
 
 EXTRACT_KEYS = ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius", "region_cells",
-                "blur_sigma", "device")
+                "blur_sigma", "occlusion", "device")
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
@@ -271,7 +271,8 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
         Path(args.model), Path(args.manifest), Path(args.root), Path(args.out_maps), Path(args.out_metrics),
         attention=Path(args.attention),
         split=options["split"], top_heads=options["top_heads"], images=options["faithfulness_images"],
-        steps=options["faithfulness_steps"], blur_sigma=options["blur_sigma"], batch_size=options["batch_size"],
+        steps=options["faithfulness_steps"], blur_sigma=options["blur_sigma"], occlusion=options["occlusion"],
+        batch_size=options["batch_size"],
         device=options["device"], progress=not args.quiet)
     print(table.to_string(index=False, float_format="%.3f"))
     return 0
@@ -475,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="insertion/deletion AUC of the model's maps and of CAM baselines on the same backbone",
         description="Write baseline_maps.parquet (the model's top-heads map, Grad-CAM, Layer-CAM, "
         "Eigen-CAM of a linear probe on the frozen backbone, attention rollout) and "
-        "metrics_faithfulness.parquet (insertion_auc, deletion_auc per method).",
+        "metrics_faithfulness.parquet (insertion_auc, deletion_auc per method, RISE's blur; with "
+        "extract.occlusion other than blur also insertion_auc_<operator>, deletion_auc_<operator>).",
     )
     _add_model_inputs(fa, "manifest.parquet")
     fa.add_argument("--attention", required=True,

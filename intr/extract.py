@@ -15,8 +15,9 @@ For each image of the evaluation split it writes (layouts in docs/tables.md):
 * ``region_effects.parquet``: for the true class A and each look-alike B, the
   drop of the logit margin A - B (and of A's probability) when one region
   (``analysis.regions``: a part mask, a disc around a part keypoint, or a grid
-  cell) is replaced by the blurred image; all regions of a batch of images go
-  through the model in one batched pass;
+  cell) is occluded (``extract.occlusion``, ``intr.occlusion``: by default
+  replaced by the blurred image); all regions of a batch of images go through
+  the model in one batched pass;
 * ``trait_features.parquet``: for the true class's ``top_heads`` top-ranked
   heads, the map-weighted mean of the backbone's final patch features;
 * ``lookalikes.parquet``: the look-alike classes used (class_a, class_b,
@@ -55,8 +56,8 @@ from analysis.config import defaults
 from analysis.tables import ParquetStreamWriter, read_table
 from intr import precision
 from intr.data.images import ImageSet, read_split
-from intr.faithfulness import gaussian_blur
 from intr.models import load_model, resolve_device
+from intr.occlusion import Occlusion
 from intr.ranking import rank_heads_by_blurring, rank_pair_heads_by_blurring
 
 ROLE_TRUE, ROLE_PRED, ROLE_SIBLING = "true", "pred", "sibling"
@@ -65,8 +66,8 @@ TABLES = ("predictions", "attention", "head_ranks", "pair_head_ranks", "region_e
 
 
 def blur_images(images: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
-    """Gaussian blur with sigma = ``sigma_fraction`` x the image side (the faithfulness test's blur)."""
-    return gaussian_blur(images, sigma_fraction * max(images.shape[-2:]))
+    """Gaussian blur with sigma = ``sigma_fraction`` x the image side (the ``blur`` occlusion's fill)."""
+    return Occlusion("blur", sigma_fraction).fill(images)
 
 
 # ----------------------------------------------------------------------------- look-alikes
@@ -170,11 +171,22 @@ def _query_classes(labels: np.ndarray, preds: np.ndarray, looks: dict[int, list[
 
 
 @torch.no_grad()
-def _region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+def region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
                     masks: list[np.ndarray], siblings: list[list[int]], vocab: list[str],
-                    sigma: float, chunk: int) -> dict[str, np.ndarray]:
-    """Margin and probability drops when each region is blurred, for a batch of images."""
-    blurred = blur_images(images, sigma)
+                    occlusion: Occlusion, chunk: int) -> dict[str, np.ndarray]:
+    """Margin and probability drops when each region is occluded, for a batch of images.
+
+    Args:
+        model: the classifier (``images -> logits``).
+        images: (B, C, S, S) normalised images.
+        labels: (B,) true classes A.
+        logits: (B, num_classes) the model's logits on ``images``.
+        masks: per image, its (regions, S, S) region masks (``analysis.regions.region_masks``).
+        siblings: per image, its look-alike classes B.
+        vocab: region names, indexed as the masks' first axis.
+        occlusion: what an occluded region becomes (``intr.occlusion``).
+        chunk: occluded images per forward pass.
+    """
     owner, region_ids, comp = [], [], []
     for b, m in enumerate(masks):
         present = np.flatnonzero(m.reshape(m.shape[0], -1).any(1))
@@ -186,16 +198,19 @@ def _region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: t
         return {}
     region_masks = torch.cat(comp).to(images.device, images.dtype).unsqueeze(1)  # (M, 1, S, S)
     owner_t = torch.as_tensor(owner, device=images.device)
+    # A fill that does not depend on the mask is computed once per image (blur: the published figures' bytes).
+    fill = None if occlusion.fill_depends_on_mask else occlusion.fill(images)
     out_logits = []
     for s in range(0, len(owner), chunk):
         o = owner_t[s:s + chunk]
         m = region_masks[s:s + chunk]
-        out_logits.append(model(images[o] * (1 - m) + blurred[o] * m).float())
-    blurred_logits = torch.cat(out_logits)  # (M, C)
+        occluded = occlusion(images[o], m) if fill is None else images[o] * (1 - m) + fill[o] * m
+        out_logits.append(model(occluded).float())
+    occluded_logits = torch.cat(out_logits)  # (M, C)
     base = logits.float()
     prob_a = base.softmax(1).gather(1, labels.view(-1, 1)).squeeze(1)
     a = labels[owner_t]
-    prob_a_blur = blurred_logits.softmax(1).gather(1, a.view(-1, 1)).squeeze(1)
+    prob_a_occluded = occluded_logits.softmax(1).gather(1, a.view(-1, 1)).squeeze(1)
     area = region_masks.flatten(1).mean(1)
     cols = {k: [] for k in ("image", "class_b", "region", "area", "margin", "margin_drop", "prob_a_drop")}
     for j in range(len(owner)):
@@ -205,15 +220,15 @@ def _region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: t
             continue
         sib_t = torch.as_tensor(sib, device=images.device)
         margin = base[b, labels[b]] - base[b, sib_t]
-        margin_blur = blurred_logits[j, labels[b]] - blurred_logits[j, sib_t]
+        margin_occluded = occluded_logits[j, labels[b]] - occluded_logits[j, sib_t]
         n = len(sib)
         cols["image"] += [b] * n
         cols["class_b"] += sib
         cols["region"] += [vocab[region_ids[j]]] * n
         cols["area"] += [float(area[j])] * n
         cols["margin"] += margin.cpu().tolist()
-        cols["margin_drop"] += (margin - margin_blur).cpu().tolist()
-        cols["prob_a_drop"] += [float(prob_a[b] - prob_a_blur[j])] * n
+        cols["margin_drop"] += (margin - margin_occluded).cpu().tolist()
+        cols["prob_a_drop"] += [float(prob_a[b] - prob_a_occluded[j])] * n
     return {k: np.asarray(v) for k, v in cols.items()}
 
 
@@ -226,7 +241,8 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
             regions: str = EXTRACT["regions"], parts: str | Path | None = None,
             discovered_parts: str | Path | None = None,
             region_radius: float = EXTRACT["region_radius"], region_cells: int = EXTRACT["region_cells"],
-            blur_sigma: float = EXTRACT["blur_sigma"], device: str = EXTRACT["device"], workers: int = 0,
+            blur_sigma: float = EXTRACT["blur_sigma"], occlusion: str = EXTRACT["occlusion"],
+            device: str = EXTRACT["device"], workers: int = 0,
             amp: bool = True, limit: int | None = None, progress: bool = True) -> dict[str, Path]:
     """Write the extraction tables of one trained model into ``out_dir``.
 
@@ -243,7 +259,8 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
         parts: ``parts.parquet`` (read only with ``regions: annotated``; None: grid cells).
         discovered_parts: ``discovered_parts.parquet`` (``regions: discovered``).
         region_radius, region_cells: the annotated rule's settings (``analysis.regions``).
-        blur_sigma: blur of the replaced regions, as a fraction of the image side.
+        blur_sigma: the ``blur`` operator's sigma, as a fraction of the image side.
+        occlusion: what an occluded region becomes: an operator of ``intr.occlusion.OPERATORS``.
         device: ``auto``, ``cpu`` or ``cuda``.
         workers: image-decoding processes.
         amp: bf16 autocast on CUDA (and on CPU with INTR_CPU_BF16=1: ``intr.precision``).
@@ -306,8 +323,9 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
     schemas = {name: tables.schema(name, cells=cells, feature_dim=feature_dim) for name in TABLES}
     extra = {"trait_features": {"feature_dim": feature_dim, "top_heads": top},
              "region_effects": {"regions": regions.vocab, "region_mode": regions.layout.mode, "blur_sigma": blur_sigma,
+                                "occlusion": occlusion,
                                 "region_radius": region_radius, "region_cells": region_cells}}
-    run = BatchSettings(model, rows, looks, regions, size, top, blur_sigma, autocast)
+    run = BatchSettings(model, rows, looks, regions, size, top, Occlusion(occlusion, blur_sigma), autocast)
     with TableWriters(Path(out_dir), schemas, {name: {**meta, **extra.get(name, {})} for name in TABLES}) as writers:
         pairs = [(a, b) for a in sorted(looks) for b in looks[a]]
         writers.write("lookalikes", {"class_a": [a for a, _ in pairs], "class_b": [b for _, b in pairs],
@@ -354,7 +372,7 @@ class BatchSettings:
     regions: RegionSource
     image_size: int
     top_heads: int
-    blur_sigma: float
+    occlusion: Occlusion
     autocast: Callable[[], Any]
 
 
@@ -488,10 +506,10 @@ def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tens
         writers.write("pair_head_ranks", pair_head_rank_columns(image_ids[image], y[image], class_b, pair_rank,
                                                                 margins))
 
-    # Region effects: every region of every image of the batch, blurred, in batched passes.
+    # Region effects: every region of every image of the batch, occluded, in batched passes.
     masks = [reg.region_masks(run.regions.labels(int(i), run.image_size), len(run.regions.vocab)) for i in index]
     with autocast():
-        eff = _region_effects(model, images, labels, logits, masks, siblings, run.regions.vocab, run.blur_sigma,
+        eff = region_effects(model, images, labels, logits, masks, siblings, run.regions.vocab, run.occlusion,
                               chunk=max(1, images.shape[0]) * 4)
     if eff:
         owner = eff["image"].astype(np.int64)

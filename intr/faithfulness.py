@@ -25,6 +25,13 @@ Table 1 reports:
 * AUC is the trapezoid integral of the curve over the fraction of pixels,
   in [0, 1].  Higher insertion and lower deletion mean a more faithful map.
 
+Other occlusion operators (``extract.occlusion``, ``intr.occlusion``) add rows
+``insertion_auc_<operator>`` / ``deletion_auc_<operator>`` beside the blur
+protocol's, which stays the reported one (the papers' figures): deletion fills
+each step's removed pixels with the operator (for ``background_fill`` from
+that step's kept pixels), insertion starts from the image with every pixel
+removed (the operator's fill of the whole image).
+
 Every method explains the true class (not the predicted one), as the model's
 map does; Eigen-CAM and rollout are class-agnostic by construction.
 
@@ -42,7 +49,6 @@ layout: ``insertion_auc`` and ``deletion_auc`` per method with a bootstrap
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -50,7 +56,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 from tqdm import tqdm
 
 from analysis import io, tables
@@ -60,26 +65,12 @@ from analysis.tables import ParquetStreamWriter, write_table
 from intr.baselines import CAM_METHODS, attention_rollout, backbone_vit, cam_maps, fit_linear_probe, pool_to_grid
 from intr.data.images import ImageSet, read_split
 from intr.models import load_model, resolve_device
+from intr.occlusion import Occlusion, gaussian_blur  # noqa: F401  (gaussian_blur: the RISE blur, imported from here too)
 
 BASELINE_METHODS = (*CAM_METHODS, "rollout")
 
 
 # --------------------------------------------------------------------------- the RISE protocol
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of (B, C, H, W) images with standard deviation ``sigma`` pixels.
-
-    Kernel width ``2 ceil(3 sigma) + 1`` (capped so that reflect padding fits
-    the image); ``sigma <= 0`` returns the images unchanged.
-    """
-    if sigma <= 0:
-        return images.clone()
-    h, w = images.shape[-2:]
-    half = min(int(math.ceil(3 * sigma)), h - 1, w - 1)
-    if half < 1:
-        return images.clone()
-    return tv_gaussian_blur(images, kernel_size=[2 * half + 1] * 2, sigma=[float(sigma)] * 2)
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -102,7 +93,8 @@ def true_class_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.
 @torch.no_grad()
 def insertion_deletion_curves(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                               blurred: torch.Tensor, saliency: torch.Tensor, target: torch.Tensor,
-                              steps: int = 32, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                              steps: int = 32, chunk: int = 256,
+                              occlusion: Occlusion | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Insertion and deletion curves, (B, steps + 1) each, of one heat map per image.
 
     Args:
@@ -114,6 +106,10 @@ def insertion_deletion_curves(predict: Callable[[torch.Tensor], torch.Tensor], i
         steps: number of equal steps from 0 to all pixels.
         chunk: composite images per forward pass (several images' steps, both
             curves, go into one pass).
+        occlusion: an operator whose fill depends on the removed pixels
+            (``background_fill``): deleted pixels become its fill for that step's
+            mask; ``blurred`` is then the image with every pixel removed.  None:
+            deleted pixels become ``blurred``'s (every mask-independent operator).
 
     Point k of a curve has the ``round(k H W / steps)`` top-ranked pixels
     changed: inserted from the image into the blurred one (insertion) or
@@ -139,7 +135,10 @@ def insertion_deletion_curves(predict: Callable[[torch.Tensor], torch.Tensor], i
         b, k = idx // points, idx % points
         changed = (position[b] < counts[k].unsqueeze(1)).view(-1, 1, H, W)
         inserted = torch.where(changed, images[b], blurred[b])
-        deleted = torch.where(changed, blurred[b], images[b])
+        if occlusion is None:
+            deleted = torch.where(changed, blurred[b], images[b])
+        else:
+            deleted = occlusion(images[b], changed)
         p = true_class_probability(predict(torch.cat([inserted, deleted])), torch.cat([target[b], target[b]]))
         insertion[idx] = p[:len(idx)]
         deletion[idx] = p[len(idx):]
@@ -226,13 +225,27 @@ def _check_attention_table(attention: str | Path, method: str, split: str, grid:
 
 
 EXTRACT = defaults("extract")  # the config schema's defaults
+CURVES = ("insertion_auc", "deletion_auc")
+
+
+def occlusion_protocols(occlusion: str, blur_sigma: float) -> dict[str, Occlusion]:
+    """Metric-name suffix -> operator: always the published blur (no suffix), and ``occlusion`` beside it.
+
+    Args:
+        occlusion: the configured operator (``intr.occlusion.OPERATORS``).
+        blur_sigma: the blur's sigma as a fraction of the image side.
+    """
+    protocols = {"": Occlusion("blur", blur_sigma)}
+    if occlusion != "blur":
+        protocols[f"_{occlusion}"] = Occlusion(occlusion, blur_sigma)
+    return protocols
 
 
 def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | Path, out_maps: str | Path,
                      out_metrics: str | Path, attention: str | Path, split: str = EXTRACT["split"],
                      top_heads: int = EXTRACT["top_heads"], images: int = EXTRACT["faithfulness_images"],
                      steps: int = EXTRACT["faithfulness_steps"], blur_sigma: float = EXTRACT["blur_sigma"],
-                     batch_size: int = EXTRACT["batch_size"], device: str = EXTRACT["device"], seed: int = 0,
+                     occlusion: str = EXTRACT["occlusion"], batch_size: int = EXTRACT["batch_size"], device: str = EXTRACT["device"], seed: int = 0,
                      progress: bool = True) -> pd.DataFrame:
     """Write ``baseline_maps.parquet`` and ``metrics_faithfulness.parquet``; return the metric rows.
 
@@ -250,6 +263,9 @@ def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | P
             attention table holds, sorted by image_id.
         steps: insertion/deletion steps.
         blur_sigma: the blur's sigma as a fraction of the image side.
+        occlusion: an operator of ``intr.occlusion.OPERATORS``; other than ``blur`` it adds
+            ``insertion_auc_<occlusion>`` and ``deletion_auc_<occlusion>`` rows (the same curves
+            with that operator removing the pixels) beside the blur protocol's.
         batch_size: images per batch (curve forward passes take up to 4x as many composites).
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: sampling seed.
@@ -280,10 +296,11 @@ def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | P
                 "grid_w": grid[1], "patch_size": _patch_size(model, size, grid), "image_size": size,
                 "num_heads": int(model.num_heads), "split": split, "top_heads": int(top_heads),
                 "explained_class": "true_class", "methods": methods}
-    aucs = {(m, c): [] for m in methods for c in ("insertion_auc", "deletion_auc")}
+    protocols = occlusion_protocols(occlusion, blur_sigma)
+    aucs = {(m, c + suffix): [] for suffix in protocols for m in methods for c in CURVES}
     correct = {"model": [], "linear_probe": []}
-    ends = {"model": [], "linear_probe": []}  # (p(image), p(blurred)) of each curve model
-    sigma = blur_sigma * size
+    # (p(image), p(everything removed)) of each curve model, per protocol
+    ends = {suffix: {"model": [], "linear_probe": []} for suffix in protocols}
     model_predict = lambda x: model(x)  # noqa: E731
     probe_predict = lambda x: probe(x)  # noqa: E731
 
@@ -294,7 +311,7 @@ def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | P
             batch = torch.stack([data[i][0] for i in idx]).to(dev)
             target = data.labels[start:start + len(idx)].to(dev)
             ids = data.image_ids[start:start + len(idx)].numpy().astype(np.int32)
-            blurred = gaussian_blur(batch, sigma)
+            removed_all = {suffix: occ.fill(batch) for suffix, occ in protocols.items()}
             with torch.no_grad():
                 correct["model"].append((model(batch).argmax(1) == target).cpu())
                 correct["linear_probe"].append((probe(batch).argmax(1) == target).cpu())
@@ -312,28 +329,33 @@ def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | P
 
             for name in methods:
                 predict = model_predict if name == method else probe_predict
-                ins, dele = insertion_deletion_curves(predict, batch, blurred, saliency[name], target,
-                                                      steps, chunk=4 * batch_size)
-                aucs[(name, "insertion_auc")].append(curve_auc(ins, size * size))
-                if name in (method, CAM_METHODS[0]):
-                    ends["model" if name == method else "linear_probe"].append(ins[:, [-1, 0]].cpu())
-                aucs[(name, "deletion_auc")].append(curve_auc(dele, size * size))
+                for suffix, occ in protocols.items():
+                    ins, dele = insertion_deletion_curves(
+                        predict, batch, removed_all[suffix], saliency[name], target, steps, chunk=4 * batch_size,
+                        occlusion=occ if occ.fill_depends_on_mask else None)
+                    aucs[(name, "insertion_auc" + suffix)].append(curve_auc(ins, size * size))
+                    aucs[(name, "deletion_auc" + suffix)].append(curve_auc(dele, size * size))
+                    if name in (method, CAM_METHODS[0]):
+                        ends[suffix]["model" if name == method else "linear_probe"].append(ins[:, [-1, 0]].cpu())
                 flat = normalise_maps(grid_maps[name]).flatten(1).cpu().numpy().astype(np.float16)
                 writer.write(tables.table_from_columns(writer.schema, {
                     "image_id": ids, "method": [name] * len(ids),
                     "class_id": target.cpu().numpy().astype(np.int16), "attn": flat}))
 
-    metrics = [metric_row(m, c, split, torch.cat(aucs[(m, c)]).numpy())
-               for m in methods for c in ("insertion_auc", "deletion_auc")]
+    metrics = [metric_row(m, c + suffix, split, torch.cat(aucs[(m, c + suffix)]).numpy())
+               for suffix in protocols for m in methods for c in CURVES]
     table = pd.DataFrame(metrics)
     accuracy = {k: float(torch.cat(v).float().mean()) for k, v in correct.items()}
-    ends_mean = {k: torch.cat(v).mean(0).tolist() for k, v in ends.items()}
+    ends_mean = {suffix: {k: torch.cat(v).mean(0).tolist() for k, v in by_model.items()}
+                 for suffix, by_model in ends.items()}
     write_table(table, out_metrics, metadata={
         "method": method, "model": str(model_path), "attention": str(attention), "split": split,
         "images": len(data),
-        "steps": int(steps), "blur_sigma": float(blur_sigma), "top_heads": int(top_heads),
+        "steps": int(steps), "blur_sigma": float(blur_sigma), "occlusion": occlusion, "top_heads": int(top_heads),
         "explained_class": "true_class", "curve_model": {method: method, **{b: "linear_probe" for b in methods[1:]}},
         "top1_on_these_images": accuracy,
-        "mean_prob_image": {k: v[0] for k, v in ends_mean.items()},
-        "mean_prob_blurred": {k: v[1] for k, v in ends_mean.items()}})
+        "mean_prob_image": {k: v[0] for k, v in ends_mean[""].items()},
+        "mean_prob_blurred": {k: v[1] for k, v in ends_mean[""].items()},
+        **({f"mean_prob_removed_{occlusion}": {k: v[1] for k, v in ends_mean[f"_{occlusion}"].items()}}
+           if occlusion != "blur" else {})})
     return table

@@ -155,7 +155,7 @@ def test_code_defaults_are_the_schema_defaults():
     assert (regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS) == (ex["region_radius"], ex["region_cells"])
     assert {k: v for k, v in signature_defaults(extract).items() if k in ex} == \
         {k: ex[k] for k in ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius",
-                            "region_cells", "blur_sigma", "device")}
+                            "region_cells", "blur_sigma", "occlusion", "device")}
     faith = signature_defaults(run_faithfulness)
     assert (faith["top_heads"], faith["images"], faith["steps"], faith["blur_sigma"], faith["split"]) == \
         (ex["top_heads"], ex["faithfulness_images"], ex["faithfulness_steps"], ex["blur_sigma"], ex["split"])

@@ -371,3 +371,25 @@ def test_run_faithfulness_refuses_an_attention_table_of_another_split(dataset, t
     with pytest.raises(ValueError, match="split"):
         run_faithfulness(model_path, manifest, root, tmp_path / "maps.parquet", tmp_path / "metrics.parquet",
                          attention=attention, split="test", images=2, device="cpu", progress=False)
+
+
+def test_another_occlusion_adds_its_rows_beside_the_unchanged_blur_protocol(dataset, tmp_path):
+    manifest, root = dataset
+    model_path = save_model("prompt_cam", tmp_path / "model.pt", manifest=manifest)
+    attention = extract(model_path, manifest, root, tmp_path / "extract", batch_size=8, device="cpu", limit=4,
+                        progress=False)["attention"]
+    settings = {"attention": attention, "split": "test", "top_heads": 2, "images": 4, "steps": 4,
+                "batch_size": 4, "device": "cpu", "seed": 0, "progress": False}
+    blur = run_faithfulness(model_path, manifest, root, tmp_path / "m0.parquet", tmp_path / "f0.parquet",
+                            **settings)
+    both = run_faithfulness(model_path, manifest, root, tmp_path / "m1.parquet", tmp_path / "f1.parquet",
+                            occlusion="background_fill", **settings)
+    # The published protocol's rows do not move; the operator's come after them, one per method and curve.
+    pd.testing.assert_frame_equal(both.iloc[:len(blur)].reset_index(drop=True), blur)
+    extra = both.iloc[len(blur):]
+    assert extra["metric"].tolist() == ["insertion_auc_background_fill", "deletion_auc_background_fill"] * 5
+    assert extra["method"].tolist() == blur["method"].tolist()
+    assert not np.allclose(extra["value"].to_numpy(), blur["value"].to_numpy())
+    meta = read_metadata(tmp_path / "f1.parquet")
+    assert meta["occlusion"] == "background_fill"
+    assert set(meta["mean_prob_removed_background_fill"]) == {"model", "linear_probe"}

@@ -75,7 +75,7 @@ rule extract:
     params:
         config=config_json(
             {"extract": ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius",
-                         "region_cells", "blur_sigma", "device")}
+                         "region_cells", "blur_sigma", "occlusion", "device")}
         ),
         root=data_root(),
         out=folder_of("attention"),
@@ -108,7 +108,7 @@ rule faithfulness:
         metrics="results/{dataset}/{method}/metrics_faithfulness.parquet",
     params:
         config=config_json(
-            {"extract": ("split", "batch_size", "top_heads", "blur_sigma", "faithfulness_images",
+            {"extract": ("split", "batch_size", "top_heads", "blur_sigma", "occlusion", "faithfulness_images",
                          "faithfulness_steps", "device")}
         ),
         root=data_root(),
