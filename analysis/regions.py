@@ -84,12 +84,19 @@ class DiscoveredParts:
         """(h, w) int16 index into ``vocab``: each sample point takes the label of the patch cell it falls in."""
         if image_id not in self.labels:
             raise KeyError(f"image_id {image_id} has no discovered part map (run `intr discover` on its split)")
-        xs, ys = _sample_points(width, height, out_hw)
-        gh, gw = self.grid
-        rows = np.minimum((ys * gh / height).astype(np.int64), gh - 1)
-        cols = np.minimum((xs * gw / width).astype(np.int64), gw - 1)
-        cell = self.labels[image_id][rows[:, None], cols[None, :]].astype(np.int16)
+        cell = grid_labels_at(self.labels[image_id], width, height, out_hw).astype(np.int16)
         return np.where(cell == 0, self.k, cell - 1).astype(np.int16)  # background is the last region
+
+    def pixel_labels(self, image_id: int, width: int, height: int) -> np.ndarray:
+        """(height, width) part labels of the original image's pixels: 0 background, 1..k the parts.
+
+        Args:
+            image_id: an image of the table.
+            width, height: the original image's size in pixels (the manifest's).
+        """
+        if image_id not in self.labels:
+            raise KeyError(f"image_id {image_id} has no discovered part map (run `intr discover` on its split)")
+        return grid_labels_at(self.labels[image_id], width, height, (int(height), int(width)))
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,25 @@ def _sample_points(width: float, height: float, out_hw: tuple[int, int]) -> tupl
     ys = (np.arange(h) + 0.5) * (height / h)
     xs = (np.arange(w) + 0.5) * (width / w)
     return xs, ys
+
+
+def grid_labels_at(grid_labels: np.ndarray, width: float, height: float, out_hw: tuple[int, int]) -> np.ndarray:
+    """(h, w) labels of an out_h x out_w sampling of the image from its (g_h, g_w) patch label map.
+
+    The attention maps' resize rule (module docstring): each axis on its own,
+    a sample point takes the label of the patch cell its original-image
+    position falls in.  ``out_hw = (height, width)`` gives the pixel map.
+
+    Args:
+        grid_labels: (g_h, g_w) labels per patch cell.
+        width, height: the original image's size in pixels.
+        out_hw: the output's (h, w), e.g. the image's own size or a thumbnail's.
+    """
+    xs, ys = _sample_points(width, height, out_hw)
+    gh, gw = grid_labels.shape
+    rows = np.minimum((ys * gh / height).astype(np.int64), gh - 1)
+    cols = np.minimum((xs * gw / width).astype(np.int64), gw - 1)
+    return grid_labels[rows[:, None], cols[None, :]]
 
 
 def label_map(vocab: Sequence[str], width: float, height: float, out_hw: tuple[int, int],

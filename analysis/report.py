@@ -1179,6 +1179,7 @@ def build_report(tables: ReportTables, root: str | Path | None, config: Mapping[
         "comparison": comparison_section(rep),
         "config_yaml": _config_text(config),
         "notes": notes,
+        "discovered_regions": any(p.layout.mode == "discovered" for p in peaks.values()),
         "region_legend": [{"name": r, "colour": c} for r, c in colours.items()],
         "map_legend": plots.figure_uri(_colourbar_figure()),
         "generated": time.strftime("%Y-%m-%d %H:%M"),

@@ -256,7 +256,10 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     path = discover_parts(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
                           split=extract["split"], batch_size=extract["batch_size"], device=extract["device"],
                           **config["discovery"])
-    print(f"discover: {config['discovery']['k']} parts -> {path}")
+    from analysis.tables import read_metadata
+
+    meta = read_metadata(path)
+    print(f"discover: {meta['k']} parts ({meta['k_criterion']}) -> {path}")
     return 0
 
 

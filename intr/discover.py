@@ -58,8 +58,9 @@ def fit_sample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Path, out: str | Path,
-                   split: str = "test", fit_split: str = "train", fit_images: int = 600, k: int = 10,
-                   top_classes: int = 3, foreground_clusters: int = 12, batch_size: int = 64,
+                   split: str = "test", fit_split: str = "train", fit_images: int = 600, k: int | str = "auto",
+                   k_range: tuple[int, int] | list[int] = (6, 16), top_classes: int = 3,
+                   foreground_clusters: int = 12, batch_size: int = 64,
                    device: str = "auto", seed: int = 0) -> Path:
     """Fit the part vocabulary on training images and write every ``split`` image's part labels.
 
@@ -71,7 +72,9 @@ def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Pat
         split: split whose images get label maps.
         fit_split: split the vocabulary is fitted on.
         fit_images: images of ``fit_split`` sampled for the fit (0: all).
-        k: number of parts (background comes on top).
+        k: number of parts (background comes on top), or ``auto``: chosen on the fit
+            sample by ``analysis.part_discovery.choose_part_count`` (no labels).
+        k_range: [min, max] k tried by ``auto``.
         top_classes: predicted classes whose attention votes the foreground.
         foreground_clusters: clusters of the foreground stage.
         batch_size: images per forward pass.
@@ -85,7 +88,12 @@ def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Pat
     fit_rows = fit_sample(read_split(manifest, fit_split), fit_images, seed)
     fit_features, fit_saliency = patch_descriptors(
         model, ImageSet(root, fit_rows, size, norm["mean"], norm["std"], preload=False), top_classes, batch_size, dev)
-    vocabulary = pdisc.fit_part_vocabulary(fit_features, fit_saliency, model.grid_size, k,
+    choice = None
+    if k == "auto":
+        choice = pdisc.choose_part_count(fit_features, fit_saliency, model.grid_size, tuple(k_range),
+                                         foreground_clusters=foreground_clusters, seed=seed)
+        k = choice.k
+    vocabulary = pdisc.fit_part_vocabulary(fit_features, fit_saliency, model.grid_size, int(k),
                                            foreground_clusters=foreground_clusters, seed=seed)
     rows = read_split(manifest, split)
     labels = []
@@ -95,8 +103,9 @@ def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Pat
             model, ImageSet(root, chunk, size, norm["mean"], norm["std"], preload=False), top_classes, batch_size, dev)
         labels.append(pdisc.assign_parts(vocabulary, features, saliency))
     gh, gw = model.grid_size
-    metadata = {"grid_h": gh, "grid_w": gw, "k": k, "method": config["method"], "discovery": DISCOVERY_METHOD,
-                "split": split, "fit_images": len(fit_rows)}
+    metadata = {"grid_h": gh, "grid_w": gw, "k": int(k), "method": config["method"], "discovery": DISCOVERY_METHOD,
+                "split": split, "fit_images": len(fit_rows),
+                **(choice.metadata() if choice is not None else {"k_criterion": "fixed"})}
     return tables.write_columns("discovered_parts", {"image_id": rows["image_id"].to_numpy(np.int32),
                                                      "labels": np.concatenate(labels)},
                                 out, metadata=metadata, cells=gh * gw)

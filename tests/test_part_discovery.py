@@ -72,7 +72,9 @@ def test_discover_defaults_are_the_schema_defaults():
     from intr.discover import discover_parts
 
     params = inspect.signature(discover_parts).parameters
-    assert {k: params[k].default for k in defaults("discovery")} == defaults("discovery")
+    as_schema = {k: list(v) if isinstance(v, tuple) else v for k, v in
+                 ((k, params[k].default) for k in defaults("discovery"))}   # a tuple default is the schema's list
+    assert as_schema == defaults("discovery")
     assert params["split"].default == defaults("extract")["split"]
 
 
@@ -149,3 +151,69 @@ def test_discover_refuses_other_classes_and_pickled_code_in_one_line_before_any_
 
 def test_discovered_parts_table_is_declared():
     assert [c.name for c in TABLES["discovered_parts"]] == ["image_id", "labels"]
+
+
+def test_pixel_map_of_a_non_square_image_resizes_each_axis_on_its_own():
+    """A 2 x 2 patch map over a 5 x 3 px image: each pixel takes the cell its centre falls in, per axis."""
+    from analysis.regions import DiscoveredParts, grid_labels_at
+
+    grid_map = np.array([[1, 2], [0, 3]], dtype=np.int8)
+    expected = np.array([[1, 1, 2, 2, 2],   # pixel centres x 0.5..4.5 -> columns 0,0,1,1,1 (x * 2 / 5)
+                         [0, 0, 3, 3, 3],   # centres y 0.5, 1.5, 2.5 -> rows 0, 1, 1 (y * 2 / 3)
+                         [0, 0, 3, 3, 3]])
+    assert np.array_equal(grid_labels_at(grid_map, 5, 3, (3, 5)), expected)
+    parts = DiscoveredParts(3, (2, 2), {7: grid_map})
+    assert np.array_equal(parts.pixel_labels(7, width=5, height=3), expected)
+    # the region indices the report's gallery outlines (background last) are the same map, relabelled
+    assert np.array_equal(parts.label_map(7, 5, 3, (3, 5)), np.where(expected == 0, 3, expected - 1))
+    # a thumbnail samples the same rule: a 2 x 4 thumbnail of the 5 x 3 image
+    assert np.array_equal(grid_labels_at(grid_map, 5, 3, (2, 4)), [[1, 1, 2, 2], [0, 0, 3, 3]])
+
+
+def test_elbow_is_the_candidate_farthest_below_the_chord():
+    assert pdisc.elbow([2, 3, 4, 5, 6], [100.0, 40.0, 30.0, 25.0, 22.0]) == 3
+    assert pdisc.elbow([2, 3, 4], [3.0, 2.0, 1.0]) == 2   # a straight line has no elbow: the first
+
+
+def test_auto_k_picks_the_planted_part_count_and_records_the_curve():
+    """Four well-separated planted parts: the inertia elbow over k 2..8 is 4, without any label."""
+    rng = np.random.default_rng(0)
+    n, grid = 60, (4, 4)
+    features = rng.normal(0, 0.05, size=(n, 16, 8)) + np.eye(8)[0]
+    part_of = np.zeros(16, int)
+    part_of[[5, 6, 9, 10]] = [1, 2, 3, 4]
+    for p in range(1, 5):
+        features[:, part_of == p] += 3 * np.eye(8)[p + 2]
+    saliency = np.where(part_of > 0, 1.0, 0.05)[None].repeat(n, 0)
+
+    choice = pdisc.choose_part_count(features, saliency, grid, (2, 8), foreground_clusters=6)
+    assert choice.k == 4 and choice.candidates == list(range(2, 9))
+    assert all(a >= b for a, b in zip(choice.inertia, choice.inertia[1:]))   # more parts never fit worse
+    meta = choice.metadata()
+    assert meta["k_criterion"] == "inertia_elbow" and len(meta["k_inertia"]) == len(meta["k_silhouette"]) == 7
+
+
+def test_discover_works_on_an_intr_with_a_resnet_backbone(tiny_dataset, tmp_path):
+    """A CNN backbone: the label maps take the feature map's grid (3 x 3 at 96 px, stride 32), labels 0..k."""
+    import torch
+
+    from intr.discover import discover_parts
+    from intr.models import load_model
+    from intr.train import train
+
+    manifest, root = tiny_dataset
+    torch.manual_seed(0)
+    transformer = {"d_model": 32, "heads": 4, "encoder_layers": 1, "decoder_layers": 1, "ffn": 64, "dropout": 0.0}
+    train("intr", {"backbone": {"name": "resnet18"}, "transformer": transformer, "freeze_backbone": True},
+          {"epochs": 1, "batch_size": 8, "lr": 0.01, "warmup_epochs": 0, "seed": 1},
+          manifest, root, tmp_path / "intr", image_size=96, progress=False)
+    model, _ = load_model(tmp_path / "intr" / "model.pt", manifest=manifest)
+    assert model.grid_size == (3, 3)
+
+    path = discover_parts(tmp_path / "intr" / "model.pt", manifest, root, tmp_path / "parts.parquet",
+                          k=2, fit_images=0, foreground_clusters=3, device="cpu")
+    meta = read_metadata(path)
+    labels = fixed_list_to_numpy(pq.read_table(path)["labels"], np.int64)
+    assert (meta["grid_h"], meta["grid_w"], meta["k"]) == (3, 3, 2)
+    assert labels.shape == (len(read_split(manifest, "test")), 9)
+    assert labels.min() >= 0 and labels.max() <= 2

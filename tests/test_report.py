@@ -481,6 +481,13 @@ def test_answer_and_gallery_with_discovered_parts(fixture_tables, tmp_path):
     section = _section(page, "parts", "summary")
     names = [_text(n).strip() for n in re.findall(r'<div class="card parts-card"><h4>(.*?)</h4>', section, flags=re.S)]
     assert names == [*[f"part_{i}" for i in range(1, background + 1)], "background"] * 2   # each method's own parts
+    howto = _section(page, "howto", "config")
+    assert 'id="howto-discovered"' in howto and "part_1" in howto and "majority part" in howto \
+        and "parts gallery" in howto   # how to read part_k and the evaluation-only "≈ beak" labels
+
+
+def test_how_to_read_explains_discovered_parts_only_when_regions_are_discovered(report_html):
+    assert 'id="howto-discovered"' not in _section(report_html, "howto", "config")   # annotated regions here
 
 
 def test_report_images_of_16_bit_files_are_scaled_not_clipped(tmp_path):
