@@ -200,7 +200,8 @@ def test_rules_declare_the_ground_truth_tables_and_pass_them_by_path(run_snakema
     assert option(report, "--lookalike-pairs") == "results/tiny/lookalike_pairs.parquet"
     given = {word.split("=", 1)[0] for word in report if re.fullmatch(r"\w+=results/.*", word)}
     assert {"attention", "evaluation", "contrasts", "regions", "traits", "trait_members", "head_types",
-            "baseline_maps", "predictions", "head_ranks", "region_effects"} == given
+            "baseline_maps", "predictions", "head_ranks", "region_effects",
+            "counterfactuals", "counterfactual_examples"} == given  # synthetic data: the counterfactual strip
 
 
 def test_imagefolder_data_declares_no_ground_truth_tables(run_snakemake, repo_root, tmp_path):
