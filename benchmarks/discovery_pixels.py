@@ -3,10 +3,11 @@
 ``dump``: for a sample of train and test images, the backbone patch features,
 the class-attention saliency of the top predicted classes, the input-gradient
 saliency of the top predicted class, the network input in 0-1 RGB and the
-ground-truth part masks (evaluation only) into one .npz.  ``score``: proxy
-metrics of a labelling against the masks.  Run from the repository root:
+ground-truth part masks (evaluation only) into one .npz.  ``compare``:
+proxy metrics of both discovery units against the masks.  Run from the repository root:
 
     python benchmarks/discovery_pixels.py dump --results RESULTS/synthetic --method prompt_cam --out /tmp/pc.npz
+    python benchmarks/discovery_pixels.py compare --out /tmp/pc.npz
 """
 
 from __future__ import annotations
@@ -85,13 +86,37 @@ def proxy_scores(labels: np.ndarray, masks: np.ndarray) -> dict:
             "bird_share": np.round(sorted(share), 2).tolist()}
 
 
+def compare(dump_path: Path, ks: tuple[int, ...] = (10, 16), n: int = 300) -> list[dict]:
+    """Proxy scores of ``units: patches`` and ``units: segments`` fitted on the dump's train images, on its test images."""
+    d = np.load(dump_path)
+    grid = tuple(int(v) for v in d["grid"])
+    tr = {k: d[f"train_{k}"][:n] for k in ("features", "saliency", "grad", "rgb")}
+    te = {k: d[f"test_{k}"][:n] for k in ("features", "saliency", "grad", "rgb", "masks")}
+    size = te["masks"].shape[-1]
+    rows = []
+    for k in ks:
+        vocab = pdisc.fit_part_vocabulary(tr["features"], tr["saliency"], grid, k)
+        patch = pdisc.assign_parts(vocab, te["features"], te["saliency"]).reshape(-1, *grid)
+        pixels = patch.repeat(size // grid[0], 1).repeat(size // grid[1], 2)
+        rows.append({"units": "patches", "k": k, **proxy_scores(pixels, te["masks"])})
+        seg = pdisc.fit_segment_vocabulary(tr["features"], tr["rgb"], tr["grad"], grid, k)
+        pixels = pdisc.assign_segment_parts(seg, te["features"], te["rgb"], te["grad"])
+        rows.append({"units": "segments", "k": k, **proxy_scores(pixels, te["masks"])})
+    return rows
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", choices=["dump"])
-    ap.add_argument("--results", type=Path, required=True)
-    ap.add_argument("--method", required=True)
+    ap.add_argument("command", choices=["dump", "compare"])
+    ap.add_argument("--results", type=Path)
+    ap.add_argument("--method")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--images", type=int, default=600)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    dump(a.results, a.method, a.out, a.images)
+    if a.command == "dump":
+        dump(a.results, a.method, a.out, a.images)
+    else:
+        for row in compare(a.out):
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "bird_share"},
+                  "clusters >50% bird:", sum(x > 0.5 for x in row["bird_share"]))
