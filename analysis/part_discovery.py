@@ -384,3 +384,176 @@ def part_discovery_scores(discovered_path: str | Path, manifest_path: str | Path
     rows += agreement_rows("grid", split, grid_labels(len(labels), grid, cells), truth, seed=seed)
     rows += agreement_rows("random", split, random_labels(len(labels), grid, int(meta["k"]), seed), truth, seed=seed)
     return pd.DataFrame(rows, columns=columns)
+
+
+# ----------------------------------------------------------------------------- pixel units (units: segments)
+#
+# At 64 px with 8-px patches a patch is as large as a beak, so patch clusters
+# are never "the beak".  The finer method works on colour segments: connected
+# pixels whose colour changes by less than a tolerance between neighbours
+# (the drawn parts are flat colours; noise textures merge into large pieces).
+# A segment is foreground when its mean input-gradient saliency (the top
+# predicted class's logit, smoothed) is in the image's top ``foreground_share``
+# of pixels; the foreground segments, each described by its mean patch
+# feature, colour and position relative to the bird, are clustered into parts.
+# Each segment counts once in the fit, so small parts weigh as much as large.
+
+SEGMENT_MAX_SHARE = 0.15  # a segment over this share of the image is background texture, never a part
+SALIENCY_SIGMA = 2.0  # pixels: the smoothing of the input-gradient magnitude
+COLOUR_SCALE = 0.5  # mean RGB (0-1) next to unit-norm features
+
+
+def colour_segments(rgb: np.ndarray, tolerance: float) -> np.ndarray:
+    """(N, H, W) int64 segment ids, unique over the batch: 4-connected pixels whose colours differ by < tolerance.
+
+    Args:
+        rgb: (N, 3, H, W) images in 0-1.
+        tolerance: largest per-channel step between neighbours inside a segment.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n, _, h, w = rgb.shape
+    index = np.arange(n * h * w).reshape(n, h, w)
+    across = np.abs(np.diff(rgb, axis=3)).max(1) < tolerance
+    down = np.abs(np.diff(rgb, axis=2)).max(1) < tolerance
+    rows = np.concatenate([index[:, :, 1:][across], index[:, 1:, :][down]])
+    cols = np.concatenate([index[:, :, :-1][across], index[:, :-1, :][down]])
+    graph = coo_matrix((np.ones(len(rows), dtype=bool), (rows, cols)), shape=(n * h * w,) * 2)
+    return connected_components(graph, directed=False)[1].reshape(n, h, w).astype(np.int64)
+
+
+def segment_mean(values: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """(N, H, W): each pixel's segment's mean of ``values`` (N, H, W)."""
+    flat = segments.ravel()
+    total = np.bincount(flat, weights=values.ravel().astype(np.float64))
+    return (total / np.maximum(np.bincount(flat), 1))[segments]
+
+
+def gradient_saliency(gradient: np.ndarray) -> np.ndarray:
+    """(N, H, W) in [0, 1]: |d logit / d input| summed over channels, smoothed, over the image's maximum.
+
+    Args:
+        gradient: (N, 3, H, W) gradient of the top predicted class's logit w.r.t. the input.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    g = gaussian_filter(np.abs(gradient).sum(1).astype(np.float64), (0, SALIENCY_SIGMA, SALIENCY_SIGMA))
+    return g / np.maximum(g.reshape(len(g), -1).max(1), 1e-12)[:, None, None]
+
+
+def pixel_foreground(saliency: np.ndarray, segments: np.ndarray, share: float) -> np.ndarray:
+    """(N, H, W) bool: pixels of segments whose mean saliency is in the image's top ``share`` of pixels.
+
+    Args:
+        saliency: (N, H, W) from ``gradient_saliency``.
+        segments: (N, H, W) from ``colour_segments``.
+        share: the fraction of each image's pixels taken as foreground (ties and whole segments aside).
+    """
+    n, h, w = saliency.shape
+    size = np.bincount(segments.ravel())[segments]
+    score = segment_mean(saliency, segments) * (size <= SEGMENT_MAX_SHARE * h * w)
+    cut = np.quantile(score.reshape(n, -1), 1 - share, axis=1)[:, None, None]
+    return (score >= cut) & (score > 0)
+
+
+def segment_descriptors(features: np.ndarray, rgb: np.ndarray, saliency: np.ndarray, segments: np.ndarray,
+                        foreground: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Descriptors of the foreground segments: mean unit patch feature, colour and bird-relative position.
+
+    Returns ``(descriptors (S, D + 5), segment of each foreground pixel (P,) in 0..S-1, pixels per segment (S,))``;
+    the foreground pixels are taken in ``foreground[...]`` order.
+
+    Args:
+        features: (N, G, D) backbone patch features.
+        rgb: (N, 3, H, W) images in 0-1.
+        saliency: (N, H, W) from ``gradient_saliency``; with the foreground it places the bird.
+        segments: (N, H, W) from ``colour_segments``.
+        foreground: (N, H, W) from ``pixel_foreground``.
+        grid: (g_h, g_w) patch grid of the features.
+    """
+    n, h, w = foreground.shape
+    gh, gw = grid
+    ys, xs = np.mgrid[0:h, 0:w]
+    pos = np.stack([ys / max(h - 1, 1), xs / max(w - 1, 1)], -1) - 0.5
+    weight = foreground * saliency
+    weight = weight / np.maximum(weight.sum((1, 2), keepdims=True), 1e-12)
+    centre = (weight[..., None] * pos).sum((1, 2), keepdims=True)
+    spread = np.sqrt((weight[..., None] * (pos - centre) ** 2).sum((1, 2), keepdims=True)) + 1e-3
+    relative = ((pos - centre) / spread * RELATIVE_SCALE)[foreground]
+    patch = (ys * gh // h) * gw + xs * gw // w  # the patch cell under each pixel
+    unit = _unit(features)[np.nonzero(foreground)[0], np.broadcast_to(patch, (n, h, w))[foreground]]
+    colour = rgb.transpose(0, 2, 3, 1)[foreground] * COLOUR_SCALE
+    _, member, size = np.unique(segments[foreground], return_inverse=True, return_counts=True)
+    pixels = np.concatenate([unit, relative, colour], axis=1)
+    out = np.zeros((len(size), pixels.shape[1]))
+    np.add.at(out, member, pixels)
+    return out / size[:, None], member, size
+
+
+@dataclass
+class SegmentVocabulary:
+    """A part vocabulary over colour segments (``units: segments``).
+
+    Attributes:
+        part_centres: (k, D + 5) centres of the segment descriptors (label i + 1 is row i).
+        grid: the patch grid of the features.
+        tolerance: the colour step that ends a segment.
+        share: the foreground share of each image.
+    """
+
+    part_centres: np.ndarray
+    grid: tuple[int, int]
+    tolerance: float
+    share: float
+
+    @property
+    def k(self) -> int:
+        return len(self.part_centres)
+
+
+def _segment_units(features, rgb, gradient, grid, tolerance, share):
+    saliency = gradient_saliency(gradient)
+    segments = colour_segments(rgb, tolerance)
+    foreground = pixel_foreground(saliency, segments, share)
+    return foreground, segment_descriptors(features, rgb, saliency, segments, foreground, grid)
+
+
+def fit_segment_vocabulary(features: np.ndarray, rgb: np.ndarray, gradient: np.ndarray, grid: tuple[int, int],
+                           k: int, tolerance: float = 0.1, share: float = 0.15, seed: int = 0) -> SegmentVocabulary:
+    """Learn k parts from the foreground colour segments of a sample of (unlabelled) images.
+
+    Args:
+        features: (N, G, D) backbone patch features.
+        rgb: (N, 3, H, W) the network input in 0-1.
+        gradient: (N, 3, H, W) gradient of the top predicted class's logit w.r.t. the input.
+        grid: (g_h, g_w) with g_h * g_w = G.
+        k: number of parts (background comes on top).
+        tolerance: colour step that ends a segment (0-1 per channel).
+        share: fraction of each image's pixels taken as foreground.
+        seed: k-means seed.
+    """
+    _, (descriptors, _, size) = _segment_units(features, rgb, gradient, grid, tolerance, share)
+    kept = descriptors[size >= 3]  # one- and two-pixel specks are noise, not parts
+    if len(kept) < k:
+        raise ValueError(f"only {len(kept)} foreground segments in the sample for k = {k} parts; sample more images")
+    centres = KMeans(k, n_init=2, random_state=seed).fit(kept).cluster_centers_
+    return SegmentVocabulary(centres, tuple(grid), tolerance, share)
+
+
+def assign_segment_parts(vocabulary: SegmentVocabulary, features: np.ndarray, rgb: np.ndarray,
+                         gradient: np.ndarray) -> np.ndarray:
+    """(N, H, W) int8 pixel part labels: 0 background, 1..k the nearest part centre of the pixel's segment.
+
+    Args:
+        vocabulary: from ``fit_segment_vocabulary``.
+        features: (N, G, D) backbone patch features.
+        rgb: (N, 3, H, W) the network input in 0-1.
+        gradient: (N, 3, H, W) gradient of the top predicted class's logit w.r.t. the input.
+    """
+    foreground, (descriptors, member, _) = _segment_units(features, rgb, gradient, vocabulary.grid,
+                                                          vocabulary.tolerance, vocabulary.share)
+    labels = np.zeros(foreground.shape, dtype=np.int8)
+    if len(descriptors):
+        labels[foreground] = (_nearest(descriptors, vocabulary.part_centres) + 1)[member]
+    return labels

@@ -348,3 +348,9 @@ def test_a_read_only_output_folder_stops_the_subcommand_naming_the_path(command,
             main(args)
     finally:
         read_only.chmod(0o755)
+
+
+def test_segment_discovery_needs_a_number_of_parts():
+    with pytest.raises(ConfigError, match="discovery.k: 'auto' chooses k for units 'patches' only"):
+        validated({"discovery": {"units": "segments"}})
+    assert validated({"discovery": {"units": "segments", "k": 16}})["discovery"]["k"] == 16

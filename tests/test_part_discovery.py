@@ -68,6 +68,58 @@ def test_fit_and_assign_find_parts_that_differ_in_feature_and_leave_low_attentio
     assert pdisc.agreement(labels, np.where(part_of > 0, part_of, -1)[None].repeat(n, 0)) == pytest.approx((1, 1))
 
 
+def _two_square_image(noise: float = 0.01, seed: int = 0) -> np.ndarray:
+    """(1, 3, 16, 16): a grey noisy ground with a flat red 4 x 4 square at (2, 2) and a flat blue one at (10, 10)."""
+    rng = np.random.default_rng(seed)
+    rgb = 0.5 + rng.uniform(-noise, noise, size=(1, 3, 16, 16))
+    rgb[0, :, 2:6, 2:6] = np.array([0.9, 0.1, 0.1])[:, None, None]
+    rgb[0, :, 10:14, 10:14] = np.array([0.1, 0.1, 0.9])[:, None, None]
+    return rgb
+
+
+def test_colour_segments_join_flat_colours_and_split_at_colour_steps():
+    segments = pdisc.colour_segments(_two_square_image(), tolerance=0.1)[0]
+
+    assert len(np.unique(segments)) == 3  # the noisy ground (steps < 0.1) is one piece, each square one more
+    assert len(np.unique(segments[2:6, 2:6])) == 1 and len(np.unique(segments[10:14, 10:14])) == 1
+    assert segments[2, 2] != segments[10, 10] != segments[0, 0] != segments[2, 2]
+    two = pdisc.colour_segments(np.concatenate([_two_square_image()] * 2), tolerance=0.1)
+    assert not set(two[0].ravel()) & set(two[1].ravel())  # ids are unique over the batch
+
+
+def test_pixel_foreground_takes_whole_salient_segments_and_never_the_large_ground():
+    rgb = _two_square_image()
+    segments = pdisc.colour_segments(rgb, tolerance=0.1)
+    saliency = np.zeros((1, 16, 16))
+    saliency[0, 3, 3] = 1.0  # one salient pixel inside the red square
+    saliency[0, 0, :] = 0.9  # salient ground: the ground is 86 % of the image, so it stays background
+
+    fg = pdisc.pixel_foreground(saliency, segments, share=16 / 256)[0]
+
+    expected = np.zeros((16, 16), dtype=bool)
+    expected[2:6, 2:6] = True
+    assert (fg == expected).all()
+
+
+def test_segment_parts_separate_by_feature_and_label_every_pixel_of_a_segment_alike():
+    rgb = np.concatenate([_two_square_image(seed=s) for s in range(4)])
+    gradient = np.zeros_like(rgb)
+    gradient[:, :, 3:5, 3:5] = 1.0  # the red square is what the class needs; the blue one and the ground are not
+    gradient[:, :, 11:13, 11:13] = 1.0
+    features = np.zeros((4, 4, 2))  # a 2 x 2 patch grid: the top-left patch differs from the bottom-right
+    features[:, 0, 0] = 1.0
+    features[:, 3, 1] = 1.0
+    features[:, 1:3, 0] = 1.0
+
+    vocabulary = pdisc.fit_segment_vocabulary(features, rgb, gradient, (2, 2), k=2, share=32 / 256)
+    labels = pdisc.assign_segment_parts(vocabulary, features, rgb, gradient)
+
+    assert labels.shape == (4, 16, 16) and vocabulary.k == 2
+    red, blue = labels[:, 2:6, 2:6], labels[:, 10:14, 10:14]
+    assert (red == red[0, 0, 0]).all() and (blue == blue[0, 0, 0]).all() and red[0, 0, 0] != blue[0, 0, 0] > 0
+    assert (labels[:, 0, :] == 0).all() and int((labels > 0).sum()) == 4 * 32
+
+
 def test_discover_defaults_are_the_schema_defaults():
     from intr.discover import discover_parts
 
@@ -122,6 +174,30 @@ def test_discover_labels_every_image_of_the_split_and_reads_no_annotation(method
     nmi = scores[scores["metric"] == "part_discovery_nmi"]
     assert nmi["value"].between(0, 1).all() and (scores["split"] == "test").all()
     assert pdisc.part_discovery_scores(tmp_path / "bare.parquet", bare_manifest, None, bare_root, method).empty
+
+
+@pytest.mark.parametrize("method", ["prompt_cam", "intr"])
+def test_segment_discovery_writes_sub_patch_label_maps_and_reads_no_annotation(method, tiny_models, tiny_dataset,
+                                                                               unlabelled_copy, tmp_path):
+    from intr.cli import main
+    from intr.discover import discover_parts
+    from intr.models import load_model
+
+    manifest, root = tiny_dataset
+    options = {"k": 3, "fit_images": 0, "units": "segments"}
+    path = discover_parts(tiny_models[method], manifest, root, tmp_path / "full.parquet", device="cpu", **options)
+    bare_manifest, bare_root = unlabelled_copy
+    assert main(["discover", "--model", str(tiny_models[method]), "--manifest", str(bare_manifest),
+                 "--root", str(bare_root), "--out", str(tmp_path / "bare.parquet"), "--quiet",
+                 "--config-json", json.dumps({"discovery": options, "extract": {"device": "cpu"}})]) == 0
+
+    size = load_model(tiny_models[method])[1]["image_size"]
+    side = len(range(0, size, -(-size // 32)))
+    meta = read_metadata(path)
+    assert (meta["grid_h"], meta["grid_w"], meta["discovery"]) == (side, side, "gradient_colour_segments")
+    labels = fixed_list_to_numpy(pq.read_table(path)["labels"], np.int64)
+    assert labels.shape[1] == side * side and labels.min() >= 0 and labels.max() <= 3 and (labels > 0).any()
+    assert pq.read_table(tmp_path / "bare.parquet").equals(pq.read_table(path))
 
 
 def test_discover_refuses_other_classes_and_pickled_code_in_one_line_before_any_compute(
