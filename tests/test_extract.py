@@ -11,7 +11,9 @@ import torch
 
 import intr.extract as ex
 from analysis import io, regions
+from analysis.config import defaults
 from intr.data.images import ImageSet, read_split
+from intr.occlusion import Occlusion
 from intr.ranking import rank_heads_by_blurring, rank_pair_heads_by_blurring
 from conftest import TINY_VIT
 from intr.models import CheckpointError, load_model
@@ -93,7 +95,7 @@ def test_query_roles_are_true_pred_and_genus_siblings(extracted, tiny_dataset):
     assert set(looks["source"]) == {"genus"} and len(looks) == 4  # 2 genera x 2 species, one sibling each
 
 
-def test_region_effects_are_the_margin_drop_of_blurring_that_region(extracted, tiny_models, tiny_dataset):
+def test_region_effects_are_the_margin_drop_of_occluding_that_region_with_the_default_operator(extracted, tiny_models, tiny_dataset):
     method, paths = extracted
     manifest, root = tiny_dataset
     model, rows, images, labels = model_and_images(tiny_models[method], manifest, root)
@@ -107,10 +109,10 @@ def test_region_effects_are_the_margin_drop_of_blurring_that_region(extracted, t
     mask = torch.from_numpy(labels_map == source.vocab.index(row["region"])).float()
     assert row["area"] == pytest.approx(mask.mean().item(), abs=1e-6)
     image = images[k:k + 1]
-    blurred = ex.blur_images(image, 0.05)
+    occlusion = Occlusion(defaults("extract")["occlusion"], defaults("extract")["blur_sigma"])
     with torch.no_grad():
         base = model(image)[0]
-        after = model(image * (1 - mask) + blurred * mask)[0]
+        after = model(occlusion(image, mask.view(1, 1, *mask.shape)))[0]
     a, b = int(row["class_a"]), int(row["class_b"])
     assert row["margin"] == pytest.approx((base[a] - base[b]).item(), abs=1e-4)
     assert row["margin_drop"] == pytest.approx(((base[a] - base[b]) - (after[a] - after[b])).item(), abs=1e-4)

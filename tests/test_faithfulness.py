@@ -321,7 +321,8 @@ def test_run_faithfulness_writes_both_tables(method, dataset, tmp_path):
     extracted_ids = read_split(manifest, "test")["image_id"].iloc[:8].tolist()
     out_maps, out_metrics = tmp_path / "baseline_maps.parquet", tmp_path / "metrics_faithfulness.parquet"
     table = run_faithfulness(model_path, manifest, root, out_maps, out_metrics, attention=attention, split="test",
-                             top_heads=2, images=6, steps=4, batch_size=4, device="cpu", seed=0, progress=False)
+                             top_heads=2, images=6, steps=4, batch_size=4, device="cpu", seed=0, progress=False,
+                             occlusion="blur")  # the published protocol alone; other operators: the test below
     methods = [method, "gradcam", "layercam", "eigencam", "rollout"]
 
     maps = pq.read_table(out_maps)
@@ -381,7 +382,7 @@ def test_another_occlusion_adds_its_rows_beside_the_unchanged_blur_protocol(data
     settings = {"attention": attention, "split": "test", "top_heads": 2, "images": 4, "steps": 4,
                 "batch_size": 4, "device": "cpu", "seed": 0, "progress": False}
     blur = run_faithfulness(model_path, manifest, root, tmp_path / "m0.parquet", tmp_path / "f0.parquet",
-                            **settings)
+                            occlusion="blur", **settings)
     both = run_faithfulness(model_path, manifest, root, tmp_path / "m1.parquet", tmp_path / "f1.parquet",
                             occlusion="background_fill", **settings)
     # The published protocol's rows do not move; the operator's come after them, one per method and curve.
