@@ -53,6 +53,14 @@ def greedy_round_gaps(ctx, rows: torch.Tensor | None, pairs: int | None) -> torc
     return gaps.min(dim=1).values
 
 
+def float32_ranks_and_separated(model, images: torch.Tensor, target: torch.Tensor):
+    """The float32 head ranking, and per ranking whether every greedy round's gap exceeds bf16's step."""
+    exact = rank_heads_by_blurring(model, images, target)
+    with torch.no_grad():
+        ctx = model.blur_context(images, target)
+        return exact, greedy_round_gaps(ctx, None, None) > trunk_resolution(ctx)
+
+
 @pytest.mark.parametrize("method", FLOAT32_MODELS)
 def test_head_ranks_under_bf16_autocast_equal_the_float32_ranks(method: str) -> None:
     separated = []
@@ -60,10 +68,7 @@ def test_head_ranks_under_bf16_autocast_equal_the_float32_ranks(method: str) -> 
         model = FLOAT32_MODELS[method](seed)
         images, target = images_and_targets(seed)
         images = images.float()
-        exact = rank_heads_by_blurring(model, images, target)
-        with torch.no_grad():
-            ctx = model.blur_context(images, target)
-            clear = greedy_round_gaps(ctx, None, None) > trunk_resolution(ctx)
+        exact, clear = float32_ranks_and_separated(model, images, target)
         with BF16():
             mixed = rank_heads_by_blurring(model, images, target)
         assert mixed.prob_after_blur.dtype == torch.float32 and mixed.prob_after_blur.isfinite().all()
@@ -113,10 +118,7 @@ def test_an_all_bf16_last_block_reorders_heads_that_float32_separates() -> None:
         model = FLOAT32_MODELS[method](seed)
         images, target = images_and_targets(seed)
         images = images.float()
-        exact = rank_heads_by_blurring(model, images, target)
-        with torch.no_grad():
-            ctx = model.blur_context(images, target)
-            clear = greedy_round_gaps(ctx, None, None) > trunk_resolution(ctx)
+        exact, clear = float32_ranks_and_separated(model, images, target)
         with BF16():
             plain = rank_heads_naive(model, images, target)
             batched = rank_heads_by_blurring(model, images, target)
