@@ -45,7 +45,7 @@ from analysis.config import defaults
 from intr import precision
 from intr.data.images import ImageSet, read_split
 from intr.models import CheckpointError, build_model, read_checkpoint, resolve_device
-from intr.models.checkpoint import class_record
+from intr.models.checkpoint import class_record, save_checkpoint
 from intr.models.backbones import normalization
 from analysis.tables import write_table
 
@@ -201,25 +201,6 @@ def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def _atomic_save(obj: Any, path: Path, keep_previous: Path | None = None) -> None:
-    """Write ``obj`` to ``path`` so that a crash leaves the old file or the new one, never half of one.
-
-    Args:
-        obj: what to save.
-        path: the file to (re)write.
-        keep_previous: where the file being replaced is moved (None: it is overwritten).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as file:
-        torch.save(obj, file)
-        file.flush()
-        os.fsync(file.fileno())  # on disk before the rename, so a power cut cannot leave a torn file
-    if keep_previous is not None and path.exists():
-        os.replace(path, keep_previous)
-    os.replace(tmp, path)
 
 
 def previous_checkpoint(ckpt_path: Path) -> Path:
@@ -452,7 +433,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
         if ddp.main:
             print(f"{method} epoch {epoch + 1}: loss {row['train_loss']:.4f} train acc {row['train_acc']:.3f} "
                   f"val acc {val_acc:.3f} ({row['seconds']:.1f} s)", flush=True)
-            _atomic_save({"digest": digest, "epoch": epoch + 1, "state": trainable_state(model),
+            save_checkpoint({"digest": digest, "epoch": epoch + 1, "state": trainable_state(model),
                           "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                           "log": json.dumps(log), "best_epoch": best["epoch"],
                           "best_val_acc": best["val_acc"], "best_state": best["state"], **classes},
@@ -462,7 +443,7 @@ def train(method: str, model_options: Mapping[str, Any], train_options: Mapping[
 
     finished = len(log) == opts.epochs
     if ddp.main and finished:
-        _atomic_save({"config": json.dumps(config), "state": best["state"], "epoch": best["epoch"], **classes},
+        save_checkpoint({"config": json.dumps(config), "state": best["state"], "epoch": best["epoch"], **classes},
                      out_dir / "model.pt")
         write_table(pd.DataFrame(log), out_dir / "train_log.parquet",
                     metadata={"method": method, "best_epoch": best["epoch"], "config": config})

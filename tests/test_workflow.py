@@ -22,13 +22,20 @@ def test_lint_is_clean(run_snakemake, repo_root):
     assert result.returncode == 0, result.stdout
 
 
-def test_misspelled_config_key_stops_before_any_job(run_snakemake, repo_root, tmp_path):
+def dry_run_of_tiny_config(run_snakemake, repo_root, tmp_path, change):
+    """``snakemake -n`` on config/tiny.yaml after ``change(config)`` edits it in place."""
     config = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
-    config["synthetic"]["images_per_specie"] = config["synthetic"].pop("images_per_species")
+    change(config)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(config))
+    return run_snakemake("-n", "--cores", "1", "--configfile", bad, cwd=tmp_path)
 
-    result = run_snakemake("-n", "--cores", "1", "--configfile", bad, cwd=tmp_path)
+
+def test_misspelled_config_key_stops_before_any_job(run_snakemake, repo_root, tmp_path):
+    def misspell(config):
+        config["synthetic"]["images_per_specie"] = config["synthetic"].pop("images_per_species")
+
+    result = dry_run_of_tiny_config(run_snakemake, repo_root, tmp_path, misspell)
 
     assert result.returncode != 0
     assert "images_per_specie" in result.stdout
@@ -37,14 +44,12 @@ def test_misspelled_config_key_stops_before_any_job(run_snakemake, repo_root, tm
 
 
 def test_every_config_problem_is_listed_before_any_job_without_the_schema(run_snakemake, repo_root, tmp_path):
-    config = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
-    config["synthetic"]["images_per_specie"] = config["synthetic"].pop("images_per_species")
-    config["extract"]["split"] = "validation"
-    config["analysis"]["top_heads"] = 0
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(config))
+    def three_problems(config):
+        config["synthetic"]["images_per_specie"] = config["synthetic"].pop("images_per_species")
+        config["extract"]["split"] = "validation"
+        config["analysis"]["top_heads"] = 0
 
-    result = run_snakemake("-n", "--cores", "1", "--configfile", bad, cwd=tmp_path)
+    result = dry_run_of_tiny_config(run_snakemake, repo_root, tmp_path, three_problems)
 
     assert result.returncode != 0
     assert "3 problems in the config:" in result.stdout
@@ -58,14 +63,12 @@ def test_every_config_problem_is_listed_before_any_job_without_the_schema(run_sn
 
 def test_values_at_odds_with_each_other_or_the_model_stop_the_workflow_before_any_job(run_snakemake, repo_root,
                                                                                      tmp_path):
-    config = yaml.safe_load((repo_root / "config" / "tiny.yaml").read_text())
-    config["analysis"]["traits_k_range"] = [16, 4]
-    config["intr"]["train"]["warmup_epochs"] = 5  # epochs: 2
-    config["extract"]["top_heads"] = 5  # the tiny INTR decoder has 4 heads
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(config))
+    def values_at_odds(config):
+        config["analysis"]["traits_k_range"] = [16, 4]
+        config["intr"]["train"]["warmup_epochs"] = 5  # epochs: 2
+        config["extract"]["top_heads"] = 5  # the tiny INTR decoder has 4 heads
 
-    result = run_snakemake("-n", "--cores", "1", "--configfile", bad, cwd=tmp_path)
+    result = dry_run_of_tiny_config(run_snakemake, repo_root, tmp_path, values_at_odds)
 
     assert result.returncode != 0
     assert "analysis.traits_k_range: [16, 4] has its minimum above its maximum" in result.stdout

@@ -1,4 +1,7 @@
-"""The one checkpoint loader: every weights file the project reads goes through ``read_checkpoint``.
+"""The one checkpoint loader and writer.
+
+Every weights file the project reads goes through ``read_checkpoint``; every
+``model.pt`` and resume checkpoint it writes goes through ``save_checkpoint``.
 
 Files are opened with ``torch.load(..., weights_only=True)``: tensors,
 containers and plain values only, so a checkpoint cannot run code.  A release
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import warnings
 import zipfile
@@ -31,6 +35,25 @@ from intr.models.factory import build_model
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, unsafe, or trained on other classes."""
+
+
+def save_checkpoint(obj: Any, path: Path, keep_previous: Path | None = None) -> None:
+    """Write ``obj`` to ``path`` so that a crash leaves the old file or the new one, never half of one.
+
+    Args:
+        obj: what to save.
+        path: the file to (re)write.
+        keep_previous: where the file being replaced is moved (None: it is overwritten).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as file:
+        torch.save(obj, file)
+        file.flush()
+        os.fsync(file.fileno())  # on disk before the rename, so a power cut cannot leave a torn file
+    if keep_previous is not None and path.exists():
+        os.replace(path, keep_previous)
+    os.replace(tmp, path)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",

@@ -33,7 +33,7 @@ from torch import nn
 
 from analysis.tables import schema, write_table
 from intr.models.backbones import sha256_of
-from intr.models.checkpoint import CheckpointError, class_record, manifest_class_names, read_checkpoint
+from intr.models.checkpoint import CheckpointError, class_record, manifest_class_names, read_checkpoint, save_checkpoint
 from intr.models.factory import build_model
 
 
@@ -201,7 +201,6 @@ def convert_published(method: str, model_options: Mapping[str, Any], published: 
         out_dir: gets ``model.pt`` and ``train_log.parquet``.
         image_size: network input side in pixels.
     """
-    from intr.train import _atomic_save  # the one atomic writer of model.pt (intr.train imports this package)
 
     published, out_dir = Path(published), Path(out_dir)
     state = read_published(method, published)
@@ -216,7 +215,7 @@ def convert_published(method: str, model_options: Mapping[str, Any], published: 
               "train": {"seed": 0}, "normalization": {"mean": list(mean), "std": list(std)},
               "published": source}
     model_path = out_dir / "model.pt"
-    _atomic_save({"config": json.dumps(config), "state": model.state_dict(), "epoch": 0,
+    save_checkpoint({"config": json.dumps(config), "state": model.state_dict(), "epoch": 0,
                   **class_record(manifest)}, model_path)
     write_table(schema("train_log").empty_table(), out_dir / "train_log.parquet",
                 metadata={"method": method, "best_epoch": 0, "config": config, "converted_from": source})
