@@ -156,10 +156,6 @@ def semantic_problems(filled: Mapping[str, Any], given: Mapping[str, Any]) -> li
     if low > high:
         problems.append(f"analysis.traits_k_range: [{low}, {high}] has its minimum above its maximum; "
                         f"write it as [min, max], e.g. [{high}, {low}]")
-    discovery = filled["discovery"]
-    if discovery.get("units") == "segments" and discovery["k"] == "auto":
-        problems.append("discovery.k: 'auto' chooses k for units 'patches' only; with discovery.units 'segments' "
-                        "give a number of parts, e.g. k: 16")
     for method in METHOD_SECTIONS:
         train = filled[method]["train"]
         if train["warmup_epochs"] > train["epochs"]:

@@ -319,6 +319,23 @@ def image_weights(layout: RegionLayout, manifest: pd.DataFrame, grid: tuple[int,
     return out
 
 
+def label_overlap(first: RegionLayout, second: RegionLayout, manifest: pd.DataFrame, grid: tuple[int, int],
+                  root=None) -> np.ndarray:
+    """(N, R1, R2) float32: per manifest row, the share of label-map samples in region i of ``first``
+    and region j of ``second``, both sampled ``SAMPLES_PER_CELL`` times per patch side (``iter_label_maps``).
+
+    Unlike the product of two layouts' patch weights, this keeps where inside a patch each region
+    lies, so a region smaller than a patch meets the part under it, not every part of its patch.
+    """
+    work = (grid[0] * SAMPLES_PER_CELL, grid[1] * SAMPLES_PER_CELL)
+    r1, r2 = len(first.vocab), len(second.vocab)
+    out = np.zeros((len(manifest), r1, r2), dtype=np.float32)
+    for (k, a), (_, b) in zip(iter_label_maps(first, manifest, work, root), iter_label_maps(second, manifest, work, root)):
+        counts = np.bincount(a.astype(np.int64).ravel() * r2 + b.astype(np.int64).ravel(), minlength=r1 * r2)
+        out[k] = (counts / a.size).reshape(r1, r2)
+    return out
+
+
 def cell_distances(labels: np.ndarray, targets: np.ndarray, grid: tuple[int, int],
                    width: float, height: float) -> np.ndarray:
     """(g_h * g_w,) float32: distance in original-image pixels from each patch cell's centre to the

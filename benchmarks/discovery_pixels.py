@@ -4,10 +4,15 @@
 the class-attention saliency of the top predicted classes, the input-gradient
 saliency of the top predicted class, the network input in 0-1 RGB and the
 ground-truth part masks (evaluation only) into one .npz.  ``compare``:
-proxy metrics of both discovery units against the masks.  Run from the repository root:
+both discovery units fitted on the dump's train images and scored on its test
+images: proxy metrics against the masks and an occlusion trait recovery (each
+directed look-alike pair's region whose removal, filled with the image's mean
+colour, drops the A - B margin most over A's correctly classified images;
+recovered when its majority true part is a planted differing part).  Run from
+the repository root:
 
     python benchmarks/discovery_pixels.py dump --results RESULTS/synthetic --method prompt_cam --out /tmp/pc.npz
-    python benchmarks/discovery_pixels.py compare --out /tmp/pc.npz
+    python benchmarks/discovery_pixels.py compare --results RESULTS/synthetic --method prompt_cam --out /tmp/pc.npz
 """
 
 from __future__ import annotations
@@ -86,22 +91,77 @@ def proxy_scores(labels: np.ndarray, masks: np.ndarray) -> dict:
             "bird_share": np.round(sorted(share), 2).tolist()}
 
 
-def compare(dump_path: Path, ks: tuple[int, ...] = (10, 16), n: int = 300) -> list[dict]:
-    """Proxy scores of ``units: patches`` and ``units: segments`` fitted on the dump's train images, on its test images."""
+def occlusion_recovery(labels: np.ndarray, rgb: np.ndarray, masks: np.ndarray, classes: np.ndarray,
+                       model, normalization: dict, pairs, part_names: dict[int, str]) -> float:
+    """Share of directed look-alike pairs whose most margin-dropping region's majority true part is planted.
+
+    Args:
+        labels: (N, H, W) discovered pixel labels, 0 background.
+        rgb: (N, 3, H, W) images in 0-1.
+        masks: (N, H, W) true part ids (0 background).
+        classes: (N,) true class of each image.
+        model: the trained model.
+        normalization: its ``mean`` and ``std``.
+        pairs: ``lookalike_pairs.parquet`` rows.
+        part_names: true part id -> name.
+    """
+    k = int(labels.max())
+    mean = torch.tensor(normalization["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(normalization["std"]).view(1, 3, 1, 1)
+    x = torch.tensor(rgb)
+    with torch.no_grad():
+        base = model((x - mean) / std).numpy()
+        removed = np.zeros((k + 1,) + base.shape)
+        for r in range(1, k + 1):
+            m = torch.tensor(labels == r).float()[:, None]
+            removed[r] = model((x * (1 - m) + x.mean((2, 3), keepdim=True) * m - mean) / std).numpy()
+    recovered = []
+    for a, b, planted in zip(pairs["class_a"], pairs["class_b"], pairs["differing_parts"]):
+        for ca, cb in ((int(a), int(b)), (int(b), int(a))):
+            idx = np.flatnonzero((classes == ca) & (base.argmax(1) == ca))
+            if not len(idx):
+                continue
+            overlap = np.zeros((k + 1, masks.max() + 1))
+            np.add.at(overlap, (labels[classes == ca].ravel(), masks[classes == ca].ravel()), 1)
+            majority = overlap[:, 1:].argmax(1) + 1
+            drop = (base[idx, ca] - base[idx, cb])[None] - (removed[1:, idx, ca] - removed[1:, idx, cb])
+            present = np.stack([(labels[idx] == r).any((1, 2)) for r in range(1, k + 1)])
+            top = int(np.where(present, drop, 0).mean(1).argmax()) + 1
+            recovered.append(part_names[int(majority[top])] in set(planted))
+    return float(np.mean(recovered))
+
+
+def compare(dump_path: Path, results: Path, method: str, ks: tuple = (10, "auto"), n: int = 360) -> list[dict]:
+    """Proxy scores and occlusion recovery of ``units: patches`` and ``units: aligned`` on the dump's test images."""
+    import pandas as pd
+
     d = np.load(dump_path)
     grid = tuple(int(v) for v in d["grid"])
-    tr = {k: d[f"train_{k}"][:n] for k in ("features", "saliency", "grad", "rgb")}
-    te = {k: d[f"test_{k}"][:n] for k in ("features", "saliency", "grad", "rgb", "masks")}
+    tr = {k: d[f"train_{k}"] for k in ("features", "saliency", "grad", "rgb")}
+    te = {k: d[f"test_{k}"][:n] for k in ("features", "saliency", "grad", "rgb", "masks", "image_id")}
+    model, config = load_model(results / method / "model.pt", manifest=results / "manifest.parquet")
+    manifest = pd.read_parquet(results / "manifest.parquet").set_index("image_id")
+    classes = manifest.loc[te["image_id"], "class_id"].to_numpy()
+    pairs = pd.read_parquet(results / "lookalike_pairs.parquet")
+    parts = pd.read_parquet(results / "parts.parquet")[["part_id", "part_name"]].drop_duplicates()
+    names = dict(zip(parts["part_id"].astype(int), parts["part_name"]))
     size = te["masks"].shape[-1]
     rows = []
     for k in ks:
-        vocab = pdisc.fit_part_vocabulary(tr["features"], tr["saliency"], grid, k)
+        if k == "auto":
+            k_patch = pdisc.choose_part_count(tr["features"], tr["saliency"], grid).k
+        else:
+            k_patch = k
+        vocab = pdisc.fit_part_vocabulary(tr["features"], tr["saliency"], grid, k_patch)
         patch = pdisc.assign_parts(vocab, te["features"], te["saliency"]).reshape(-1, *grid)
-        pixels = patch.repeat(size // grid[0], 1).repeat(size // grid[1], 2)
-        rows.append({"units": "patches", "k": k, **proxy_scores(pixels, te["masks"])})
-        seg = pdisc.fit_segment_vocabulary(tr["features"], tr["rgb"], tr["grad"], grid, k)
-        pixels = pdisc.assign_segment_parts(seg, te["features"], te["rgb"], te["grad"])
-        rows.append({"units": "segments", "k": k, **proxy_scores(pixels, te["masks"])})
+        pixels = patch.repeat(size // grid[0], 1).repeat(size // grid[1], 2).astype(np.int64)
+        aligned, _ = pdisc.fit_aligned_vocabulary(tr["rgb"], tr["grad"], k)
+        for units, labels, kk in (("patches", pixels, k_patch),
+                                  ("aligned", pdisc.assign_aligned_parts(aligned, te["rgb"], te["grad"]), aligned.k)):
+            labels = labels.astype(np.int64)
+            rows.append({"units": units, "k": kk, **proxy_scores(labels, te["masks"]),
+                         "occlusion_recovery": occlusion_recovery(labels, te["rgb"], te["masks"], classes, model,
+                                                                  config["normalization"], pairs, names)})
     return rows
 
 
@@ -117,6 +177,6 @@ if __name__ == "__main__":
     if a.command == "dump":
         dump(a.results, a.method, a.out, a.images)
     else:
-        for row in compare(a.out):
+        for row in compare(a.out, a.results, a.method):
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "bird_share"},
                   "clusters >50% bird:", sum(x > 0.5 for x in row["bird_share"]))

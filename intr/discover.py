@@ -50,8 +50,8 @@ def patch_descriptors(model, data: ImageSet, top_classes: int, batch_size: int,
 
 
 def pixel_inputs(model, data: ImageSet, batch_size: int, device: torch.device,
-                 mean, std) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features (N, G, D), rgb (N, 3, H, W) in 0-1, gradient (N, 3, H, W)) of every image (``units: segments``).
+                 mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """(rgb (N, 3, H, W) in 0-1, gradient (N, 3, H, W)) of every image (``units: aligned``).
 
     The gradient is of the top predicted class's logit w.r.t. the normalised input.
 
@@ -63,7 +63,7 @@ def pixel_inputs(model, data: ImageSet, batch_size: int, device: torch.device,
         mean: per-channel mean of the normalisation (0-1 scale).
         std: per-channel std of the normalisation.
     """
-    features, rgb, gradient = [], [], []
+    rgb, gradient = [], []
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     for start in range(0, len(data), batch_size):
@@ -71,11 +71,9 @@ def pixel_inputs(model, data: ImageSet, batch_size: int, device: torch.device,
         x = images.clone().requires_grad_(True)
         logits = model(x)
         (grad,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), x)
-        with torch.no_grad():
-            features.append(model.patch_features(images).float().cpu().numpy())
         gradient.append(grad.float().cpu().numpy())
         rgb.append((images * s + m).clamp(0, 1).float().cpu().numpy())
-    return np.concatenate(features), np.concatenate(rgb), np.concatenate(gradient)
+    return np.concatenate(rgb), np.concatenate(gradient)
 
 
 def fit_sample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -90,8 +88,8 @@ def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Pat
                    split: str = "test", fit_split: str = "train", fit_images: int = 600, k: int | str = "auto",
                    k_range: tuple[int, int] | list[int] = (6, 16), top_classes: int = 3,
                    foreground_clusters: int = 12, batch_size: int = 64,
-                   device: str = "auto", seed: int = 0, units: str = "patches", colour_tolerance: float = 0.1,
-                   foreground_share: float = 0.15) -> Path:
+                   device: str = "auto", seed: int = 0, units: str = "aligned", colour_tolerance: float = 0.1,
+                   foreground_share: float = 0.2) -> Path:
     """Fit the part vocabulary on training images and write every ``split`` image's part labels.
 
     Args:
@@ -110,15 +108,13 @@ def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Pat
         batch_size: images per forward pass.
         device: auto, cpu or cuda.
         seed: seed of the sample and of k-means.
-        units: ``patches`` (patch clusters, label maps on the patch grid) or ``segments`` (colour
-            segments of the input-gradient foreground, label maps at up to 32 x 32 cells).
-        colour_tolerance: ``segments``: colour step that ends a segment.
-        foreground_share: ``segments``: fraction of each image's pixels taken as foreground.
+        units: ``patches`` (patch clusters, label maps on the patch grid) or ``aligned`` (places in
+            each bird's body frame at pixel resolution, label maps at up to 32 x 32 cells).
+        colour_tolerance: ``aligned``: colour step that ends a segment.
+        foreground_share: ``aligned``: fraction of each image's pixels the foreground is drawn from.
     """
-    if units == "segments":
-        if k == "auto":
-            raise ValueError("discovery.k: 'auto' chooses k for units 'patches' only; give a number with 'segments'")
-        return discover_segment_parts(model_path, manifest, root, out, split, fit_split, fit_images, k,
+    if units == "aligned":
+        return discover_aligned_parts(model_path, manifest, root, out, split, fit_split, fit_images, k, k_range,
                                       colour_tolerance, foreground_share, batch_size, device, seed)
     dev = resolve_device(device)
     model, config = load_model(model_path, manifest=manifest)  # refuses other classes
@@ -150,31 +146,35 @@ def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Pat
                                 out, metadata=metadata, cells=gh * gw)
 
 
-SEGMENT_GRID_LIMIT = 32  # label-map cells per side for ``units: segments``: finer than a patch, cheap to score
+PIXEL_GRID_LIMIT = 32  # label-map cells per side for ``units: aligned``: finer than a patch, cheap to score
 
 
-def discover_segment_parts(model_path, manifest, root, out, split: str, fit_split: str, fit_images: int, k: int,
-                           tolerance: float, share: float, batch_size: int, device: str, seed: int) -> Path:
-    """``discover_parts`` with ``units: segments`` (arguments as there); label maps sampled at pixel centres."""
+def discover_aligned_parts(model_path, manifest, root, out, split: str, fit_split: str, fit_images: int,
+                           k: int | str, k_range, tolerance: float, share: float, batch_size: int, device: str,
+                           seed: int) -> Path:
+    """``discover_parts`` with ``units: aligned`` (arguments as there); label maps sampled at pixel centres."""
     dev = resolve_device(device)
     model, config = load_model(model_path, manifest=manifest)
     model.to(dev)
     size, norm = config["image_size"], config["normalization"]
     images = lambda rows: ImageSet(root, rows, size, norm["mean"], norm["std"], preload=False)  # noqa: E731
     fit_rows = fit_sample(read_split(manifest, fit_split), fit_images, seed)
-    vocabulary = pdisc.fit_segment_vocabulary(*pixel_inputs(model, images(fit_rows), batch_size, dev, norm["mean"],
-                                                            norm["std"]), model.grid_size, k, tolerance, share, seed)
-    stride = -(-size // SEGMENT_GRID_LIMIT)
+    vocabulary, choice = pdisc.fit_aligned_vocabulary(
+        *pixel_inputs(model, images(fit_rows), batch_size, dev, norm["mean"], norm["std"]), k, tuple(k_range),
+        tolerance, share, seed)
+    stride = -(-size // PIXEL_GRID_LIMIT)
     rows = read_split(manifest, split)
     labels = []
-    for start in range(0, len(rows), 1024):
-        chunk = rows.iloc[start:start + 1024].reset_index(drop=True)
-        pixels = pdisc.assign_segment_parts(vocabulary, *pixel_inputs(model, images(chunk), batch_size, dev,
+    step = max(1, pdisc.SEGMENT_CHUNK_PIXELS // (size * size))  # memory stays flat at any image size
+    for start in range(0, len(rows), step):
+        chunk = rows.iloc[start:start + step].reset_index(drop=True)
+        pixels = pdisc.assign_aligned_parts(vocabulary, *pixel_inputs(model, images(chunk), batch_size, dev,
                                                                       norm["mean"], norm["std"]))
         labels.append(pixels[:, stride // 2::stride, stride // 2::stride].reshape(len(chunk), -1))
     gh = gw = len(range(stride // 2, size, stride))
-    metadata = {"grid_h": gh, "grid_w": gw, "k": int(k), "k_criterion": "fixed", "method": config["method"],
-                "discovery": "gradient_colour_segments", "split": split, "fit_images": len(fit_rows)}
+    metadata = {"grid_h": gh, "grid_w": gw, "k": vocabulary.k, "method": config["method"],
+                "discovery": "body_frame_parts", "split": split, "fit_images": len(fit_rows),
+                **(choice.metadata() if choice is not None else {"k_criterion": "fixed"})}
     return tables.write_columns("discovered_parts", {"image_id": rows["image_id"].to_numpy(np.int32),
                                                      "labels": np.concatenate(labels)},
                                 out, metadata=metadata, cells=gh * gw)

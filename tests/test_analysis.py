@@ -8,6 +8,7 @@ in their signature parts, region effects and class attributes agree.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,13 @@ from analysis.localization import box_cells, peak_on_planted_part_rows
 from analysis.pipeline import AnalysisInputs, analyze
 
 REPO = Path(__file__).resolve().parent.parent
-FAST = {"permutations": 200, "bootstrap": 200, "umap": False, "traits_k_range": [3, 8]}
+FAST = {"permutations": 200, "bootstrap": 200, "umap": False, "traits_k_range": [3, 8], "regions": "annotated"}
+
+
+def cli_config(**analysis) -> str:
+    """--config-json for ``intr analyze``: FAST's analysis options (and ``analysis``), annotated regions."""
+    options = {**{k: v for k, v in FAST.items() if k != "regions"}, **analysis}
+    return json.dumps({"analysis": options, "extract": {"regions": FAST["regions"]}})
 
 
 def _generator():
@@ -241,7 +248,6 @@ def test_conventional_inputs_fill_only_the_tables_that_exist(synthetic, cub):
 
 def test_cli_analyze_reads_exactly_the_paths_it_is_given(synthetic, tmp_path):
     """Only the flags name inputs: left out, region effects are not found beside the attention table."""
-    import json
 
     from intr.cli import main
 
@@ -251,7 +257,7 @@ def test_cli_analyze_reads_exactly_the_paths_it_is_given(synthetic, tmp_path):
             "--predictions", str(method / "predictions.parquet"), "--manifest", str(paths["manifest"]),
             "--parts", str(data / "parts.parquet"), "--lookalike-pairs", str(data / "lookalike_pairs.parquet"),
             "--trait-features", str(method / "trait_features.parquet"), "--root", str(paths["root"]),
-            "--out", str(tmp_path), "--config-json", json.dumps({"analysis": FAST}), "--quiet"]
+            "--out", str(tmp_path), "--config-json", cli_config(), "--quiet"]
     assert main(argv) == 0
     con = pd.read_parquet(tmp_path / "contrasts.parquet")
     assert con["occlusion"].isna().all()  # no --region-effects: no occlusion score
@@ -479,7 +485,6 @@ def test_pair_attention_is_ranked_but_never_enters_the_combined_score():
 
 def test_pair_attention_of_the_true_class_top_head_equals_its_density_through_the_cli(synthetic, tmp_path):
     """With every pair's top head set to A's own rank-1 head and top_heads 1, score (d) is score (a)."""
-    import json
 
     from analysis.tables import write_columns
     from intr.cli import main
@@ -504,7 +509,7 @@ def test_pair_attention_of_the_true_class_top_head_equals_its_density_through_th
             "--parts", str(data / "parts.parquet"), "--lookalike-pairs", str(data / "lookalike_pairs.parquet"),
             "--region-effects", str(method / "region_effects.parquet"),
             "--pair-head-ranks", str(tmp_path / "pair_head_ranks.parquet"), "--root", str(paths["root"]),
-            "--out", str(tmp_path / "out"), "--config-json", json.dumps({"analysis": {**FAST, "top_heads": 1}}),
+            "--out", str(tmp_path / "out"), "--config-json", cli_config(top_heads=1),
             "--quiet"]
     assert main(argv) == 0
     con = pd.read_parquet(tmp_path / "out" / "contrasts.parquet")

@@ -350,7 +350,8 @@ def test_a_read_only_output_folder_stops_the_subcommand_naming_the_path(command,
         read_only.chmod(0o755)
 
 
-def test_segment_discovery_needs_a_number_of_parts():
-    with pytest.raises(ConfigError, match="discovery.k: 'auto' chooses k for units 'patches' only"):
+def test_discovery_units_are_patches_or_aligned_and_both_take_k_auto():
+    with pytest.raises(ConfigError, match="discovery.units.*segments"):
         validated({"discovery": {"units": "segments"}})
-    assert validated({"discovery": {"units": "segments", "k": 16}})["discovery"]["k"] == 16
+    aligned = validated({"discovery": {"units": "aligned"}})["discovery"]
+    assert (aligned["k"], aligned["foreground_share"]) == ("auto", 0.2)

@@ -24,7 +24,7 @@ def extracted(request, tiny_models, tiny_dataset, tmp_path_factory):
     manifest, root = tiny_dataset
     out = tmp_path_factory.mktemp(f"extract_{request.param}")
     paths = ex.extract(tiny_models[request.param], manifest, root, out, batch_size=5, top_heads=2,
-                       parts=manifest.parent / "parts.parquet", progress=False)
+                       parts=manifest.parent / "parts.parquet", regions="annotated", progress=False)
     return request.param, paths
 
 
@@ -185,11 +185,11 @@ def test_interrupted_extraction_leaves_no_table_and_a_rerun_is_complete(tiny_mod
 
     monkeypatch.setattr(ex, "_extract_batch", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        ex.extract(tiny_models["prompt_cam"], manifest, root, tmp_path / "run", batch_size=4, progress=False)
+        ex.extract(tiny_models["prompt_cam"], manifest, root, tmp_path / "run", batch_size=4, regions="annotated", progress=False)
     assert list((tmp_path / "run").iterdir()) == []  # neither tables nor temporary files
     monkeypatch.setattr(ex, "_extract_batch", original)
-    first = ex.extract(tiny_models["prompt_cam"], manifest, root, tmp_path / "run", batch_size=4, progress=False)
-    again = ex.extract(tiny_models["prompt_cam"], manifest, root, tmp_path / "again", batch_size=4, progress=False)
+    first = ex.extract(tiny_models["prompt_cam"], manifest, root, tmp_path / "run", batch_size=4, regions="annotated", progress=False)
+    again = ex.extract(tiny_models["prompt_cam"], manifest, root, tmp_path / "again", batch_size=4, regions="annotated", progress=False)
     for name in ex.TABLES:
         a, b = pq.read_table(first[name]), pq.read_table(again[name])
         assert a.num_rows > 0 and a.equals(b)  # the rerun after the crash == an uninterrupted run
@@ -212,11 +212,11 @@ def test_a_model_of_other_classes_is_refused_both_ways_before_anything_is_writte
     original = pd.read_parquet(manifest).set_index("class_id")["class_name"].loc[1].iloc[0]  # renamed in the 6
     monkeypatch.setattr(ex, "ImageSet", None)  # refused before a single image is read
     with pytest.raises(CheckpointError) as four_on_six:
-        ex.extract(tiny_models["prompt_cam"], six_class_manifest, root, tmp_path / "four_on_six", progress=False)
+        ex.extract(tiny_models["prompt_cam"], six_class_manifest, root, tmp_path / "four_on_six", regions="annotated", progress=False)
     assert "4 classes in the model, 6 in the manifest; first difference at class_id 1: " \
            f"{original!r} in the model, 'renamed_species' in the manifest" in str(four_on_six.value)
     with pytest.raises(CheckpointError) as six_on_four:
-        ex.extract(six_class_model, manifest, root, tmp_path / "six_on_four", progress=False)
+        ex.extract(six_class_model, manifest, root, tmp_path / "six_on_four", regions="annotated", progress=False)
     assert str(six_on_four.value).startswith(f"{six_class_model} was trained on other classes than {manifest}: "
                                              "6 classes in the model, 4 in the manifest; first difference at "
                                              f"class_id 1: 'renamed_species' in the model, {original!r} in the manifest")
@@ -264,7 +264,7 @@ def test_large_genera_and_missing_taxonomy_fall_back_to_the_most_confused_classe
     (tmp_path / "tables").mkdir()
     table.to_parquet(tmp_path / "tables" / "manifest.parquet")
     paths = ex.extract(tiny_models["intr"], tmp_path / "tables" / "manifest.parquet", root, tmp_path / "out",
-                       siblings_k=2, parts=manifest.parent / "parts.parquet", progress=False)
+                       siblings_k=2, parts=manifest.parent / "parts.parquet", regions="annotated", progress=False)
     looks = io.load(paths["lookalikes"])
     assert set(looks["source"]) == {source}
     assert looks.groupby("class_a").size().tolist() == [2, 2, 2, 2]

@@ -170,7 +170,7 @@ def test_model_map_read_from_extracted_attention_is_the_mean_of_the_top_ranked_h
         method, tiny_models, tiny_dataset, tmp_path):
     manifest, root = tiny_dataset
     paths = extract(tiny_models[method], manifest, root, tmp_path, batch_size=8, top_heads=2,
-                    device="cpu", limit=6, progress=False)
+                    device="cpu", limit=6, regions="annotated", progress=False)
     model, config = load_model(tiny_models[method])
     norm = config["normalization"]
     data = ImageSet(root, read_split(manifest, "test").iloc[:6], config["image_size"], norm["mean"], norm["std"])
@@ -317,7 +317,7 @@ def test_run_faithfulness_writes_both_tables(method, dataset, tmp_path):
     model_path = save_model(method, tmp_path / method / "model.pt", manifest=manifest)
     # The model's maps come from an extraction of the split's first 8 images; 6 of them are sampled.
     attention = extract(model_path, manifest, root, tmp_path / "extract", batch_size=8, device="cpu", limit=8,
-                        progress=False)["attention"]
+                        regions="annotated", progress=False)["attention"]
     extracted_ids = read_split(manifest, "test")["image_id"].iloc[:8].tolist()
     out_maps, out_metrics = tmp_path / "baseline_maps.parquet", tmp_path / "metrics_faithfulness.parquet"
     table = run_faithfulness(model_path, manifest, root, out_maps, out_metrics, attention=attention, split="test",
@@ -368,7 +368,7 @@ def test_run_faithfulness_refuses_an_attention_table_of_another_split(dataset, t
     manifest, root = dataset
     model_path = save_model("prompt_cam", tmp_path / "model.pt", manifest=manifest)
     attention = extract(model_path, manifest, root, tmp_path / "extract", split="val", batch_size=8,
-                        device="cpu", limit=2, progress=False)["attention"]
+                        device="cpu", limit=2, regions="annotated", progress=False)["attention"]
     with pytest.raises(ValueError, match="split"):
         run_faithfulness(model_path, manifest, root, tmp_path / "maps.parquet", tmp_path / "metrics.parquet",
                          attention=attention, split="test", images=2, device="cpu", progress=False)
@@ -378,7 +378,7 @@ def test_another_occlusion_adds_its_rows_beside_the_unchanged_blur_protocol(data
     manifest, root = dataset
     model_path = save_model("prompt_cam", tmp_path / "model.pt", manifest=manifest)
     attention = extract(model_path, manifest, root, tmp_path / "extract", batch_size=8, device="cpu", limit=4,
-                        progress=False)["attention"]
+                        regions="annotated", progress=False)["attention"]
     settings = {"attention": attention, "split": "test", "top_heads": 2, "images": 4, "steps": 4,
                 "batch_size": 4, "device": "cpu", "seed": 0, "progress": False}
     blur = run_faithfulness(model_path, manifest, root, tmp_path / "m0.parquet", tmp_path / "f0.parquet",

@@ -87,37 +87,74 @@ def test_colour_segments_join_flat_colours_and_split_at_colour_steps():
     assert not set(two[0].ravel()) & set(two[1].ravel())  # ids are unique over the batch
 
 
-def test_pixel_foreground_takes_whole_salient_segments_and_never_the_large_ground():
+def test_salient_foreground_is_the_connected_piece_holding_most_saliency_and_never_the_large_ground():
     rgb = _two_square_image()
-    segments = pdisc.colour_segments(rgb, tolerance=0.1)
-    saliency = np.zeros((1, 16, 16))
-    saliency[0, 3, 3] = 1.0  # one salient pixel inside the red square
-    saliency[0, 0, :] = 0.9  # salient ground: the ground is 86 % of the image, so it stays background
+    gradient = np.zeros_like(rgb)
+    gradient[0, :, 2:6, 2:6] = 1.0  # the red square matters most
+    gradient[0, :, 10:14, 10:14] = 0.4  # the blue one less: a separate piece, so it is left out
+    gradient[0, :, 0, :] = 2.0  # salient ground: the ground is 86 % of the image, so it stays background
 
-    fg = pdisc.pixel_foreground(saliency, segments, share=16 / 256)[0]
+    saliency, fg, segments = pdisc.salient_foreground(rgb, gradient, tolerance=0.1, share=32 / 256)
 
     expected = np.zeros((16, 16), dtype=bool)
     expected[2:6, 2:6] = True
-    assert (fg == expected).all()
+    assert (fg[0] == expected).all()
+    assert saliency.max() == pytest.approx(1.0) and (saliency[0, 0, :] == 0).all()
+    assert segments.shape == (1, 16, 16)
 
 
-def test_segment_parts_separate_by_feature_and_label_every_pixel_of_a_segment_alike():
-    rgb = np.concatenate([_two_square_image(seed=s) for s in range(4)])
+def test_congealing_turns_every_image_to_one_facing():
+    rng = np.random.default_rng(0)
+    side = rng.uniform(0, 1, size=64)  # one asymmetric body-frame map and its mirror
+    mirror_of = side[::-1].copy()
+    flipped = rng.random(30) < 0.5
+    seen = np.where(flipped[:, None], mirror_of, side) + rng.uniform(0, 0.2, size=(30, 64))
+    mirrored = np.where(flipped[:, None], side, mirror_of) + rng.uniform(0, 0.2, size=(30, 64))
+
+    mirror, template = pdisc.congeal_facing(seen, mirrored)
+
+    assert (mirror == flipped).all() or (mirror == ~flipped).all()
+    assert template.shape == (64,)
+
+
+def test_segment_majority_gives_each_segment_the_label_most_of_its_pixels_have():
+    segments = np.array([[[0, 0, 0, 1], [2, 2, 1, 1]]])
+    labels = np.array([[[3, 3, 0, 1], [0, 2, 2, 0]]])
+
+    assert pdisc.segment_majority(segments, labels, 4).tolist() == [[[3, 3, 3, 0], [0, 0, 0, 0]]]
+
+
+def _birds(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rgb (n, 3, 32, 32), gradient, head (n, 32, 32) bool): a red 4 x 4 head ahead of a blue 4 x 8 body on a grey
+    noisy ground, at random places and facing left or right; the gradient is strong on the head, weak on the
+    body."""
+    rng = np.random.default_rng(seed)
+    rgb = 0.5 + rng.uniform(-0.01, 0.01, size=(n, 3, 32, 32))
     gradient = np.zeros_like(rgb)
-    gradient[:, :, 3:5, 3:5] = 1.0  # the red square is what the class needs; the blue one and the ground are not
-    gradient[:, :, 11:13, 11:13] = 1.0
-    features = np.zeros((4, 4, 2))  # a 2 x 2 patch grid: the top-left patch differs from the bottom-right
-    features[:, 0, 0] = 1.0
-    features[:, 3, 1] = 1.0
-    features[:, 1:3, 0] = 1.0
+    head = np.zeros((n, 32, 32), dtype=bool)
+    for i in range(n):
+        r, c = rng.integers(2, 26), rng.integers(2, 18)
+        left = rng.random() < 0.5
+        hc, bc = (c, c + 4) if left else (c + 8, c)
+        rgb[i, :, r:r + 4, hc:hc + 4] = np.array([0.9, 0.1, 0.1])[:, None, None]
+        rgb[i, :, r:r + 4, bc:bc + 8] = np.array([0.1, 0.1, 0.9])[:, None, None]
+        gradient[i, :, r:r + 4, hc:hc + 4] = 1.0
+        gradient[i, :, r:r + 4, bc:bc + 8] = 0.3
+        head[i, r:r + 4, hc:hc + 4] = True
+    return rgb, gradient, head
 
-    vocabulary = pdisc.fit_segment_vocabulary(features, rgb, gradient, (2, 2), k=2, share=32 / 256)
-    labels = pdisc.assign_segment_parts(vocabulary, features, rgb, gradient)
 
-    assert labels.shape == (4, 16, 16) and vocabulary.k == 2
-    red, blue = labels[:, 2:6, 2:6], labels[:, 10:14, 10:14]
-    assert (red == red[0, 0, 0]).all() and (blue == blue[0, 0, 0]).all() and red[0, 0, 0] != blue[0, 0, 0] > 0
-    assert (labels[:, 0, :] == 0).all() and int((labels > 0).sum()) == 4 * 32
+def test_aligned_parts_are_places_on_the_bird_whatever_its_place_and_facing():
+    rgb, gradient, head = _birds(24)
+    vocabulary, choice = pdisc.fit_aligned_vocabulary(rgb, gradient, k=2, share=48 / 1024)
+    new_rgb, new_gradient, new_head = _birds(10, seed=1)
+    labels = pdisc.assign_aligned_parts(vocabulary, new_rgb, new_gradient)
+
+    assert choice is None and vocabulary.k == 2 and labels.shape == (10, 32, 32) and labels.dtype == np.int8
+    body = (new_rgb[:, 2] > 0.8) & ~new_head
+    head_label, body_label = np.unique(labels[new_head]), np.unique(labels[body])
+    assert len(head_label) == 1 and len(body_label) == 1 and head_label[0] != body_label[0] > 0
+    assert int((labels > 0).sum()) == int(new_head.sum() + body.sum())  # the ground is background
 
 
 def test_discover_defaults_are_the_schema_defaults():
@@ -149,7 +186,7 @@ def test_discover_labels_every_image_of_the_split_and_reads_no_annotation(method
     from intr.discover import discover_parts
 
     manifest, root = tiny_dataset
-    options = {"k": 3, "fit_images": 0, "foreground_clusters": 4}
+    options = {"k": 3, "fit_images": 0, "foreground_clusters": 4, "units": "patches"}
     path = discover_parts(tiny_models[method], manifest, root, tmp_path / "full.parquet", device="cpu", **options)
     bare_manifest, bare_root = unlabelled_copy
     assert not (bare_manifest.parent / "parts.parquet").exists() and not (bare_root / "masks").exists()
@@ -177,14 +214,14 @@ def test_discover_labels_every_image_of_the_split_and_reads_no_annotation(method
 
 
 @pytest.mark.parametrize("method", ["prompt_cam", "intr"])
-def test_segment_discovery_writes_sub_patch_label_maps_and_reads_no_annotation(method, tiny_models, tiny_dataset,
+def test_aligned_discovery_writes_sub_patch_label_maps_and_reads_no_annotation(method, tiny_models, tiny_dataset,
                                                                                unlabelled_copy, tmp_path):
     from intr.cli import main
     from intr.discover import discover_parts
     from intr.models import load_model
 
     manifest, root = tiny_dataset
-    options = {"k": 3, "fit_images": 0, "units": "segments"}
+    options = {"k": 3, "fit_images": 0, "units": "aligned"}
     path = discover_parts(tiny_models[method], manifest, root, tmp_path / "full.parquet", device="cpu", **options)
     bare_manifest, bare_root = unlabelled_copy
     assert main(["discover", "--model", str(tiny_models[method]), "--manifest", str(bare_manifest),
@@ -194,7 +231,7 @@ def test_segment_discovery_writes_sub_patch_label_maps_and_reads_no_annotation(m
     size = load_model(tiny_models[method])[1]["image_size"]
     side = len(range(0, size, -(-size // 32)))
     meta = read_metadata(path)
-    assert (meta["grid_h"], meta["grid_w"], meta["discovery"]) == (side, side, "gradient_colour_segments")
+    assert (meta["grid_h"], meta["grid_w"], meta["discovery"]) == (side, side, "body_frame_parts")
     labels = fixed_list_to_numpy(pq.read_table(path)["labels"], np.int64)
     assert labels.shape[1] == side * side and labels.min() >= 0 and labels.max() <= 3 and (labels > 0).any()
     assert pq.read_table(tmp_path / "bare.parquet").equals(pq.read_table(path))
@@ -287,9 +324,46 @@ def test_discover_works_on_an_intr_with_a_resnet_backbone(tiny_dataset, tmp_path
     assert model.grid_size == (3, 3)
 
     path = discover_parts(tmp_path / "intr" / "model.pt", manifest, root, tmp_path / "parts.parquet",
-                          k=2, fit_images=0, foreground_clusters=3, device="cpu")
+                          k=2, fit_images=0, foreground_clusters=3, device="cpu", units="patches")
     meta = read_metadata(path)
     labels = fixed_list_to_numpy(pq.read_table(path)["labels"], np.int64)
     assert (meta["grid_h"], meta["grid_w"], meta["k"]) == (3, 3, 2)
     assert labels.shape == (len(read_split(manifest, "test")), 9)
     assert labels.min() >= 0 and labels.max() <= 2
+    # body-frame parts need only the input gradient, so a CNN backbone gives them too
+    path = discover_parts(tmp_path / "intr" / "model.pt", manifest, root, tmp_path / "aligned.parquet",
+                          k=2, fit_images=0, device="cpu", units="aligned")
+    labels = fixed_list_to_numpy(pq.read_table(path)["labels"], np.int64)
+    side = read_metadata(path)["grid_h"]
+    assert labels.shape == (len(read_split(manifest, "test")), side * side) and side > 3
+    assert labels.min() >= 0 and labels.max() <= 2 and (labels > 0).any()
+
+
+def test_majority_part_of_a_region_smaller_than_a_patch_is_the_part_under_it():
+    from analysis.pipeline import ImageTable, RegionGeometry, majority_parts
+    from analysis.regions import DiscoveredParts, RegionLayout, image_weights
+
+    regions = np.zeros((4, 4), int)
+    regions[0, 0] = 1  # a quarter of the top-left patch ...
+    regions[0, 1] = regions[1, 0] = regions[1, 1] = 2
+    regions[3, 3] = regions[3, 2] = regions[2, 3] = 3
+    truth = np.zeros((4, 4), int)
+    truth[0, 0] = 1  # ... lies on part 1, the patch's smallest part
+    truth[0, 1] = truth[1, 0] = truth[1, 1] = 2
+    truth[3, 3] = 2  # region 3 is two thirds background
+    rows = pd.DataFrame({"image_id": [1], "width": [16], "height": [16]})
+    images = ImageTable(np.array([1]), np.array([0]), np.array([True]), rows)
+
+    def geometry(labels: np.ndarray, k: int) -> RegionGeometry:
+        layout = RegionLayout.build("discovered", discovered=DiscoveredParts(k, (4, 4), {1: labels}))
+        weights = image_weights(layout, rows, (2, 2))
+        return RegionGeometry(layout.vocab, weights, weights.mean(-1), layout=layout, grid=(2, 2))
+
+    found, parts = geometry(regions, 3), geometry(truth, 2)
+    named = majority_parts(found, parts, images, np.array([0]), root=None)
+    strict = majority_parts(found, parts, images, np.array([0]), root=None, background=True)
+
+    assert named[0] == ["part_1", "part_2", "part_2", "background"]  # the last: the background region itself
+    assert strict[0] == ["part_1", "part_2", "background", "background"]
+    patchwise = np.einsum("nrg,npg->rp", found.weights, parts.weights)
+    assert parts.vocab[patchwise[0].argmax()] == "part_2"  # patch weights alone name region 1 wrongly

@@ -165,7 +165,7 @@ def test_extraction_under_cpu_bf16_autocast_writes_finite_float32_tables(method,
     monkeypatch.setenv(precision.CPU_BF16_ENV, "1")
     manifest, root = tiny_dataset
     paths = ex.extract(tiny_models[method], manifest, root, tmp_path, batch_size=3, top_heads=2, limit=6,
-                       parts=manifest.parent / "parts.parquet", progress=False)
+                       parts=manifest.parent / "parts.parquet", regions="annotated", progress=False)
     float32 = {"predictions": ["prob_true"], "head_ranks": ["prob_after_blur"],
                "pair_head_ranks": ["margin_after_blur"], "region_effects": ["margin", "margin_drop", "prob_a_drop"]}
     for name, columns in float32.items():

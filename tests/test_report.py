@@ -196,7 +196,7 @@ def make_report_fixture(base: Path, hostile: bool = True, images_per_species: in
         _write_method(results / method, method, manifest, parts, pairs, planted, vocab, rng)
     config = {"dataset": {"name": "tiny", "kind": "synthetic", "root": None}, "synthetic": options,
               "methods": list(HEADS), "report": {"max_species": 60, "exemplars": 2, "gallery": 4},
-              "analysis": {"top_heads": 2}, "extract": {"split": "test"}}
+              "analysis": {"top_heads": 2}, "extract": {"split": "test", "regions": "annotated"}}
     return {"results_dir": results, "root": root, "methods": list(HEADS), "config": config,
             "names": manifest.drop_duplicates("class_id").sort_values("class_id")["class_name"].tolist(),
             "planted": planted}
@@ -341,7 +341,8 @@ args = json.loads(sys.argv[1])
 results, root = Path(args["results"]), Path(args["root"])
 for method in args["methods"]:
     inputs = AnalysisInputs.conventional(results / method, results / "manifest.parquet", root)
-    analyze(inputs, Path(args["out"]) / method, {"permutations": 50, "bootstrap": 50, "umap": True}, progress=False)
+    analyze(inputs, Path(args["out"]) / method, {"permutations": 50, "bootstrap": 50, "umap": True,
+                                                 "regions": args["config"]["extract"]["regions"]}, progress=False)
 build_report(ReportTables.under(results, args["methods"]), root, args["config"], Path(args["out"]) / "report.html",
              progress=False)
 assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "intr")]

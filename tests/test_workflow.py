@@ -195,7 +195,8 @@ def test_rules_declare_the_ground_truth_tables_and_pass_them_by_path(run_snakema
                        "--parts": "results/tiny/parts.parquet",
                        "--baseline-maps": f"results/tiny/{method}/baseline_maps.parquet",
                        "--trait-features": f"results/tiny/{method}/trait_features.parquet",
-                       "--pair-head-ranks": f"results/tiny/{method}/pair_head_ranks.parquet"}.items():
+                       "--pair-head-ranks": f"results/tiny/{method}/pair_head_ranks.parquet",
+                       "--discovered-parts": f"results/tiny/{method}/discovered_parts.parquet"}.items():
         assert option(analyze, flag) == path, flag
     faithfulness = shell_commands(result.stdout, "faithfulness")[0]
     assert option(faithfulness, "--attention").endswith("/attention.parquet")
@@ -204,7 +205,8 @@ def test_rules_declare_the_ground_truth_tables_and_pass_them_by_path(run_snakema
     given = {word.split("=", 1)[0] for word in report if re.fullmatch(r"\w+=results/.*", word)}
     assert {"attention", "evaluation", "contrasts", "regions", "traits", "trait_members", "head_types",
             "baseline_maps", "predictions", "head_ranks", "region_effects",
-            "counterfactuals", "counterfactual_examples"} == given  # synthetic data: the counterfactual strip
+            "counterfactuals", "counterfactual_examples",  # synthetic data: the counterfactual strip
+            "discovered_parts"} == given  # the default regions: discovered parts
 
 
 def test_imagefolder_data_declares_no_ground_truth_tables(run_snakemake, repo_root, tmp_path):
