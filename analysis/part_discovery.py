@@ -627,14 +627,16 @@ def _aligned_units(rgb, gradient, tolerance, share, template=None):
     """Foreground, segments and body-frame coordinates of a batch (facing by ``template``, or congealed)."""
     saliency, foreground, segments = salient_foreground(rgb, gradient, tolerance, share)
     centre, spread = body_frames(foreground)
-    shape = foreground.shape[1:]
-    seen = frame_maps(saliency, frame_coordinates(shape, centre, spread, np.zeros(len(rgb), bool)))
-    mirrored = frame_maps(saliency, frame_coordinates(shape, centre, spread, np.ones(len(rgb), bool)))
+    coords = frame_coordinates(foreground.shape[1:], centre, spread, np.zeros(len(rgb), bool))
+    seen = frame_maps(saliency, coords)
+    coords[..., 0] *= -1  # mirrored along the body axis
+    mirrored = frame_maps(saliency, coords)
     if template is None:
         mirror, template = congeal_facing(seen, mirrored)
     else:
         mirror = mirrored @ template > seen @ template
-    return foreground, segments, frame_coordinates(shape, centre, spread, mirror), template
+    coords[..., 0] *= np.where(mirror, 1.0, -1.0)[:, None]  # back to as seen where the image is not mirrored
+    return foreground, segments, coords, template
 
 
 def fit_aligned_vocabulary(rgb: np.ndarray, gradient: np.ndarray, k: int | str, k_range: tuple[int, int] = (6, 16),

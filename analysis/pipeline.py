@@ -368,14 +368,12 @@ def majority_parts(regions: RegionGeometry, truth: RegionGeometry, images: Image
     a patch is named by the part under it. ``background``: the true background
     may win (the strict rule); else the region is named by the bird part that
     holds most of it (a region that touches no part at all is "background").
-    Without layouts to resample, the overlap of the patch weights stands in.
+    Both geometries need their ``layout`` and ``grid`` (``image_regions`` and
+    ``ground_truth_regions`` set them).
     """
     groups = images_by_class(images, use)
     rows = np.concatenate(list(groups.values())) if groups else np.zeros(0, np.int64)
-    if regions.layout is not None and truth.layout is not None and regions.grid is not None:
-        joint = label_overlap(regions.layout, truth.layout, images.rows.iloc[rows], regions.grid, root)
-    else:
-        joint = np.einsum("nrg,npg->nrp", regions.weights[rows], truth.weights[rows])
+    joint = label_overlap(regions.layout, truth.layout, images.rows.iloc[rows], regions.grid, root)
     position = {int(r): i for i, r in enumerate(rows)}
     parts = np.array([name != BACKGROUND for name in truth.vocab])
     out: dict[int, list[str]] = {}

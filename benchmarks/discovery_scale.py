@@ -158,10 +158,16 @@ def run_aligned(images: int, fit_images: int, size: int, parts: int, k: int | st
         truth.append(chunk_truth[cells].reshape(len(rgb), -1))
         del rgb, gradient
     assigned = time.perf_counter()
-    nmi, ari = pdisc.agreement(np.concatenate(labels), np.concatenate(truth))
     return {"units": "aligned", "images": images, "fit_images": len(sample), "size": size, "k": vocabulary.k,
             "k_criterion": choice.criterion if choice else "fixed",
-            "generate_fit_sample_s": round(made - started, 1), "fit_s": round(fitted - made, 1),
+            **figures(started, made, fitted, assigned, generate_s, fit_cpu, assign_cpu, labels, truth)}
+
+
+def figures(started: float, made: float, fitted: float, assigned: float, generate_s: float, fit_cpu: float,
+            assign_cpu: float, labels: list[np.ndarray], truth: list[np.ndarray]) -> dict:
+    """The timings (wall clock marks and CPU seconds of a run), peak RSS and NMI / ARI against the truth."""
+    nmi, ari = pdisc.agreement(np.concatenate(labels), np.concatenate(truth))
+    return {"generate_fit_sample_s": round(made - started, 1), "fit_s": round(fitted - made, 1),
             "assign_s": round(assigned - fitted - generate_s, 1), "generate_assign_s": round(generate_s, 1),
             "discovery_s": round(fitted - made + assigned - fitted - generate_s, 1),
             "discovery_cpu_s": round(fit_cpu + assign_cpu, 1), "fit_cpu_s": round(fit_cpu, 1),
@@ -214,15 +220,9 @@ def run(images: int, fit_images: int, grid: tuple[int, int], dim: int, parts: in
         truth.append(chunk_truth)
         del features, saliency
     assigned = time.perf_counter()
-    nmi, ari = pdisc.agreement(np.concatenate(labels), np.concatenate(truth))
     return {"images": images, "fit_images": len(sample), "grid": list(grid), "dim": dim, "k": int(k),
             "k_criterion": choice.criterion if choice else "fixed",
-            "generate_fit_sample_s": round(made - started, 1), "fit_s": round(fitted - made, 1),
-            "assign_s": round(assigned - fitted - generate_s, 1), "generate_assign_s": round(generate_s, 1),
-            "discovery_s": round(fitted - made + assigned - fitted - generate_s, 1),
-            "discovery_cpu_s": round(fit_cpu + assign_cpu, 1), "fit_cpu_s": round(fit_cpu, 1),
-            "assign_cpu_s": round(assign_cpu, 1),
-            "peak_rss_gib": round(peak_rss_gib(), 2), "nmi_on_bird": round(nmi, 3), "ari_on_bird": round(ari, 3)}
+            **figures(started, made, fitted, assigned, generate_s, fit_cpu, assign_cpu, labels, truth)}
 
 
 def main(argv: list[str] | None = None) -> int:
