@@ -473,6 +473,7 @@ SALIENCY_SIGMA = 2.0  # pixels: the smoothing of the input-gradient magnitude
 FRAME_BINS = 24  # cells per side of the body-frame grid the facing template is drawn on
 FRAME_EXTENT = 3.0  # half-width of that grid in spreads
 CONGEAL_ROUNDS = 10  # most rounds of the facing congealing (it stops when no image changes side)
+SEGMENT_SIZE_WEIGHT = 0.6  # weight of a segment's log size beside its body-frame place (spreads)
 FIT_PIXELS = 30_000  # foreground pixels (a seeded subsample) the part k-means is fitted on
 SEGMENT_CHUNK_PIXELS = 1 << 22  # pixels joined into colour segments at once (1,024 images of 64 x 64)
 
@@ -608,7 +609,8 @@ class AlignedVocabulary:
 
     Attributes:
         template: (FRAME_BINS ** 2,) the mean body-frame saliency of the fit sample, facing one way.
-        part_centres: (k, 2) body-frame (along, across) centres of the parts (label i + 1 is row i).
+        part_centres: (k, 3) centres of the parts in segment-place space (``segment_places``: body-frame
+            along, across, weighted log size); label i + 1 is row i.
         tolerance: the colour step that ends a segment.
         share: the fraction of each image's pixels the foreground is drawn from.
     """
@@ -623,8 +625,37 @@ class AlignedVocabulary:
         return len(self.part_centres)
 
 
+def segment_places(segments: np.ndarray, foreground: np.ndarray, coords: np.ndarray,
+                   spread: np.ndarray) -> np.ndarray:
+    """(N * H * W, 3) what each pixel is clustered by: its colour segment's place and size in the body frame.
+
+    A segment's place is the mean body-frame position of its foreground pixels and its size the log of
+    their count in squared spreads (times ``SEGMENT_SIZE_WEIGHT``), so every pixel of a segment is
+    clustered alike: a small segment inside a larger one (an eye in a crown) is told apart by size
+    where position alone would merge them.
+
+    Args:
+        segments: (N, H, W) segment ids (``colour_segments``).
+        foreground: (N, H, W) bool.
+        coords: (N, H * W, 2) body-frame positions (``frame_coordinates``).
+        spread: (N,) each image's spread in units of the longer side.
+    """
+    n, h, w = foreground.shape
+    ids, inverse = np.unique(segments.ravel(), return_inverse=True)
+    fg = foreground.ravel().astype(np.float64)
+    count = np.bincount(inverse, weights=fg, minlength=len(ids))
+    flat = coords.reshape(-1, 2)
+    place = np.stack([np.bincount(inverse, weights=flat[:, j] * fg, minlength=len(ids)) for j in range(2)], 1)
+    place /= np.maximum(count, 1.0)[:, None]
+    image = np.zeros(len(ids), dtype=np.int64)
+    image[inverse] = np.repeat(np.arange(n), h * w)
+    size = np.log(np.maximum(count, 1.0) / (spread[image] * max(h, w)) ** 2)
+    return np.concatenate([place, SEGMENT_SIZE_WEIGHT * size[:, None]], 1)[inverse]
+
+
 def _aligned_units(rgb, gradient, tolerance, share, template=None):
-    """Foreground, segments and body-frame coordinates of a batch (facing by ``template``, or congealed)."""
+    """Foreground, segments and each pixel's segment place (``segment_places``) of a batch (facing by
+    ``template``, or congealed)."""
     saliency, foreground, segments = salient_foreground(rgb, gradient, tolerance, share)
     centre, spread = body_frames(foreground)
     coords = frame_coordinates(foreground.shape[1:], centre, spread, np.zeros(len(rgb), bool))
@@ -636,7 +667,7 @@ def _aligned_units(rgb, gradient, tolerance, share, template=None):
     else:
         mirror = mirrored @ template > seen @ template
     coords[..., 0] *= np.where(mirror, 1.0, -1.0)[:, None]  # back to as seen where the image is not mirrored
-    return foreground, segments, coords, template
+    return foreground, segments, segment_places(segments, foreground, coords, spread), template
 
 
 def fit_aligned_vocabulary(rgb: np.ndarray, gradient: np.ndarray, k: int | str, k_range: tuple[int, int] = (6, 16),
@@ -656,8 +687,8 @@ def fit_aligned_vocabulary(rgb: np.ndarray, gradient: np.ndarray, k: int | str, 
         share: fraction of each image's pixels the foreground is drawn from.
         seed: seed of the subsample and of k-means.
     """
-    foreground, _, coords, template = _aligned_units(rgb, gradient, tolerance, share)
-    points = coords[foreground.reshape(len(rgb), -1)]
+    foreground, _, places, template = _aligned_units(rgb, gradient, tolerance, share)
+    points = places[foreground.ravel()]
     if len(points) > FIT_PIXELS:
         points = points[np.sort(np.random.default_rng(seed).choice(len(points), FIT_PIXELS, replace=False))]
     choice = sweep_part_count(points, tuple(k_range), seed, "pixels") if k == "auto" else None
@@ -676,11 +707,11 @@ def assign_aligned_parts(vocabulary: AlignedVocabulary, rgb: np.ndarray, gradien
         rgb: (N, 3, H, W) the network input in 0-1.
         gradient: (N, 3, H, W) gradient of the top predicted class's logit w.r.t. the input.
     """
-    foreground, segments, coords, _ = _aligned_units(rgb, gradient, vocabulary.tolerance, vocabulary.share,
+    foreground, segments, places, _ = _aligned_units(rgb, gradient, vocabulary.tolerance, vocabulary.share,
                                                      vocabulary.template)
     labels = np.zeros(foreground.size, dtype=np.int64)
     fg = foreground.ravel()
-    labels[fg] = _nearest(coords.reshape(-1, 2)[fg], vocabulary.part_centres) + 1
+    labels[fg] = _nearest(places[fg], vocabulary.part_centres) + 1
     return segment_majority(segments, labels.reshape(foreground.shape), vocabulary.k + 1)
 
 

@@ -157,6 +157,29 @@ def test_aligned_parts_are_places_on_the_bird_whatever_its_place_and_facing():
     assert int((labels > 0).sum()) == int(new_head.sum() + body.sum())  # the ground is background
 
 
+def test_aligned_parts_tell_a_small_segment_from_the_larger_one_around_it():
+    """An eye in the middle of the head sits at the head's place; its size tells it apart."""
+    rgb, gradient, head = _birds(24)
+    eye = np.zeros_like(head)
+    for i in range(len(rgb)):
+        r, c = np.argwhere(head[i]).min(0)
+        eye[i, r + 1:r + 3, c + 1:c + 3] = True
+        rgb[i, :, r + 1:r + 3, c + 1:c + 3] = np.array([0.1, 0.9, 0.1])[:, None, None]
+    vocabulary, _ = pdisc.fit_aligned_vocabulary(rgb, gradient, k=3, share=48 / 1024)
+    labels = pdisc.assign_aligned_parts(vocabulary, rgb, gradient)
+
+    body = (rgb[:, 2] > 0.8)
+    found = [np.unique(labels[m]) for m in (head & ~eye, eye, body)]
+    assert all(len(f) == 1 and f[0] > 0 for f in found), found
+    assert len({int(f[0]) for f in found}) == 3
+    places = pdisc.segment_places(np.array([[[0, 0], [1, 2]]]), np.array([[[True, True], [True, False]]]),
+                                  np.array([[[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]), np.array([0.5]))
+    # segment 0: two foreground pixels at along 0 and 2 (mean 1), size log(2 / (0.5 * 2) ** 2)
+    assert np.allclose(places[0], [1.0, 0.0, pdisc.SEGMENT_SIZE_WEIGHT * np.log(2.0)])
+    assert np.allclose(places[0], places[1]) and np.allclose(places[2], [0.0, 1.0, 0.0])
+    assert np.allclose(places[3], [0.0, 0.0, pdisc.SEGMENT_SIZE_WEIGHT * np.log(1.0)])  # no foreground pixel
+
+
 def test_discover_defaults_are_the_schema_defaults():
     from intr.discover import discover_parts
 
