@@ -463,10 +463,15 @@ def part_discovery_scores(discovered_path: str | Path, manifest_path: str | Path
 #    side of every new image.  No rotation: the principal axis of a noisy
 #    foreground was worse than none on the default (facing agreement 0.76
 #    against 0.90).
-# 3. Parts.  k-means on the body-frame positions of the fit sample's foreground
-#    pixels; every foreground pixel takes its nearest centre, and every colour
-#    segment the label most of its pixels have (background 0 included), so part
-#    borders follow colour borders.
+# 3. Parts.  k-means, over the fit sample's foreground pixels, of their colour
+#    segment's place (mean body-frame position of its foreground pixels) and
+#    size (``segment_places``); every pixel of a segment takes its segment's
+#    nearest centre, background 0 where most of the segment lies outside the
+#    foreground, so part borders follow colour borders. Chosen over clustering
+#    each pixel's own position on the design set (seed 0): NMI / ARI against the
+#    true parts 0.40 / 0.30 against 0.35 / 0.24 (mean over k 8-14, two k-means
+#    seeds and both models); trait recovery did not differ beyond its noise
+#    (0.63 against 0.65, ranging 0.42-0.79 over the same runs).
 
 SEGMENT_MAX_SHARE = 0.15  # a segment over this share of the image is background texture, never a part
 SALIENCY_SIGMA = 2.0  # pixels: the smoothing of the input-gradient magnitude
