@@ -214,7 +214,7 @@ def foreground_part_descriptors(vocabulary: PartVocabulary, features: np.ndarray
 
 
 def choose_part_count(features: np.ndarray, saliency: np.ndarray, grid: tuple[int, int],
-                      k_range: tuple[int, int] = (6, 16), foreground_clusters: int = 12,
+                      k_range: tuple[int, int] = (6, 24), foreground_clusters: int = 12,
                       seed: int = 0) -> PartCountChoice:
     """Choose k on the (unlabelled) fit sample: the elbow of the parts stage's k-means inertia over ``k_range``.
 
@@ -225,7 +225,11 @@ def choose_part_count(features: np.ndarray, saliency: np.ndarray, grid: tuple[in
     is only recorded; the elbow picked 11 (Prompt-CAM: part NMI 0.346, ARI
     0.270 against 0.349, 0.285 at k = 10) and 10 (INTR, the same as k = 10).
     The elbow of a smooth curve sits inside the range, so ``k_range`` bounds
-    the answer: widen it for data with many more parts.
+    the answer: widen it for data with many more parts. (These picks were
+    measured with the range 6-16; the default is now 6-24, chosen for
+    ``units: aligned``, whose curve is smooth and whose elbow moves with the
+    range: 10-11 parts for 6-16, 12-13 for 6-24 on the design set, where 12-14
+    parts recovered the planted traits best.)
 
     Args:
         features: (N, G, D) backbone patch features of the fit sample.
@@ -464,14 +468,24 @@ def part_discovery_scores(discovered_path: str | Path, manifest_path: str | Path
 #    foreground was worse than none on the default (facing agreement 0.76
 #    against 0.90).
 # 3. Parts.  k-means, over the fit sample's foreground pixels, of their colour
-#    segment's place (mean body-frame position of its foreground pixels) and
-#    size (``segment_places``); every pixel of a segment takes its segment's
-#    nearest centre, background 0 where most of the segment lies outside the
-#    foreground, so part borders follow colour borders. Chosen over clustering
-#    each pixel's own position on the design set (seed 0): NMI / ARI against the
-#    true parts 0.40 / 0.30 against 0.35 / 0.24 (mean over k 8-14, two k-means
-#    seeds and both models); trait recovery did not differ beyond its noise
-#    (0.63 against 0.65, ranging 0.42-0.79 over the same runs).
+#    segment's place (mean body-frame position of its foreground pixels), size,
+#    shape (spatial variance over area: a disk is lowest) and the share of its
+#    border that faces background (``segment_places``); every pixel of a segment
+#    takes its segment's nearest centre, background 0 where most of the segment
+#    lies outside the foreground, so part borders follow colour borders.
+#    Colour segments are nearly pure (an eye segment is 0.99 eye on the default),
+#    so what mixes parts is the clustering: the eye and the crown's pieces share
+#    a place and a size, but the eye is a compact disk that touches no
+#    background.  Chosen on the design set (seed 0; mean over k 10 and 12, two
+#    k-means seeds and both models):
+#      place only (pixel position)        NMI 0.35  ARI 0.24
+#      + size                              NMI 0.40  ARI 0.31  recovery 0.66
+#      + size, shape, border (weights 1)   NMI 0.44  ARI 0.35  recovery 0.77
+#    (the best eye cluster's eye share 0.32 -> 0.51); border weight 2 without
+#    shape, or shape 1.5-2, gave no better NMI / ARI and lower recovery.  The
+#    extra features pay at 12-14 parts (recovery 0.79-0.88 over three k-means
+#    seeds) and cost at 8 (INTR 0.38 against 0.60), so ``k_range`` became 6-24,
+#    whose elbow picks 12-13 (see ``choose_part_count``).
 
 SEGMENT_MAX_SHARE = 0.15  # a segment over this share of the image is background texture, never a part
 SALIENCY_SIGMA = 2.0  # pixels: the smoothing of the input-gradient magnitude
@@ -479,6 +493,8 @@ FRAME_BINS = 24  # cells per side of the body-frame grid the facing template is 
 FRAME_EXTENT = 3.0  # half-width of that grid in spreads
 CONGEAL_ROUNDS = 10  # most rounds of the facing congealing (it stops when no image changes side)
 SEGMENT_SIZE_WEIGHT = 0.6  # weight of a segment's log size beside its body-frame place (spreads)
+SEGMENT_BORDER_WEIGHT = 1.0  # weight of the share of a segment's border that faces background
+SEGMENT_SHAPE_WEIGHT = 1.0  # weight of the log of a segment's spatial variance over its area
 FIT_PIXELS = 30_000  # foreground pixels (a seeded subsample) the part k-means is fitted on
 SEGMENT_CHUNK_PIXELS = 1 << 22  # pixels joined into colour segments at once (1,024 images of 64 x 64)
 
@@ -614,8 +630,8 @@ class AlignedVocabulary:
 
     Attributes:
         template: (FRAME_BINS ** 2,) the mean body-frame saliency of the fit sample, facing one way.
-        part_centres: (k, 3) centres of the parts in segment-place space (``segment_places``: body-frame
-            along, across, weighted log size); label i + 1 is row i.
+        part_centres: (k, 5) centres of the parts in segment-place space (``segment_places``: body-frame
+            along, across, weighted log size, border share outside, log shape); label i + 1 is row i.
         tolerance: the colour step that ends a segment.
         share: the fraction of each image's pixels the foreground is drawn from.
     """
@@ -631,13 +647,17 @@ class AlignedVocabulary:
 
 
 def segment_places(segments: np.ndarray, foreground: np.ndarray, coords: np.ndarray,
-                   spread: np.ndarray) -> np.ndarray:
-    """(N * H * W, 3) what each pixel is clustered by: its colour segment's place and size in the body frame.
+                   spread: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(features (M, 5), inverse (N * H * W,)): what each of the M colour segments is clustered by, its place,
+    size and shape in the body frame, and each pixel's segment (``features[inverse]`` is per pixel; only
+    the pixels needed are ever expanded, which keeps CUB-scale fits in memory).
 
-    A segment's place is the mean body-frame position of its foreground pixels and its size the log of
-    their count in squared spreads (times ``SEGMENT_SIZE_WEIGHT``), so every pixel of a segment is
-    clustered alike: a small segment inside a larger one (an eye in a crown) is told apart by size
-    where position alone would merge them.
+    Per segment, over its foreground pixels: the mean body-frame position (along, across); the log of
+    their count in squared spreads (times ``SEGMENT_SIZE_WEIGHT``); the share of its border that faces
+    background (times ``SEGMENT_BORDER_WEIGHT``); and the log of its spatial variance over its area
+    (times ``SEGMENT_SHAPE_WEIGHT``). Every pixel of a segment is clustered alike. An eye in a crown sits
+    at the crown's place; it is a compact disk that touches no background, where the crown's pieces
+    are rings or stripes at the bird's edge.
 
     Args:
         segments: (N, H, W) segment ids (``colour_segments``).
@@ -647,20 +667,48 @@ def segment_places(segments: np.ndarray, foreground: np.ndarray, coords: np.ndar
     """
     n, h, w = foreground.shape
     ids, inverse = np.unique(segments.ravel(), return_inverse=True)
+    m = len(ids)
     fg = foreground.ravel().astype(np.float64)
-    count = np.bincount(inverse, weights=fg, minlength=len(ids))
+    count = np.maximum(np.bincount(inverse, weights=fg, minlength=m), 1.0)
     flat = coords.reshape(-1, 2)
-    place = np.stack([np.bincount(inverse, weights=flat[:, j] * fg, minlength=len(ids)) for j in range(2)], 1)
-    place /= np.maximum(count, 1.0)[:, None]
-    image = np.zeros(len(ids), dtype=np.int64)
+    place = np.stack([np.bincount(inverse, weights=flat[:, j] * fg, minlength=m) for j in range(2)], 1) / count[:, None]
+    square = sum(np.bincount(inverse, weights=flat[:, j] ** 2 * fg, minlength=m) for j in range(2)) / count
+    image = np.zeros(m, dtype=np.int64)
     image[inverse] = np.repeat(np.arange(n), h * w)
-    size = np.log(np.maximum(count, 1.0) / (spread[image] * max(h, w)) ** 2)
-    return np.concatenate([place, SEGMENT_SIZE_WEIGHT * size[:, None]], 1)[inverse]
+    pixel = (spread[image] * max(h, w)) ** 2  # one pixel's area in squared spreads is 1 / pixel
+    variance = np.maximum(square - (place ** 2).sum(1), 0.0) + 1.0 / (6.0 * pixel)  # a lone pixel's own
+    size = np.log(count / pixel)
+    shape = np.log(variance * pixel / count)  # a disk: log(1 / (2 pi)); rings and stripes: more
+    outside = segment_border_outside(inverse.reshape(n, h, w), foreground, m)
+    return np.concatenate([place, SEGMENT_SIZE_WEIGHT * size[:, None], SEGMENT_BORDER_WEIGHT * outside[:, None],
+                           SEGMENT_SHAPE_WEIGHT * shape[:, None]], 1), inverse
+
+
+def segment_border_outside(segments: np.ndarray, foreground: np.ndarray, count: int) -> np.ndarray:
+    """(count,) per segment id 0..count-1: the share of its border (4-neighbour steps into another segment
+    or off the image) that lands outside the foreground (0 where it has no border).
+
+    Args:
+        segments: (N, H, W) segment ids in 0..count-1.
+        foreground: (N, H, W) bool.
+    """
+    border = np.zeros(count)
+    outside = np.zeros(count)
+    for axis in (1, 2):
+        ids, fg = np.moveaxis(segments, axis, -1), np.moveaxis(foreground, axis, -1)
+        step = ids[..., 1:] != ids[..., :-1]
+        for here, there_fg in ((ids[..., 1:], fg[..., :-1]), (ids[..., :-1], fg[..., 1:])):  # each side of a step
+            border += np.bincount(here[step], minlength=count)
+            outside += np.bincount(here[step], weights=~there_fg[step], minlength=count)
+        for edge in (ids[..., 0], ids[..., -1]):  # off the image is outside
+            border += np.bincount(edge.ravel(), minlength=count)
+            outside += np.bincount(edge.ravel(), minlength=count)
+    return outside / np.maximum(border, 1.0)
 
 
 def _aligned_units(rgb, gradient, tolerance, share, template=None):
-    """Foreground, segments and each pixel's segment place (``segment_places``) of a batch (facing by
-    ``template``, or congealed)."""
+    """Foreground, segments, and (the segments' places, each pixel's segment) (``segment_places``) of a
+    batch (facing by ``template``, or congealed)."""
     saliency, foreground, segments = salient_foreground(rgb, gradient, tolerance, share)
     centre, spread = body_frames(foreground)
     coords = frame_coordinates(foreground.shape[1:], centre, spread, np.zeros(len(rgb), bool))
@@ -675,7 +723,7 @@ def _aligned_units(rgb, gradient, tolerance, share, template=None):
     return foreground, segments, segment_places(segments, foreground, coords, spread), template
 
 
-def fit_aligned_vocabulary(rgb: np.ndarray, gradient: np.ndarray, k: int | str, k_range: tuple[int, int] = (6, 16),
+def fit_aligned_vocabulary(rgb: np.ndarray, gradient: np.ndarray, k: int | str, k_range: tuple[int, int] = (6, 24),
                            tolerance: float = 0.1, share: float = 0.2,
                            seed: int = 0) -> tuple[AlignedVocabulary, PartCountChoice | None]:
     """Learn the facing template and k body-frame parts from a sample of (unlabelled) images.
@@ -692,8 +740,8 @@ def fit_aligned_vocabulary(rgb: np.ndarray, gradient: np.ndarray, k: int | str, 
         share: fraction of each image's pixels the foreground is drawn from.
         seed: seed of the subsample and of k-means.
     """
-    foreground, _, places, template = _aligned_units(rgb, gradient, tolerance, share)
-    points = places[foreground.ravel()]
+    foreground, _, (places, inverse), template = _aligned_units(rgb, gradient, tolerance, share)
+    points = places[inverse[foreground.ravel()]]
     if len(points) > FIT_PIXELS:
         points = points[np.sort(np.random.default_rng(seed).choice(len(points), FIT_PIXELS, replace=False))]
     choice = sweep_part_count(points, tuple(k_range), seed, "pixels") if k == "auto" else None
@@ -712,11 +760,11 @@ def assign_aligned_parts(vocabulary: AlignedVocabulary, rgb: np.ndarray, gradien
         rgb: (N, 3, H, W) the network input in 0-1.
         gradient: (N, 3, H, W) gradient of the top predicted class's logit w.r.t. the input.
     """
-    foreground, segments, places, _ = _aligned_units(rgb, gradient, vocabulary.tolerance, vocabulary.share,
+    foreground, segments, (places, inverse), _ = _aligned_units(rgb, gradient, vocabulary.tolerance, vocabulary.share,
                                                      vocabulary.template)
     labels = np.zeros(foreground.size, dtype=np.int64)
     fg = foreground.ravel()
-    labels[fg] = _nearest(places[fg], vocabulary.part_centres) + 1
+    labels[fg] = _nearest(places, vocabulary.part_centres)[inverse[fg]] + 1
     return segment_majority(segments, labels.reshape(foreground.shape), vocabulary.k + 1)
 
 

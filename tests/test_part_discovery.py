@@ -158,7 +158,7 @@ def test_aligned_parts_are_places_on_the_bird_whatever_its_place_and_facing():
 
 
 def test_aligned_parts_tell_a_small_segment_from_the_larger_one_around_it():
-    """An eye in the middle of the head sits at the head's place; its size tells it apart."""
+    """An eye in the middle of the head sits at the head's place; its size, shape and border tell it apart."""
     rgb, gradient, head = _birds(24)
     eye = np.zeros_like(head)
     for i in range(len(rgb)):
@@ -172,12 +172,41 @@ def test_aligned_parts_tell_a_small_segment_from_the_larger_one_around_it():
     found = [np.unique(labels[m]) for m in (head & ~eye, eye, body)]
     assert all(len(f) == 1 and f[0] > 0 for f in found), found
     assert len({int(f[0]) for f in found}) == 3
-    places = pdisc.segment_places(np.array([[[0, 0], [1, 2]]]), np.array([[[True, True], [True, False]]]),
-                                  np.array([[[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]), np.array([0.5]))
-    # segment 0: two foreground pixels at along 0 and 2 (mean 1), size log(2 / (0.5 * 2) ** 2)
-    assert np.allclose(places[0], [1.0, 0.0, pdisc.SEGMENT_SIZE_WEIGHT * np.log(2.0)])
-    assert np.allclose(places[0], places[1]) and np.allclose(places[2], [0.0, 1.0, 0.0])
-    assert np.allclose(places[3], [0.0, 0.0, pdisc.SEGMENT_SIZE_WEIGHT * np.log(1.0)])  # no foreground pixel
+    features, inverse = pdisc.segment_places(np.array([[[0, 0], [1, 2]]]), np.array([[[True, True], [True, False]]]),
+                                             np.array([[[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]),
+                                             np.array([0.5]))
+    places = features[inverse]
+    # segment 0: two foreground pixels at along 0 and 2 (mean 1), size log(2 / (0.5 * 2) ** 2), spatial variance
+    # 1 plus a pixel's own 1 / 6 over its area 2; of its 6 border steps (2 into segments 1 and 2, 4 off the
+    # image) 5 land outside the foreground (the non-foreground segment 2 and off the image)
+    w_size, w_border, w_shape = pdisc.SEGMENT_SIZE_WEIGHT, pdisc.SEGMENT_BORDER_WEIGHT, pdisc.SEGMENT_SHAPE_WEIGHT
+    assert np.allclose(places[0], [1.0, 0.0, w_size * np.log(2.0), w_border * 5 / 6, w_shape * np.log(7 / 12)])
+    assert np.allclose(places[0], places[1])
+    assert np.allclose(places[2], [0.0, 1.0, 0.0, w_border * 3 / 4, w_shape * np.log(1 / 6)])
+    # no foreground pixel: the place of nothing, both its border steps inside, two off the image
+    assert np.allclose(places[3], [0.0, 0.0, 0.0, w_border * 2 / 4, w_shape * np.log(1 / 6)])
+
+
+def test_segment_shape_tells_a_disk_from_a_ring_and_a_stripe():
+    """A disk's spatial variance over its area is 1 / (2 pi); a ring's and a stripe's are larger."""
+    yy, xx = np.mgrid[0:64, 0:64] - 31.5
+    r = np.hypot(yy, xx)
+    shapes = {"disk": r < 12, "ring": (r < 20) & (r >= 14), "stripe": (np.abs(yy) < 2) & (np.abs(xx) < 24)}
+    segments = np.zeros((3, 64, 64), dtype=np.int64)
+    for i, mask in enumerate(shapes.values()):
+        segments[i][mask] = 1
+    segments += 2 * np.arange(3)[:, None, None]
+    foreground = segments % 2 == 1
+    coords = pdisc.frame_coordinates((64, 64), np.full((3, 2), 0.5), np.full(3, 0.25), np.zeros(3, bool))
+    features, inverse = pdisc.segment_places(segments, foreground, coords, np.full(3, 0.25))
+    places = features[inverse].reshape(3, 64 * 64, -1)
+    shape = {name: places[i][mask.ravel()][0, 4] / pdisc.SEGMENT_SHAPE_WEIGHT for i, (name, mask) in
+             enumerate(shapes.items())}
+    assert abs(shape["disk"] - np.log(1 / (2 * np.pi))) < 0.02
+    assert shape["ring"] > shape["disk"] + 0.5 and shape["stripe"] > shape["disk"] + 0.5
+    border = {name: places[i][mask.ravel()][0, 3] / pdisc.SEGMENT_BORDER_WEIGHT for i, (name, mask) in
+              enumerate(shapes.items())}
+    assert border == {"disk": 1.0, "ring": 1.0, "stripe": 1.0}  # each lies on background alone
 
 
 def test_discover_defaults_are_the_schema_defaults():
