@@ -156,6 +156,7 @@ def assign_parts(vocabulary: PartVocabulary, features: np.ndarray, saliency: np.
 
 # ----------------------------------------------------------------------------- choosing k without labels
 
+K_RANGE = (6, 24)  # [min, max] k tried by ``k: auto`` (the schema's discovery.k_range; see choose_part_count)
 K_SWEEP_PATCHES = 10_000  # foreground patches the k sweep clusters (a seeded subsample; keeps it cheap at CUB scale)
 SILHOUETTE_PATCHES = 3_000  # of those, the ones the silhouette is computed on (recorded, not used to choose)
 
@@ -214,7 +215,7 @@ def foreground_part_descriptors(vocabulary: PartVocabulary, features: np.ndarray
 
 
 def choose_part_count(features: np.ndarray, saliency: np.ndarray, grid: tuple[int, int],
-                      k_range: tuple[int, int] = (6, 24), foreground_clusters: int = 12,
+                      k_range: tuple[int, int] = K_RANGE, foreground_clusters: int = 12,
                       seed: int = 0) -> PartCountChoice:
     """Choose k on the (unlabelled) fit sample: the elbow of the parts stage's k-means inertia over ``k_range``.
 
@@ -226,10 +227,8 @@ def choose_part_count(features: np.ndarray, saliency: np.ndarray, grid: tuple[in
     0.270 against 0.349, 0.285 at k = 10) and 10 (INTR, the same as k = 10).
     The elbow of a smooth curve sits inside the range, so ``k_range`` bounds
     the answer: widen it for data with many more parts. (These picks were
-    measured with the range 6-16; the default is now 6-24, chosen for
-    ``units: aligned``, whose curve is smooth and whose elbow moves with the
-    range: 10-11 parts for 6-16, 12-13 for 6-24 on the design set, where 12-14
-    parts recovered the planted traits best.)
+    measured with the range 6-16; ``K_RANGE`` is now 6-24, chosen for
+    ``units: aligned``: see "pixel units" below.)
 
     Args:
         features: (N, G, D) backbone patch features of the fit sample.
@@ -484,8 +483,9 @@ def part_discovery_scores(discovered_path: str | Path, manifest_path: str | Path
 #    (the best eye cluster's eye share 0.32 -> 0.51); border weight 2 without
 #    shape, or shape 1.5-2, gave no better NMI / ARI and lower recovery.  The
 #    extra features pay at 12-14 parts (recovery 0.79-0.88 over three k-means
-#    seeds) and cost at 8 (INTR 0.38 against 0.60), so ``k_range`` became 6-24,
-#    whose elbow picks 12-13 (see ``choose_part_count``).
+#    seeds) and cost at 8 (INTR 0.38 against 0.60), so ``K_RANGE`` became 6-24.
+#    The inertia curve is smooth and its elbow moves with the range: 10-11
+#    parts for 6-16, 12-13 for 6-24.
 
 SEGMENT_MAX_SHARE = 0.15  # a segment over this share of the image is background texture, never a part
 SALIENCY_SIGMA = 2.0  # pixels: the smoothing of the input-gradient magnitude
@@ -723,7 +723,7 @@ def _aligned_units(rgb, gradient, tolerance, share, template=None):
     return foreground, segments, segment_places(segments, foreground, coords, spread), template
 
 
-def fit_aligned_vocabulary(rgb: np.ndarray, gradient: np.ndarray, k: int | str, k_range: tuple[int, int] = (6, 24),
+def fit_aligned_vocabulary(rgb: np.ndarray, gradient: np.ndarray, k: int | str, k_range: tuple[int, int] = K_RANGE,
                            tolerance: float = 0.1, share: float = 0.2,
                            seed: int = 0) -> tuple[AlignedVocabulary, PartCountChoice | None]:
     """Learn the facing template and k body-frame parts from a sample of (unlabelled) images.

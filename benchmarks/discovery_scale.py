@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=768, help="feature dimension (ViT-B: 768)")
     parser.add_argument("--parts", type=int, default=12, help="true parts of the generated birds")
     parser.add_argument("--k", default="auto", help="parts to discover, or auto (discovery.k)")
-    parser.add_argument("--k-range", type=int, nargs=2, default=[6, 24], help="range of auto (discovery.k_range)")
+    parser.add_argument("--k-range", type=int, nargs=2, default=list(pdisc.K_RANGE), help="range of auto (discovery.k_range)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--units", choices=["patches", "aligned"], default="patches",
                         help="what is clustered (discovery.units)")

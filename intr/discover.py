@@ -86,7 +86,7 @@ def fit_sample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Path, out: str | Path,
                    split: str = "test", fit_split: str = "train", fit_images: int = 600, k: int | str = "auto",
-                   k_range: tuple[int, int] | list[int] = (6, 24), top_classes: int = 3,
+                   k_range: tuple[int, int] | list[int] = pdisc.K_RANGE, top_classes: int = 3,
                    foreground_clusters: int = 12, batch_size: int = 64,
                    device: str = "auto", seed: int = 0, units: str = "aligned", colour_tolerance: float = 0.1,
                    foreground_share: float = 0.2) -> Path:

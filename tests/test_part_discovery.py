@@ -172,6 +172,9 @@ def test_aligned_parts_tell_a_small_segment_from_the_larger_one_around_it():
     found = [np.unique(labels[m]) for m in (head & ~eye, eye, body)]
     assert all(len(f) == 1 and f[0] > 0 for f in found), found
     assert len({int(f[0]) for f in found}) == 3
+
+
+def test_segment_places_are_each_segments_place_size_border_and_shape():
     features, inverse = pdisc.segment_places(np.array([[[0, 0], [1, 2]]]), np.array([[[True, True], [True, False]]]),
                                              np.array([[[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]),
                                              np.array([0.5]))
