@@ -7,7 +7,7 @@ with every figure and thumbnail inline as a ``data:`` URI. Sections:
 
 0. The answer first: per look-alike pair and method, the region ranked first
    as telling A from B (contrasts.parquet), its q-value, the images it was
-   measured on and the share of them where removing it (extract.occlusion) lowers the A − B margin
+   measured on and the share of them where filling it (extract.region_fill) lowers the A − B margin
    (region_effects.parquet), with a crop of that region from the A image and
    the B image where it is largest. Then the parts gallery: every region of
    each method's layout outlined on a few exemplar images, so that a
@@ -845,7 +845,7 @@ def region_crop(rep: Report, peaks: PeakRegions, image_id: int, region: int, col
 
 
 def _holds(effects: pd.DataFrame | None, a: int, b: int, region: str) -> str:
-    """'k of n (share)': A's images where removing the region (extract.occlusion) lowers the A − B margin (region_effects)."""
+    """'k of n (share)': A's images where filling the region (extract.region_fill) lowers the A − B margin (region_effects)."""
     if effects is None:
         return "—"
     rows = effects[(effects["class_a"] == a) & (effects["class_b"] == b) & (effects["region"] == region)]

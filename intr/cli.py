@@ -231,7 +231,7 @@ def _cmd_evaluation(args: argparse.Namespace) -> int:
 
 
 EXTRACT_KEYS = ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius", "region_cells",
-                "blur_sigma", "occlusion", "device")
+                "blur_sigma", "occlusion", "region_fill", "device")
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:

@@ -14,10 +14,12 @@ For each image of the evaluation split it writes (layouts in docs/tables.md):
   A - B logit margin (``intr.ranking.rank_pair_heads_by_blurring``);
 * ``region_effects.parquet``: for the true class A and each look-alike B, the
   drop of the logit margin A - B (and of A's probability) when one region
-  (``analysis.regions``: a part mask, a disc around a part keypoint, or a grid
-  cell) is occluded (``extract.occlusion``, ``intr.occlusion``: by default
-  replaced by the blurred image); all regions of a batch of images go through
-  the model in one batched pass;
+  (``analysis.regions``: a discovered part, a part mask, a disc around a part
+  keypoint, or a grid cell) is filled (``extract.region_fill``: by default with
+  B's mean colour of that region over the split's images, a pre-pass,
+  ``intr.occlusion.LookalikeFill``; else by the ``extract.occlusion``
+  operator); all regions of a batch of images go through the model in batched
+  passes;
 * ``trait_features.parquet``: for the true class's ``top_heads`` top-ranked
   heads, the map-weighted mean of the backbone's final patch features;
 * ``lookalikes.parquet``: the look-alike classes used (class_a, class_b,
@@ -57,7 +59,7 @@ from analysis.tables import ParquetStreamWriter, read_table
 from intr import precision
 from intr.data.images import ImageSet, read_split
 from intr.models import load_model, resolve_device
-from intr.occlusion import Occlusion
+from intr.occlusion import LookalikeFill, Occlusion
 from intr.ranking import rank_heads_by_blurring, rank_pair_heads_by_blurring
 
 ROLE_TRUE, ROLE_PRED, ROLE_SIBLING = "true", "pred", "sibling"
@@ -173,7 +175,7 @@ def _query_classes(labels: np.ndarray, preds: np.ndarray, looks: dict[int, list[
 @torch.no_grad()
 def region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
                     masks: list[np.ndarray], siblings: list[list[int]], vocab: list[str],
-                    occlusion: Occlusion, chunk: int) -> dict[str, np.ndarray]:
+                    occlusion: Occlusion, chunk: int, lookalike: LookalikeFill | None = None) -> dict[str, np.ndarray]:
     """Margin and probability drops when each region is occluded, for a batch of images.
 
     Args:
@@ -184,55 +186,90 @@ def region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: to
         masks: per image, its (regions, S, S) region masks (``analysis.regions.region_masks``).
         siblings: per image, its look-alike classes B.
         vocab: region names, indexed as the masks' first axis.
-        occlusion: what an occluded region becomes (``intr.occlusion``).
+        occlusion: what an occluded region becomes (``intr.occlusion``), where ``lookalike`` is None.
         chunk: occluded images per forward pass.
+        lookalike: the pair fill (``intr.occlusion.LookalikeFill``): each region is filled once per
+            look-alike B, with B's colour of it, and scored on that B's margin alone.
     """
     owner, region_ids, comp = [], [], []
     for b, m in enumerate(masks):
+        if not siblings[b]:
+            continue
         present = np.flatnonzero(m.reshape(m.shape[0], -1).any(1))
-        for r in present:
-            owner.append(b)
-            region_ids.append(r)
+        owner += [b] * len(present)
+        region_ids += present.tolist()
         comp.append(torch.from_numpy(m[present]))
     if not owner:
         return {}
     region_masks = torch.cat(comp).to(images.device, images.dtype).unsqueeze(1)  # (M, 1, S, S)
-    owner_t = torch.as_tensor(owner, device=images.device)
-    # A fill that does not depend on the mask is computed once per image (blur: the published figures' bytes).
-    fill = None if occlusion.fill_depends_on_mask else occlusion.fill(images)
-    out_logits = []
-    for s in range(0, len(owner), chunk):
-        o = owner_t[s:s + chunk]
-        m = region_masks[s:s + chunk]
-        occluded = occlusion(images[o], m) if fill is None else images[o] * (1 - m) + fill[o] * m
-        out_logits.append(model(occluded).float())
-    occluded_logits = torch.cat(out_logits)  # (M, C)
+    # One row per (region occurrence j, look-alike B).
+    occurrence = np.array([j for j, b in enumerate(owner) for _ in siblings[b]])
+    class_b = np.array([s for b in owner for s in siblings[b]])
+    image = np.asarray(owner)[occurrence]
+    if lookalike is None:
+        # One occluded image per occurrence serves every B; a fill that does not depend on the mask is
+        # computed once per image (blur: the published figures' bytes).
+        owner_t = torch.as_tensor(owner, device=images.device)
+        fill = None if occlusion.fill_depends_on_mask else occlusion.fill(images)
+        out_logits = []
+        for s in range(0, len(owner), chunk):
+            o, m = owner_t[s:s + chunk], region_masks[s:s + chunk]
+            occluded = occlusion(images[o], m) if fill is None else images[o] * (1 - m) + fill[o] * m
+            out_logits.append(model(occluded).float())
+        occluded_logits = torch.cat(out_logits)[torch.as_tensor(occurrence, device=images.device)]
+    else:
+        image_t, occ_t = (torch.as_tensor(v, device=images.device) for v in (image, occurrence))
+        class_b_t = torch.as_tensor(class_b, device=images.device)
+        region_t = torch.as_tensor(region_ids, device=images.device)[occ_t]
+        out_logits = []
+        for s in range(0, len(image), chunk):
+            sl = slice(s, s + chunk)
+            occluded = lookalike(images[image_t[sl]], region_masks[occ_t[sl]], class_b_t[sl], region_t[sl])
+            out_logits.append(model(occluded).float())
+        occluded_logits = torch.cat(out_logits)  # (rows, C)
     base = logits.float()
-    prob_a = base.softmax(1).gather(1, labels.view(-1, 1)).squeeze(1)
-    a = labels[owner_t]
-    prob_a_occluded = occluded_logits.softmax(1).gather(1, a.view(-1, 1)).squeeze(1)
-    area = region_masks.flatten(1).mean(1)
-    cols = {k: [] for k in ("image", "class_b", "region", "area", "margin", "margin_drop", "prob_a_drop")}
-    for j in range(len(owner)):
-        b = owner[j]
-        sib = siblings[b]
-        if not sib:
-            continue
-        sib_t = torch.as_tensor(sib, device=images.device)
-        margin = base[b, labels[b]] - base[b, sib_t]
-        margin_occluded = occluded_logits[j, labels[b]] - occluded_logits[j, sib_t]
-        n = len(sib)
-        cols["image"] += [b] * n
-        cols["class_b"] += sib
-        cols["region"] += [vocab[region_ids[j]]] * n
-        cols["area"] += [float(area[j])] * n
-        cols["margin"] += margin.cpu().tolist()
-        cols["margin_drop"] += (margin - margin_occluded).cpu().tolist()
-        cols["prob_a_drop"] += [float(prob_a[b] - prob_a_occluded[j])] * n
-    return {k: np.asarray(v) for k, v in cols.items()}
+    dev = images.device
+    image_t, b_t = torch.as_tensor(image, device=dev), torch.as_tensor(class_b, device=dev)
+    a_t = labels[image_t]
+    rows = torch.arange(len(image), device=dev)
+    margin = base[image_t, a_t] - base[image_t, b_t]
+    margin_occluded = occluded_logits[rows, a_t] - occluded_logits[rows, b_t]
+    prob_a = base.softmax(1)[image_t, a_t]
+    prob_a_occluded = occluded_logits.softmax(1)[rows, a_t]
+    area = region_masks.flatten(1).mean(1).cpu().numpy()[occurrence]
+    return {"image": image, "class_b": class_b, "region": np.asarray(vocab, dtype=object)[np.asarray(region_ids)[occurrence]],
+            "area": area, "margin": margin.cpu().numpy(), "margin_drop": (margin - margin_occluded).cpu().numpy(),
+            "prob_a_drop": (prob_a - prob_a_occluded).cpu().numpy()}
 
 
 EXTRACT = defaults("extract")  # the config schema's defaults
+REGION_FILLS = ("lookalike", "occlusion")
+
+
+@torch.no_grad()
+def lookalike_colours(loader: DataLoader, regions: RegionSource, size: int, num_classes: int,
+                      device: torch.device, progress: bool = True) -> LookalikeFill:
+    """The pair fill of a split: every class's mean colour of every region, over the split's images.
+
+    Args:
+        loader: the split's images (``_Indexed``: image, class, row).
+        regions: the split's configured regions.
+        size: the network input side (the label maps' size).
+        num_classes: classes of the model.
+        device: where the sums are kept.
+        progress: progress bar.
+    """
+    n_regions = len(regions.vocab)
+    sums = counts = None
+    for images, labels, index in tqdm(loader, desc="region colours", disable=not progress, leave=False):
+        maps = torch.as_tensor(np.stack([regions.labels(int(i), size) for i in index.numpy()]))
+        if sums is None:
+            sums = torch.zeros(num_classes, n_regions, images.shape[1], dtype=torch.float64, device=device)
+            counts = torch.zeros(num_classes, n_regions, dtype=torch.float64, device=device)
+        LookalikeFill.accumulate(sums, counts, images.to(device), maps.to(device), labels.to(device))
+    if sums is None:
+        return LookalikeFill(torch.zeros(num_classes, n_regions, 3))
+    return LookalikeFill.from_sums(sums, counts)
 
 
 def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_dir: str | Path,
@@ -242,7 +279,7 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
             discovered_parts: str | Path | None = None,
             region_radius: float = EXTRACT["region_radius"], region_cells: int = EXTRACT["region_cells"],
             blur_sigma: float = EXTRACT["blur_sigma"], occlusion: str = EXTRACT["occlusion"],
-            device: str = EXTRACT["device"], workers: int = 0,
+            region_fill: str = EXTRACT["region_fill"], device: str = EXTRACT["device"], workers: int = 0,
             amp: bool = True, limit: int | None = None, progress: bool = True) -> dict[str, Path]:
     """Write the extraction tables of one trained model into ``out_dir``.
 
@@ -261,6 +298,8 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
         region_radius, region_cells: the annotated rule's settings (``analysis.regions``).
         blur_sigma: the ``blur`` operator's sigma, as a fraction of the image side.
         occlusion: what an occluded region becomes: an operator of ``intr.occlusion.OPERATORS``.
+        region_fill: what a region becomes in the region effects: ``lookalike`` (look-alike B's mean
+            colour of it, ``intr.occlusion.LookalikeFill``) or ``occlusion`` (the ``occlusion`` operator).
         device: ``auto``, ``cpu`` or ``cuda``.
         workers: image-decoding processes.
         amp: bf16 autocast on CUDA (and on CPU with INTR_CPU_BF16=1: ``intr.precision``).
@@ -323,9 +362,14 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
     schemas = {name: tables.schema(name, cells=cells, feature_dim=feature_dim) for name in TABLES}
     extra = {"trait_features": {"feature_dim": feature_dim, "top_heads": top},
              "region_effects": {"regions": regions.vocab, "region_mode": regions.layout.mode, "blur_sigma": blur_sigma,
-                                "occlusion": occlusion,
+                                "occlusion": occlusion, "region_fill": region_fill,
                                 "region_radius": region_radius, "region_cells": region_cells}}
-    run = BatchSettings(model, rows, looks, regions, size, top, Occlusion(occlusion, blur_sigma), autocast)
+    if region_fill not in REGION_FILLS:
+        raise ValueError(f"extract.region_fill must be one of {REGION_FILLS}, got {region_fill!r}")
+    lookalike = (lookalike_colours(loader, regions, size, num_classes, dev, progress)
+                 if region_fill == "lookalike" else None)
+    run = BatchSettings(model, rows, looks, regions, size, top, Occlusion(occlusion, blur_sigma), autocast,
+                        lookalike)
     with TableWriters(Path(out_dir), schemas, {name: {**meta, **extra.get(name, {})} for name in TABLES}) as writers:
         pairs = [(a, b) for a in sorted(looks) for b in looks[a]]
         writers.write("lookalikes", {"class_a": [a for a, _ in pairs], "class_b": [b for _, b in pairs],
@@ -374,6 +418,7 @@ class BatchSettings:
     top_heads: int
     occlusion: Occlusion
     autocast: Callable[[], Any]
+    lookalike: LookalikeFill | None = None  # the region effects' pair fill (None: the occlusion operator)
 
 
 def prediction_columns(image_ids: np.ndarray, labels: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
@@ -510,7 +555,7 @@ def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tens
     masks = [reg.region_masks(run.regions.labels(int(i), run.image_size), len(run.regions.vocab)) for i in index]
     with autocast():
         eff = region_effects(model, images, labels, logits, masks, siblings, run.regions.vocab, run.occlusion,
-                              chunk=max(1, images.shape[0]) * 4)
+                              chunk=max(1, images.shape[0]) * 4, lookalike=run.lookalike)
     if eff:
         owner = eff["image"].astype(np.int64)
         writers.write("region_effects", {

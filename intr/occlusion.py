@@ -165,3 +165,67 @@ class Occlusion:
         """
         removed = removed.to(images.dtype)
         return images * (1 - removed) + self.fill(images, removed) * removed
+
+
+class LookalikeFill:
+    """Pair-specific region fill: region r of an image of A becomes look-alike B's mean colour of region r.
+
+    "What does the model say when this region of A looks like it does in B?" A blur, a
+    mean or a background fill removes a region, so every large salient region moves the
+    A - B margin; this fill changes a region only as far as B's typical appearance of it
+    differs from A's, so regions A and B share barely move, and the region where they
+    differ moves it most: a data-driven stand-in for the counterfactual renders, built
+    from the images and the configured regions alone (no part labels).
+
+    ``colours[c, r]`` is the mean colour (in the images' own, e.g. normalised, space) of
+    region r's pixels over the images of class c; where class c has fewer than
+    ``MIN_PIXELS`` pixels of region r, the mean over all classes' images takes its place.
+
+    Args:
+        colours: (classes, regions, C) mean colours.
+    """
+
+    MIN_PIXELS = 16
+
+    def __init__(self, colours: torch.Tensor) -> None:
+        self.colours = colours
+
+    def __repr__(self) -> str:
+        return f"LookalikeFill({tuple(self.colours.shape)})"
+
+    @classmethod
+    def from_sums(cls, sums: torch.Tensor, counts: torch.Tensor) -> "LookalikeFill":
+        """From per-class, per-region colour sums (classes, R, C) and pixel counts (classes, R)."""
+        sums, counts = sums.double(), counts.double()
+        overall = sums.sum(0) / counts.sum(0).clamp_min(1)[:, None]
+        own = sums / counts.clamp_min(1)[..., None]
+        colours = torch.where((counts >= cls.MIN_PIXELS)[..., None], own, overall.expand_as(own))
+        return cls(colours.float())
+
+    @staticmethod
+    def accumulate(sums: torch.Tensor, counts: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                   classes: torch.Tensor) -> None:
+        """Add a batch to the sums in place.
+
+        Args:
+            sums: (classes, R, C) float64 colour sums; counts: (classes, R) float64 pixel counts.
+            images: (N, C, H, W) images; labels: (N, H, W) region ids in [0, R); classes: (N,) class ids.
+        """
+        n_regions = counts.shape[1]
+        flat = (classes.view(-1, 1) * n_regions + labels.flatten(1).long()).flatten()  # (N * H * W,)
+        pixels = images.permute(0, 2, 3, 1).reshape(-1, images.shape[1]).double()
+        sums.view(-1, sums.shape[-1]).index_add_(0, flat, pixels)
+        counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=counts.dtype))
+
+    def __call__(self, images: torch.Tensor, removed: torch.Tensor, class_b: torch.Tensor,
+                 region: torch.Tensor) -> torch.Tensor:
+        """``images`` with the ``removed`` (N, 1, H, W) pixels set to class ``class_b``'s colour of ``region``.
+
+        Args:
+            images: (N, C, H, W) images.
+            removed: (N, 1, H, W) masks in [0, 1], 1 = removed.
+            class_b: (N,) look-alike class per image; region: (N,) region id per image.
+        """
+        removed = removed.to(images.dtype)
+        fill = self.colours.to(images.device, images.dtype)[class_b, region]  # (N, C)
+        return images * (1 - removed) + fill[:, :, None, None] * removed

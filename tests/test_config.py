@@ -140,6 +140,7 @@ def test_code_defaults_are_the_schema_defaults():
     from analysis import pipeline, regions
     from intr.data.prepare import prepare_dataset
     from intr.data.synthetic import SyntheticConfig
+    from intr.cli import EXTRACT_KEYS
     from intr.evaluate import evaluate_model
     from intr.extract import extract
     from intr.faithfulness import run_faithfulness
@@ -154,8 +155,7 @@ def test_code_defaults_are_the_schema_defaults():
                                  "region_radius": ex["region_radius"], "region_cells": ex["region_cells"]}
     assert (regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS) == (ex["region_radius"], ex["region_cells"])
     assert {k: v for k, v in signature_defaults(extract).items() if k in ex} == \
-        {k: ex[k] for k in ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius",
-                            "region_cells", "blur_sigma", "occlusion", "device")}
+        {k: ex[k] for k in EXTRACT_KEYS}
     faith = signature_defaults(run_faithfulness)
     assert (faith["top_heads"], faith["images"], faith["steps"], faith["blur_sigma"], faith["split"]) == \
         (ex["top_heads"], ex["faithfulness_images"], ex["faithfulness_steps"], ex["blur_sigma"], ex["split"])

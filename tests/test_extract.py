@@ -13,7 +13,6 @@ import intr.extract as ex
 from analysis import io, regions
 from analysis.config import defaults
 from intr.data.images import ImageSet, read_split
-from intr.occlusion import Occlusion
 from intr.ranking import rank_heads_by_blurring, rank_pair_heads_by_blurring
 from conftest import TINY_VIT
 from intr.models import CheckpointError, load_model
@@ -95,28 +94,36 @@ def test_query_roles_are_true_pred_and_genus_siblings(extracted, tiny_dataset):
     assert set(looks["source"]) == {"genus"} and len(looks) == 4  # 2 genera x 2 species, one sibling each
 
 
-def test_region_effects_are_the_margin_drop_of_occluding_that_region_with_the_default_operator(extracted, tiny_models, tiny_dataset):
+def test_region_effects_are_the_margin_drop_of_filling_that_region_with_the_lookalikes_colour(extracted, tiny_models,
+                                                                                              tiny_dataset):
     method, paths = extracted
     manifest, root = tiny_dataset
     model, rows, images, labels = model_and_images(tiny_models[method], manifest, root)
     effects = io.load(paths["region_effects"])
+    assert defaults("extract")["region_fill"] == "lookalike"
+    assert io.metadata(paths["region_effects"])["region_fill"] == "lookalike"
     assert set(effects["region"]) <= set(io.metadata(paths["region_effects"])["regions"])
-    row = effects.iloc[len(effects) // 2]
-    k = int(np.flatnonzero(rows["image_id"].to_numpy() == row["image_id"])[0])
     source = ex.RegionSource.load("annotated", rows, root, manifest.parent / "parts.parquet", None,
                                   regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS)
-    labels_map = source.labels(k, 32)
-    mask = torch.from_numpy(labels_map == source.vocab.index(row["region"])).float()
-    assert row["area"] == pytest.approx(mask.mean().item(), abs=1e-6)
-    image = images[k:k + 1]
-    occlusion = Occlusion(defaults("extract")["occlusion"], defaults("extract")["blur_sigma"])
-    with torch.no_grad():
-        base = model(image)[0]
-        after = model(occlusion(image, mask.view(1, 1, *mask.shape)))[0]
-    a, b = int(row["class_a"]), int(row["class_b"])
-    assert row["margin"] == pytest.approx((base[a] - base[b]).item(), abs=1e-4)
-    assert row["margin_drop"] == pytest.approx(((base[a] - base[b]) - (after[a] - after[b])).item(), abs=1e-4)
-    assert row["prob_a_drop"] == pytest.approx((base.softmax(0)[a] - after.softmax(0)[a]).item(), abs=1e-5)
+    maps = np.stack([source.labels(k, 32) for k in range(len(rows))])
+    for row in (effects.iloc[len(effects) // 2], effects.iloc[-1]):
+        k = int(np.flatnonzero(rows["image_id"].to_numpy() == row["image_id"])[0])
+        r = source.vocab.index(row["region"])
+        a, b = int(row["class_a"]), int(row["class_b"])
+        mask = torch.from_numpy(maps[k] == r).float()
+        assert row["area"] == pytest.approx(mask.mean().item(), abs=1e-6)
+        # B's colour of the region: the mean over the region's pixels in the split's images of B.
+        of_b = (labels.numpy() == b)[:, None, None] & (maps == r)  # (N, S, S)
+        assert of_b.sum() >= 16
+        colour = images.permute(0, 2, 3, 1).numpy()[of_b].mean(0)
+        image = images[k:k + 1].clone()
+        image[0][:, mask.bool()] = torch.as_tensor(colour, dtype=image.dtype)[:, None]
+        with torch.no_grad():
+            base = model(images[k:k + 1])[0]
+            after = model(image)[0]
+        assert row["margin"] == pytest.approx((base[a] - base[b]).item(), abs=1e-4)
+        assert row["margin_drop"] == pytest.approx(((base[a] - base[b]) - (after[a] - after[b])).item(), abs=1e-4)
+        assert row["prob_a_drop"] == pytest.approx((base.softmax(0)[a] - after.softmax(0)[a]).item(), abs=1e-5)
 
 
 def test_trait_features_are_the_map_weighted_patch_features_of_the_top_heads(extracted, tiny_models, tiny_dataset):

@@ -147,3 +147,71 @@ def test_region_effects_with_an_operator_are_the_margin_drop_of_that_occlusion(o
     assert eff["margin"][j] == pytest.approx(float(margin), abs=1e-5)
     assert eff["margin_drop"][j] == pytest.approx(float(margin - (after[a] - after[b])), abs=1e-4)
     assert np.isclose(eff["area"][j], float(mask.mean()))
+
+
+def test_lookalike_fill_colours_are_each_class_region_mean_with_the_overall_mean_below_the_pixel_floor():
+    from intr.occlusion import LookalikeFill
+
+    image, mask = bird_image()  # green surroundings, grey body, red 4 x 4 part
+    labels = torch.zeros(2, 24, 24, dtype=torch.long)
+    labels[:, 6:18, 6:18] = 1
+    labels[:, 10:14, 10:14] = 2
+    labels[1, 10:14, 10:14] = 1  # class 1's image shows no part: its 16 pixels count as body
+    other = image.clone()
+    other[:, :, 6:18, 6:18] = RED.view(3, 1, 1)  # class 1's body is red
+    sums = torch.zeros(2, 3, 3, dtype=torch.float64)
+    counts = torch.zeros(2, 3, dtype=torch.float64)
+    LookalikeFill.accumulate(sums, counts, torch.cat([image, other]), labels, torch.tensor([0, 1]))
+    assert counts.tolist() == [[24 * 24 - 144, 128, 16], [24 * 24 - 144, 144, 0]]
+    fill = LookalikeFill.from_sums(sums, counts)
+    torch.testing.assert_close(fill.colours[0, 0], GREEN)
+    torch.testing.assert_close(fill.colours[0, 1], GREY)
+    torch.testing.assert_close(fill.colours[0, 2], RED)
+    torch.testing.assert_close(fill.colours[1, 1], RED)
+    torch.testing.assert_close(fill.colours[1, 2], RED)  # no pixels of its own: all classes' mean
+    # Filling the part with class 0's own colour changes nothing; with class 1's body colour, only the mask.
+    same = fill(image, mask, torch.tensor([0]), torch.tensor([2]))
+    torch.testing.assert_close(same, image)
+    body = (labels[:1] == 1).float().unsqueeze(1)
+    swapped = fill(image, body, torch.tensor([1]), torch.tensor([1]))
+    assert torch.equal(swapped[body.expand_as(image) == 0], image[body.expand_as(image) == 0])
+    torch.testing.assert_close(region_colour(swapped, body), RED)
+
+
+def test_region_effects_with_the_lookalike_fill_score_each_region_once_per_lookalike(tiny_models, tiny_dataset):
+    from intr.occlusion import LookalikeFill
+
+    manifest, root = tiny_dataset
+    model, config = load_model(tiny_models["prompt_cam"])
+    model.eval()
+    rows = read_split(manifest, "test").iloc[:3].reset_index(drop=True)
+    data = ImageSet(root, rows, 32, config["normalization"]["mean"], config["normalization"]["std"])
+    images, labels = torch.stack([data[i][0] for i in range(3)]), data.labels[:3]
+    source = ex.RegionSource.load("annotated", rows, root, manifest.parent / "parts.parquet", None,
+                                  regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS)
+    maps = [source.labels(k, 32) for k in range(3)]
+    masks = [regions.region_masks(m, len(source.vocab)) for m in maps]
+    sums = torch.zeros(4, len(source.vocab), 3, dtype=torch.float64)
+    counts = torch.zeros(4, len(source.vocab), dtype=torch.float64)
+    LookalikeFill.accumulate(sums, counts, images, torch.as_tensor(np.stack(maps)), labels)
+    fill = LookalikeFill.from_sums(sums, counts)
+    siblings = [[(int(y) + 1) % 4, (int(y) + 2) % 4] for y in labels]
+    siblings[1] = []  # an image without look-alikes has no rows
+    with torch.no_grad():
+        logits = model(images)
+        eff = ex.region_effects(model, images, labels, logits, masks, siblings, source.vocab,
+                                Occlusion("mean_fill", 0.05), chunk=5, lookalike=fill)
+    present = [int(m.reshape(len(m), -1).any(1).sum()) for m in masks]
+    assert len(eff["image"]) == 2 * (present[0] + present[2])
+    assert set(eff["image"].tolist()) == {0, 2}
+    for j in (0, len(eff["image"]) - 1):
+        k, b, r = int(eff["image"][j]), int(eff["class_b"][j]), source.vocab.index(eff["region"][j])
+        mask = torch.from_numpy(masks[k][r]).float().view(1, 1, 32, 32)
+        a = int(labels[k])
+        with torch.no_grad():
+            after = model(fill(images[k:k + 1], mask, torch.tensor([b]), torch.tensor([r])))[0]
+        margin = logits[k, a] - logits[k, b]
+        assert eff["margin"][j] == pytest.approx(float(margin), abs=1e-5)
+        assert eff["margin_drop"][j] == pytest.approx(float(margin - (after[a] - after[b])), abs=1e-4)
+        assert eff["prob_a_drop"][j] == pytest.approx(
+            float(logits[k].softmax(0)[a] - after.softmax(0)[a]), abs=1e-5)

@@ -75,7 +75,7 @@ rule extract:
     params:
         config=config_json(
             {"extract": ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius",
-                         "region_cells", "blur_sigma", "occlusion", "device")}
+                         "region_cells", "blur_sigma", "occlusion", "region_fill", "device")}
         ),
         root=data_root(),
         out=folder_of("attention"),
