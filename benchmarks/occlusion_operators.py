@@ -5,7 +5,9 @@
 
 For each method with ``{method}/model.pt`` and ``{method}/counterfactuals.parquet``
 (``intr counterfactual``) under ``--results``, and each operator of
-``intr.occlusion.OPERATORS``: the annotated-part region effects
+``intr.occlusion.OPERATORS``, and the pair fill ``lookalike`` (the default
+``extract.region_fill``: each part filled with look-alike B's mean colour of it
+over the listed images, ``intr.occlusion.LookalikeFill``): the annotated-part region effects
 (``intr.extract.region_effects``, the extraction's own code) of every original
 image the counterfactual table lists, against each look-alike B it lists for
 that image.  Per directed pair (A, B) the parts are ranked by mean margin drop
@@ -39,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 METHODS = ("prompt_cam", "intr")
+LOOKALIKE = "lookalike"  # the pair fill, extract.region_fill's default, beside the operators
 
 
 def counterfactual_ranking(counterfactuals: pd.DataFrame) -> pd.DataFrame:
@@ -51,8 +54,9 @@ def counterfactual_ranking(counterfactuals: pd.DataFrame) -> pd.DataFrame:
 
 
 def occlusion_effects(model, data, rows: pd.DataFrame, source, siblings: dict[int, list[int]],
-                      occlusion, size: int, batch_size: int) -> pd.DataFrame:
-    """(image_id, class_a, class_b, region, margin_drop) of every listed image under ``occlusion``."""
+                      occlusion, size: int, batch_size: int, lookalike=None) -> pd.DataFrame:
+    """(image_id, class_a, class_b, region, margin_drop) of every listed image under ``occlusion``
+    (or the pair fill ``lookalike``)."""
     import torch
 
     from analysis import regions as reg
@@ -68,7 +72,7 @@ def occlusion_effects(model, data, rows: pd.DataFrame, source, siblings: dict[in
             logits = model(images).float()
         masks = [reg.region_masks(source.labels(i, size), len(source.vocab)) for i in idx]
         eff = region_effects(model, images, labels, logits, masks, [siblings[int(i)] for i in ids],
-                             source.vocab, occlusion, chunk=4 * batch_size)
+                             source.vocab, occlusion, chunk=4 * batch_size, lookalike=lookalike)
         if eff:
             out.append(pd.DataFrame({"image_id": ids[eff["image"]], "class_a": labels.numpy()[eff["image"]],
                                      "class_b": eff["class_b"], "region": eff["region"],
@@ -110,7 +114,10 @@ def score_method(results: Path, method: str, operators: list[str], blur_sigma: f
     """One row per operator (agreement figures, seconds) and one per operator and pair, for one method."""
     from analysis import regions as reg
     from intr.data.images import ImageSet
-    from intr.extract import RegionSource
+    import torch
+    from torch.utils.data import DataLoader
+
+    from intr.extract import IndexedImages, RegionSource, lookalike_colours
     from intr.models import load_model
     from intr.occlusion import Occlusion
 
@@ -131,8 +138,13 @@ def score_method(results: Path, method: str, operators: list[str], blur_sigma: f
     table, per_pair = [], []
     for operator in operators:
         start = time.perf_counter()
-        occluded = occlusion_effects(model, data, rows, source, siblings, Occlusion(operator, blur_sigma),
-                                     size, batch_size)
+        lookalike = None
+        if operator == LOOKALIKE:
+            loader = DataLoader(IndexedImages(data), batch_size=batch_size, shuffle=False)
+            lookalike = lookalike_colours(loader, source, size, int(config["num_classes"]), torch.device("cpu"),
+                                          progress=False)
+        occlusion = Occlusion("mean_fill" if operator == LOOKALIKE else operator, blur_sigma)
+        occluded = occlusion_effects(model, data, rows, source, siblings, occlusion, size, batch_size, lookalike)
         figures, pairs = agreement(occluded, causal)
         table.append({"method": method, "operator": operator, "images": len(rows), **figures,
                       "seconds": round(time.perf_counter() - start, 1)})
@@ -147,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, required=True,
                         help="results/{dataset}: manifest, parts, data/ and {method}/model.pt, counterfactuals")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--operators", nargs="+", default=list(OPERATORS), choices=OPERATORS)
+    parser.add_argument("--operators", nargs="+", default=[*OPERATORS, LOOKALIKE], choices=[*OPERATORS, LOOKALIKE])
     parser.add_argument("--blur-sigma", type=float, default=0.05, help="the blur operator's sigma (side fraction)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)

@@ -140,7 +140,9 @@ class RegionSource:
 # ----------------------------------------------------------------------------- extraction
 
 
-class _Indexed(torch.utils.data.Dataset):
+class IndexedImages(torch.utils.data.Dataset):
+    """An ``ImageSet`` whose items also carry their row: (image, class, row)."""
+
     def __init__(self, data: ImageSet) -> None:
         self.data = data
 
@@ -252,7 +254,7 @@ def lookalike_colours(loader: DataLoader, regions: RegionSource, size: int, num_
     """The pair fill of a split: every class's mean colour of every region, over the split's images.
 
     Args:
-        loader: the split's images (``_Indexed``: image, class, row).
+        loader: the split's images (``IndexedImages``: image, class, row).
         regions: the split's configured regions.
         size: the network input side (the label maps' size).
         num_classes: classes of the model.
@@ -319,7 +321,7 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
     if limit:
         rows = rows.iloc[:limit].reset_index(drop=True)
     data = ImageSet(root, rows, size, mean, std, preload=False)
-    loader = DataLoader(_Indexed(data), batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = DataLoader(IndexedImages(data), batch_size=batch_size, shuffle=False, num_workers=workers)
     autocast = lambda: precision.autocast(dev, amp)  # noqa: E731
     num_classes = int(config["num_classes"])
 
