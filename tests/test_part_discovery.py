@@ -190,6 +190,29 @@ def test_segment_places_are_each_segments_place_size_border_and_shape():
     assert np.allclose(places[3], [0.0, 0.0, 0.0, w_border * 2 / 4, w_shape * np.log(1 / 6)])
 
 
+def test_segment_points_weigh_each_foreground_segment_by_its_pixels_so_kmeans_sees_every_pixel(monkeypatch):
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(3)
+    segments = rng.integers(0, 40, size=(2, 16, 16)) + 40 * np.arange(2)[:, None, None]
+    foreground = rng.random((2, 16, 16)) < 0.6
+    foreground[1, :, :] &= segments[1] != 45  # a segment with no foreground pixel is left out
+    coords = rng.normal(size=(2, 256, 2))
+    places, inverse = pdisc.segment_places(segments, foreground, coords, np.array([0.3, 0.4]))
+    points, weights = pdisc.segment_points(places, inverse, foreground, seed=0)
+    fg = foreground.ravel()
+    counts = np.bincount(inverse[fg], minlength=len(places))
+    assert weights.sum() == fg.sum() and len(points) == (counts > 0).sum() and 45 not in set(inverse[fg])
+    assert np.array_equal(points, places[counts > 0]) and np.array_equal(weights, counts[counts > 0])
+    # Weighted k-means of the segments is k-means of the pixels: the same inertia at the same centres.
+    per_pixel = places[inverse[fg]]
+    fit = KMeans(4, n_init=1, random_state=0).fit(points, sample_weight=weights)
+    assert np.isclose(fit.inertia_, ((per_pixel - fit.cluster_centers_[fit.predict(per_pixel)]) ** 2).sum())
+    monkeypatch.setattr(pdisc, "FIT_SEGMENTS", 10)  # above the cap: a seeded subsample of the segments
+    few, few_weights = pdisc.segment_points(places, inverse, foreground, seed=0)
+    assert len(few) == 10 and np.array_equal(few_weights, counts[np.flatnonzero((places[:, None] == few[None]).all(-1).any(1))])
+
+
 def test_segment_shape_tells_a_disk_from_a_ring_and_a_stripe():
     """A disk's spatial variance over its area is 1 / (2 pi); a ring's and a stripe's are larger."""
     yy, xx = np.mgrid[0:64, 0:64] - 31.5
