@@ -208,6 +208,8 @@ def region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: to
     occurrence = np.array([j for j, b in enumerate(owner) for _ in siblings[b]])
     class_b = np.array([s for b in owner for s in siblings[b]])
     image = np.asarray(owner)[occurrence]
+    dev = images.device
+    image_t, occ_t, b_t = (torch.as_tensor(v, device=dev) for v in (image, occurrence, class_b))
     if lookalike is None:
         # One occluded image per occurrence serves every B; a fill that does not depend on the mask is
         # computed once per image (blur: the published figures' bytes).
@@ -218,20 +220,16 @@ def region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: to
             o, m = owner_t[s:s + chunk], region_masks[s:s + chunk]
             occluded = occlusion(images[o], m) if fill is None else images[o] * (1 - m) + fill[o] * m
             out_logits.append(model(occluded).float())
-        occluded_logits = torch.cat(out_logits)[torch.as_tensor(occurrence, device=images.device)]
+        occluded_logits = torch.cat(out_logits)[occ_t]
     else:
-        image_t, occ_t = (torch.as_tensor(v, device=images.device) for v in (image, occurrence))
-        class_b_t = torch.as_tensor(class_b, device=images.device)
-        region_t = torch.as_tensor(region_ids, device=images.device)[occ_t]
+        region_t = torch.as_tensor(region_ids, device=dev)[occ_t]
         out_logits = []
         for s in range(0, len(image), chunk):
             sl = slice(s, s + chunk)
-            occluded = lookalike(images[image_t[sl]], region_masks[occ_t[sl]], class_b_t[sl], region_t[sl])
+            occluded = lookalike(images[image_t[sl]], region_masks[occ_t[sl]], b_t[sl], region_t[sl])
             out_logits.append(model(occluded).float())
         occluded_logits = torch.cat(out_logits)  # (rows, C)
     base = logits.float()
-    dev = images.device
-    image_t, b_t = torch.as_tensor(image, device=dev), torch.as_tensor(class_b, device=dev)
     a_t = labels[image_t]
     rows = torch.arange(len(image), device=dev)
     margin = base[image_t, a_t] - base[image_t, b_t]

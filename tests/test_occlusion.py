@@ -120,8 +120,8 @@ def test_background_fill_deletion_curve_fills_each_step_from_its_kept_pixels():
     torch.testing.assert_close(ins[0, -1], predict(image).softmax(-1)[0, 0])
 
 
-@pytest.mark.parametrize("operator", ["blur", "background_fill"])
-def test_region_effects_with_an_operator_are_the_margin_drop_of_that_occlusion(operator, tiny_models, tiny_dataset):
+def three_test_images(tiny_models, tiny_dataset):
+    """The tiny Prompt-CAM, its first three test images (32 px), their classes and annotated regions."""
     manifest, root = tiny_dataset
     model, config = load_model(tiny_models["prompt_cam"])
     model.eval()
@@ -130,6 +130,12 @@ def test_region_effects_with_an_operator_are_the_margin_drop_of_that_occlusion(o
     images, labels = torch.stack([data[i][0] for i in range(3)]), data.labels[:3]
     source = ex.RegionSource.load("annotated", rows, root, manifest.parent / "parts.parquet", None,
                                   regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS)
+    return model, images, labels, source
+
+
+@pytest.mark.parametrize("operator", ["blur", "background_fill"])
+def test_region_effects_with_an_operator_are_the_margin_drop_of_that_occlusion(operator, tiny_models, tiny_dataset):
+    model, images, labels, source = three_test_images(tiny_models, tiny_dataset)
     masks = [regions.region_masks(source.labels(k, 32), len(source.vocab)) for k in range(3)]
     siblings = [[(int(y) + 1) % 4] for y in labels]
     occlusion = Occlusion(operator, 0.05)
@@ -181,14 +187,7 @@ def test_lookalike_fill_colours_are_each_class_region_mean_with_the_overall_mean
 def test_region_effects_with_the_lookalike_fill_score_each_region_once_per_lookalike(tiny_models, tiny_dataset):
     from intr.occlusion import LookalikeFill
 
-    manifest, root = tiny_dataset
-    model, config = load_model(tiny_models["prompt_cam"])
-    model.eval()
-    rows = read_split(manifest, "test").iloc[:3].reset_index(drop=True)
-    data = ImageSet(root, rows, 32, config["normalization"]["mean"], config["normalization"]["std"])
-    images, labels = torch.stack([data[i][0] for i in range(3)]), data.labels[:3]
-    source = ex.RegionSource.load("annotated", rows, root, manifest.parent / "parts.parquet", None,
-                                  regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS)
+    model, images, labels, source = three_test_images(tiny_models, tiny_dataset)
     maps = [source.labels(k, 32) for k in range(3)]
     masks = [regions.region_masks(m, len(source.vocab)) for m in maps]
     sums = torch.zeros(4, len(source.vocab), 3, dtype=torch.float64)
