@@ -604,11 +604,37 @@ def frame_coordinates(shape: tuple[int, int], centre: np.ndarray, spread: np.nda
     return np.stack([along, rel[..., 0]], axis=-1)
 
 
+def frame_cells(coords: np.ndarray, bins: int) -> np.ndarray:
+    """(..., ) int64 cell (across * bins + along) of a ``bins`` x ``bins`` grid over +-``FRAME_EXTENT`` spreads of
+    the body frame, for body-frame positions ``coords`` (..., 2); positions beyond the grid fall in its edge cells."""
+    cell = np.clip(((coords + FRAME_EXTENT) / (2 * FRAME_EXTENT) * bins).astype(np.int64), 0, bins - 1)
+    return cell[..., 1] * bins + cell[..., 0]
+
+
+@dataclass
+class BodyFrames:
+    """Each image's body frame (``units: aligned``), the frame its parts are placed in.
+
+    Attributes:
+        centre: (N, 2) the foreground's centre (row, col) in units of the image's longer side.
+        spread: (N,) the foreground's spread in the same units.
+        mirrored: (N,) bool: the image faces the other way than the template, so its along axis is flipped.
+    """
+
+    centre: np.ndarray
+    spread: np.ndarray
+    mirrored: np.ndarray
+
+    def cells(self, shape: tuple[int, int], bins: int) -> np.ndarray:
+        """(N, H, W) every pixel's cell of the ``bins`` x ``bins`` body-frame grid (``frame_cells``)."""
+        coords = frame_coordinates(shape, self.centre, self.spread, self.mirrored)
+        return frame_cells(coords, bins).reshape(len(self.spread), *shape)
+
+
 def frame_maps(saliency: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """(N, FRAME_BINS ** 2) each image's saliency drawn on the body-frame grid, summing to 1 (0 where none)."""
     n = len(saliency)
-    cell = np.clip(((coords + FRAME_EXTENT) / (2 * FRAME_EXTENT) * FRAME_BINS).astype(np.int64), 0, FRAME_BINS - 1)
-    index = cell[..., 1] * FRAME_BINS + cell[..., 0] + (np.arange(n) * FRAME_BINS ** 2)[:, None]
+    index = frame_cells(coords, FRAME_BINS) + (np.arange(n) * FRAME_BINS ** 2)[:, None]
     maps = np.bincount(index.ravel(), weights=saliency.reshape(n, -1).ravel(),
                        minlength=n * FRAME_BINS ** 2).reshape(n, -1)
     return maps / np.maximum(maps.sum(1, keepdims=True), 1e-12)
@@ -717,8 +743,8 @@ def segment_border_outside(segments: np.ndarray, foreground: np.ndarray, count: 
 
 
 def _aligned_units(rgb, gradient, tolerance, share, template=None):
-    """Foreground, segments, and (the segments' places, each pixel's segment) (``segment_places``) of a
-    batch (facing by ``template``, or congealed)."""
+    """Foreground, segments, (the segments' places, each pixel's segment) (``segment_places``), the
+    facing template and the ``BodyFrames`` of a batch (facing by ``template``, or congealed)."""
     saliency, foreground, segments = salient_foreground(rgb, gradient, tolerance, share)
     centre, spread = body_frames(foreground)
     coords = frame_coordinates(foreground.shape[1:], centre, spread, np.zeros(len(rgb), bool))
@@ -730,7 +756,8 @@ def _aligned_units(rgb, gradient, tolerance, share, template=None):
     else:
         mirror = mirrored @ template > seen @ template
     coords[..., 0] *= np.where(mirror, 1.0, -1.0)[:, None]  # back to as seen where the image is not mirrored
-    return foreground, segments, segment_places(segments, foreground, coords, spread), template
+    frames = BodyFrames(centre, spread, mirror)
+    return foreground, segments, segment_places(segments, foreground, coords, spread), template, frames
 
 
 def segment_points(places: np.ndarray, inverse: np.ndarray, foreground: np.ndarray,
@@ -771,7 +798,7 @@ def fit_aligned_vocabulary(rgb: np.ndarray, gradient: np.ndarray, k: int | str, 
         share: fraction of each image's pixels the foreground is drawn from.
         seed: seed of the subsample and of k-means.
     """
-    foreground, _, (places, inverse), template = _aligned_units(rgb, gradient, tolerance, share)
+    foreground, _, (places, inverse), template, _ = _aligned_units(rgb, gradient, tolerance, share)
     points, weights = segment_points(places, inverse, foreground, seed)
     choice = sweep_part_count(points, tuple(k_range), seed, "segments", weights) if k == "auto" else None
     k = choice.k if choice is not None else int(k)
@@ -789,12 +816,18 @@ def assign_aligned_parts(vocabulary: AlignedVocabulary, rgb: np.ndarray, gradien
         rgb: (N, 3, H, W) the network input in 0-1.
         gradient: (N, 3, H, W) gradient of the top predicted class's logit w.r.t. the input.
     """
-    foreground, segments, (places, inverse), _ = _aligned_units(rgb, gradient, vocabulary.tolerance, vocabulary.share,
-                                                     vocabulary.template)
+    return assign_aligned_parts_and_frames(vocabulary, rgb, gradient)[0]
+
+
+def assign_aligned_parts_and_frames(vocabulary: AlignedVocabulary, rgb: np.ndarray,
+                                    gradient: np.ndarray) -> tuple[np.ndarray, BodyFrames]:
+    """(``assign_aligned_parts``' labels, the images' ``BodyFrames``), arguments as there."""
+    foreground, segments, (places, inverse), _, frames = _aligned_units(rgb, gradient, vocabulary.tolerance,
+                                                                        vocabulary.share, vocabulary.template)
     labels = np.zeros(foreground.size, dtype=np.int64)
     fg = foreground.ravel()
     labels[fg] = _nearest(places, vocabulary.part_centres)[inverse[fg]] + 1
-    return segment_majority(segments, labels.reshape(foreground.shape), vocabulary.k + 1)
+    return segment_majority(segments, labels.reshape(foreground.shape), vocabulary.k + 1), frames
 
 
 def segment_majority(segments: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:

@@ -60,11 +60,16 @@ class DiscoveredParts:
         k: number of parts; label 0 is background, 1..k the parts.
         grid: (g_h, g_w) of the label maps (the model's patch grid).
         labels: image_id -> (g_h, g_w) integer label map.
+        frames: image_id -> its body frame (row, col, spread, mirrored; ``analysis.part_discovery.BodyFrames``)
+            where discovery placed the image in one (``units: aligned``).
     """
 
     k: int
     grid: tuple[int, int]
     labels: dict[int, np.ndarray]
+    frames: dict[int, np.ndarray] | None = None
+
+    FRAME_COLUMNS = ("frame_row", "frame_col", "frame_spread", "frame_mirrored")
 
     @classmethod
     def read(cls, path) -> "DiscoveredParts":
@@ -72,9 +77,28 @@ class DiscoveredParts:
 
         meta = tables.read_metadata(path)
         grid = (int(meta["grid_h"]), int(meta["grid_w"]))
-        frame = pq.read_table(path, columns=["image_id", "labels"])
+        columns = set(pq.read_schema(path).names)
+        with_frames = set(cls.FRAME_COLUMNS) <= columns
+        frame = pq.read_table(path, columns=["image_id", "labels"] + (list(cls.FRAME_COLUMNS) if with_frames else []))
+        ids = frame.column("image_id").to_pylist()
         values = tables.fixed_list_to_numpy(frame.column("labels"), np.int16).reshape(-1, *grid)
-        return cls(int(meta["k"]), grid, dict(zip(frame.column("image_id").to_pylist(), values)))
+        frames = None
+        if with_frames:
+            rows = np.stack([frame.column(c).to_pandas().astype(np.float64).to_numpy()  # null: NaN
+                             for c in cls.FRAME_COLUMNS], 1)
+            frames = {i: r for i, r in zip(ids, rows) if np.isfinite(r).all()} or None
+        return cls(int(meta["k"]), grid, dict(zip(ids, values)), frames)
+
+    def frame_cells(self, image_id: int, side: int, bins: int) -> np.ndarray | None:
+        """(side, side) every pixel's cell of the ``bins`` x ``bins`` body-frame grid of the image at the
+        network input (``analysis.part_discovery.BodyFrames.cells``); None where it has no frame."""
+        if self.frames is None or image_id not in self.frames:
+            return None
+        from analysis.part_discovery import BodyFrames
+
+        row, col, spread, mirrored = self.frames[image_id]
+        frame = BodyFrames(np.array([[row, col]]), np.array([spread]), np.array([mirrored > 0.5]))
+        return frame.cells((side, side), bins)[0]
 
     @property
     def vocab(self) -> list[str]:

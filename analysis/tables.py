@@ -77,7 +77,8 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "train_log": (_c("epoch", _i64), _c("train_loss", _f64), _c("train_acc", _f64), _c("val_acc", _f64),
                   _c("lr", _f64), _c("seconds", _f64)),
     # -- part discovery (intr discover)
-    "discovered_parts": (_c("image_id", _i32), _c("labels", _i8, "cells")),
+    "discovered_parts": (_c("image_id", _i32), _c("labels", _i8, "cells"), _c("frame_row", _f32),
+                         _c("frame_col", _f32), _c("frame_spread", _f32), _c("frame_mirrored", _bool)),
     # -- extraction (intr extract)
     "predictions": (_c("image_id", _i32), _c("label", _i16), _c("pred", _i16), _c("correct", _bool),
                     _c("prob_true", _f32), _c("top5_ids", pa.list_(_i16, 5)), _c("top5_probs", pa.list_(_f32, 5))),

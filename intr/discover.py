@@ -141,9 +141,21 @@ def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Pat
     metadata = {"grid_h": gh, "grid_w": gw, "k": int(k), "method": config["method"], "discovery": DISCOVERY_METHOD,
                 "split": split, "fit_images": len(fit_rows),
                 **(choice.metadata() if choice is not None else {"k_criterion": "fixed"})}
+    return write_discovered_parts(out, rows, np.concatenate(labels), None, metadata)
+
+
+def write_discovered_parts(out, rows: pd.DataFrame, labels: np.ndarray, frames: pdisc.BodyFrames | None,
+                           metadata: dict) -> Path:
+    """``discovered_parts.parquet``: every row's label map (N, cells) and body frame (null without one)."""
+    if frames is None:
+        placed = {name: [None] * len(rows) for name in ("frame_row", "frame_col", "frame_spread", "frame_mirrored")}
+    else:
+        placed = {"frame_row": frames.centre[:, 0].astype(np.float32),
+                  "frame_col": frames.centre[:, 1].astype(np.float32),
+                  "frame_spread": frames.spread.astype(np.float32), "frame_mirrored": frames.mirrored.astype(bool)}
     return tables.write_columns("discovered_parts", {"image_id": rows["image_id"].to_numpy(np.int32),
-                                                     "labels": np.concatenate(labels)},
-                                out, metadata=metadata, cells=gh * gw)
+                                                     "labels": labels, **placed},
+                                out, metadata=metadata, cells=labels.shape[1])
 
 
 PIXEL_GRID_LIMIT = 32  # label-map cells per side for ``units: aligned``: finer than a patch, cheap to score
@@ -164,17 +176,18 @@ def discover_aligned_parts(model_path, manifest, root, out, split: str, fit_spli
         tolerance, share, seed)
     stride = -(-size // PIXEL_GRID_LIMIT)
     rows = read_split(manifest, split)
-    labels = []
+    labels, frames = [], []
     step = max(1, pdisc.SEGMENT_CHUNK_PIXELS // (size * size))  # memory stays flat at any image size
     for start in range(0, len(rows), step):
         chunk = rows.iloc[start:start + step].reset_index(drop=True)
-        pixels = pdisc.assign_aligned_parts(vocabulary, *pixel_inputs(model, images(chunk), batch_size, dev,
-                                                                      norm["mean"], norm["std"]))
+        pixels, frame = pdisc.assign_aligned_parts_and_frames(
+            vocabulary, *pixel_inputs(model, images(chunk), batch_size, dev, norm["mean"], norm["std"]))
         labels.append(pixels[:, stride // 2::stride, stride // 2::stride].reshape(len(chunk), -1))
+        frames.append(frame)
     gh = gw = len(range(stride // 2, size, stride))
     metadata = {"grid_h": gh, "grid_w": gw, "k": vocabulary.k, "method": config["method"],
                 "discovery": "body_frame_parts", "split": split, "fit_images": len(fit_rows),
                 **(choice.metadata() if choice is not None else {"k_criterion": "fixed"})}
-    return tables.write_columns("discovered_parts", {"image_id": rows["image_id"].to_numpy(np.int32),
-                                                     "labels": np.concatenate(labels)},
-                                out, metadata=metadata, cells=gh * gw)
+    frames = pdisc.BodyFrames(*(np.concatenate([getattr(f, a) for f in frames])
+                                for a in ("centre", "spread", "mirrored")))
+    return write_discovered_parts(out, rows, np.concatenate(labels), frames, metadata)

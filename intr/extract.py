@@ -59,7 +59,7 @@ from analysis.tables import ParquetStreamWriter, read_table
 from intr import precision
 from intr.data.images import ImageSet, read_split
 from intr.models import load_model, resolve_device
-from intr.occlusion import LookalikeFill, Occlusion
+from intr.occlusion import LookalikeFill, LookalikeSums, Occlusion
 from intr.ranking import rank_heads_by_blurring, rank_pair_heads_by_blurring
 
 ROLE_TRUE, ROLE_PRED, ROLE_SIBLING = "true", "pred", "sibling"
@@ -136,6 +136,21 @@ class RegionSource:
         (_, labels), = reg.iter_label_maps(self.layout, self.rows.iloc[[k]], (size, size), self.root)
         return labels
 
+    def cells(self, k: int, size: int) -> np.ndarray | None:
+        """(size, size) body-frame cells of row k for the pair fill's places (``LookalikeFill``); None
+        where the regions have no body frame (annotated parts, the grid, patch units)."""
+        parts = self.layout.discovered
+        if parts is None:
+            return None
+        return parts.frame_cells(int(self.rows["image_id"].iloc[k]), size, LookalikeFill.PLACE_BINS)
+
+    def cell_batch(self, index: np.ndarray, size: int) -> torch.Tensor | None:
+        """(B, size, size) long ``cells`` of rows ``index``, -1 for an image without a frame (None: no image has one)."""
+        cells = [self.cells(int(i), size) for i in index]
+        if all(c is None for c in cells):
+            return None
+        return torch.as_tensor(np.stack([c if c is not None else np.full((size, size), -1) for c in cells])).long()
+
 
 # ----------------------------------------------------------------------------- extraction
 
@@ -177,7 +192,8 @@ def _query_classes(labels: np.ndarray, preds: np.ndarray, looks: dict[int, list[
 @torch.no_grad()
 def region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
                     masks: list[np.ndarray], siblings: list[list[int]], vocab: list[str],
-                    occlusion: Occlusion, chunk: int, lookalike: LookalikeFill | None = None) -> dict[str, np.ndarray]:
+                    occlusion: Occlusion, chunk: int, lookalike: LookalikeFill | None = None,
+                    cells: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Margin and probability drops when each region is occluded, for a batch of images.
 
     Args:
@@ -192,6 +208,7 @@ def region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: to
         chunk: occluded images per forward pass.
         lookalike: the pair fill (``intr.occlusion.LookalikeFill``): each region is filled once per
             look-alike B, with B's colour of it, and scored on that B's margin alone.
+        cells: (B, S, S) the images' body-frame cells for the pair fill's places (None: no frames).
     """
     owner, region_ids, comp = [], [], []
     for b, m in enumerate(masks):
@@ -226,7 +243,8 @@ def region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: to
         out_logits = []
         for s in range(0, len(image), chunk):
             sl = slice(s, s + chunk)
-            occluded = lookalike(images[image_t[sl]], region_masks[occ_t[sl]], b_t[sl], region_t[sl])
+            placed = None if cells is None else cells.to(dev)[image_t[sl]]
+            occluded = lookalike(images[image_t[sl]], region_masks[occ_t[sl]], b_t[sl], region_t[sl], placed)
             out_logits.append(model(occluded).float())
         occluded_logits = torch.cat(out_logits)  # (rows, C)
     base = logits.float()
@@ -249,7 +267,8 @@ REGION_FILLS = ("lookalike", "occlusion")
 @torch.no_grad()
 def lookalike_colours(loader: DataLoader, regions: RegionSource, size: int, num_classes: int,
                       device: torch.device, progress: bool = True) -> LookalikeFill:
-    """The pair fill of a split: every class's mean colour of every region, over the split's images.
+    """The pair fill of a split: every class's mean colour of every region (and of every place of the body
+    where the regions have body frames), over the split's images.
 
     Args:
         loader: the split's images (``IndexedImages``: image, class, row).
@@ -259,17 +278,16 @@ def lookalike_colours(loader: DataLoader, regions: RegionSource, size: int, num_
         device: where the sums are kept.
         progress: progress bar.
     """
-    n_regions = len(regions.vocab)
-    sums = counts = None
+    sums = None
     for images, labels, index in tqdm(loader, desc="region colours", disable=not progress, leave=False):
         maps = torch.as_tensor(np.stack([regions.labels(int(i), size) for i in index.numpy()]))
+        cells = regions.cell_batch(index.numpy(), size)
         if sums is None:
-            sums = torch.zeros(num_classes, n_regions, images.shape[1], dtype=torch.float64, device=device)
-            counts = torch.zeros(num_classes, n_regions, dtype=torch.float64, device=device)
-        LookalikeFill.accumulate(sums, counts, images.to(device), maps.to(device), labels.to(device))
+            sums = LookalikeSums(num_classes, len(regions.vocab), images.shape[1], device)
+        sums.add(images.to(device), maps.to(device), labels.to(device), None if cells is None else cells.to(device))
     if sums is None:
-        return LookalikeFill(torch.zeros(num_classes, n_regions, 3))
-    return LookalikeFill.from_sums(sums, counts)
+        return LookalikeFill(torch.zeros(num_classes, len(regions.vocab), 3))
+    return sums.fill()
 
 
 def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_dir: str | Path,
@@ -553,9 +571,10 @@ def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tens
 
     # Region effects: every region of every image of the batch, occluded, in batched passes.
     masks = [reg.region_masks(run.regions.labels(int(i), run.image_size), len(run.regions.vocab)) for i in index]
+    cells = run.regions.cell_batch(index, run.image_size) if run.lookalike is not None else None
     with autocast():
         eff = region_effects(model, images, labels, logits, masks, siblings, run.regions.vocab, run.occlusion,
-                              chunk=max(1, images.shape[0]) * 4, lookalike=run.lookalike)
+                              chunk=max(1, images.shape[0]) * 4, lookalike=run.lookalike, cells=cells)
     if eff:
         owner = eff["image"].astype(np.int64)
         writers.write("region_effects", {

@@ -168,7 +168,7 @@ class Occlusion:
 
 
 class LookalikeFill:
-    """Pair-specific region fill: region r of an image of A becomes look-alike B's mean colour of region r.
+    """Pair-specific region fill: region r of an image of A becomes look-alike B's colour of region r.
 
     "What does the model say when this region of A looks like it does in B?" A blur, a
     mean or a background fill removes a region, so every large salient region moves the
@@ -181,51 +181,94 @@ class LookalikeFill:
     region r's pixels over the images of class c; where class c has fewer than
     ``MIN_PIXELS`` pixels of region r, the mean over all classes' images takes its place.
 
+    Where the regions come with body frames (discovered parts, ``analysis.part_discovery.BodyFrames``),
+    ``places[c, r, p]`` is that mean over only the pixels in cell p of the ``PLACE_BINS`` x
+    ``PLACE_BINS`` body-frame grid (``colours[c, r]`` where class c has fewer than
+    ``MIN_PLACE_PIXELS`` there), and each pixel is filled with B's colour of the region at its own
+    place of the body. A discovered region that holds pieces of two parts (a crown and, in some
+    birds, a breast) then changes each piece only as far as B's colour of it differs, not all of it
+    to one colour between the two.
+
     Args:
         colours: (classes, regions, C) mean colours.
+        places: (classes, regions, PLACE_BINS ** 2, C) mean colours per body-frame cell (None: no frames).
     """
 
     MIN_PIXELS = 16
+    MIN_PLACE_PIXELS = 4
+    PLACE_BINS = 12  # cells per side of the body-frame grid (+-3 spreads: half a spread per cell)
 
-    def __init__(self, colours: torch.Tensor) -> None:
+    def __init__(self, colours: torch.Tensor, places: torch.Tensor | None = None) -> None:
         self.colours = colours
+        self.places = places
 
     def __repr__(self) -> str:
-        return f"LookalikeFill({tuple(self.colours.shape)})"
-
-    @classmethod
-    def from_sums(cls, sums: torch.Tensor, counts: torch.Tensor) -> "LookalikeFill":
-        """From per-class, per-region colour sums (classes, R, C) and pixel counts (classes, R)."""
-        sums, counts = sums.double(), counts.double()
-        overall = sums.sum(0) / counts.sum(0).clamp_min(1)[:, None]
-        own = sums / counts.clamp_min(1)[..., None]
-        colours = torch.where((counts >= cls.MIN_PIXELS)[..., None], own, overall.expand_as(own))
-        return cls(colours.float())
-
-    @staticmethod
-    def accumulate(sums: torch.Tensor, counts: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                   classes: torch.Tensor) -> None:
-        """Add a batch to the sums in place.
-
-        Args:
-            sums: (classes, R, C) float64 colour sums; counts: (classes, R) float64 pixel counts.
-            images: (N, C, H, W) images; labels: (N, H, W) region ids in [0, R); classes: (N,) class ids.
-        """
-        n_regions = counts.shape[1]
-        flat = (classes.view(-1, 1) * n_regions + labels.flatten(1).long()).flatten()  # (N * H * W,)
-        pixels = images.permute(0, 2, 3, 1).reshape(-1, images.shape[1]).double()
-        sums.view(-1, sums.shape[-1]).index_add_(0, flat, pixels)
-        counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=counts.dtype))
+        return f"LookalikeFill({tuple(self.colours.shape)}, places={self.places is not None})"
 
     def __call__(self, images: torch.Tensor, removed: torch.Tensor, class_b: torch.Tensor,
-                 region: torch.Tensor) -> torch.Tensor:
+                 region: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
         """``images`` with the ``removed`` (N, 1, H, W) pixels set to class ``class_b``'s colour of ``region``.
 
         Args:
             images: (N, C, H, W) images.
             removed: (N, 1, H, W) masks in [0, 1], 1 = removed.
             class_b: (N,) look-alike class per image; region: (N,) region id per image.
+            cells: (N, H, W) each pixel's body-frame cell (``places``' third axis), -1 where the image
+                has no frame (None: no frames): the colour of the pixel's place where known.
         """
         removed = removed.to(images.dtype)
-        fill = self.colours.to(images.device, images.dtype)[class_b, region]  # (N, C)
-        return images * (1 - removed) + fill[:, :, None, None] * removed
+        fill = self.colours.to(images.device, images.dtype)[class_b, region][:, :, None, None]  # (N, C, 1, 1)
+        if self.places is not None and cells is not None:
+            table = self.places.to(images.device, images.dtype)[class_b, region]  # (N, P, C)
+            rows = torch.arange(len(table), device=images.device)[:, None, None]
+            placed = table[rows, cells.clamp_min(0)].permute(0, 3, 1, 2)  # (N, C, H, W)
+            fill = torch.where((cells >= 0)[:, None], placed, fill)
+        return images * (1 - removed) + fill * removed
+
+
+class LookalikeSums:
+    """The sums a ``LookalikeFill`` is made from, added up batch by batch over a split.
+
+    Args:
+        num_classes, n_regions, channels: the tables' shape.
+        device: where the sums are kept.
+    """
+
+    def __init__(self, num_classes: int, n_regions: int, channels: int, device: torch.device | str = "cpu") -> None:
+        places = LookalikeFill.PLACE_BINS ** 2
+        self.sums = torch.zeros(num_classes, n_regions, channels, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_classes, n_regions, dtype=torch.float64, device=device)
+        self.place_sums = torch.zeros(num_classes, n_regions, places, channels, dtype=torch.float64, device=device)
+        self.place_counts = torch.zeros(num_classes, n_regions, places, dtype=torch.float64, device=device)
+        self.framed = False
+
+    def add(self, images: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
+            cells: torch.Tensor | None = None) -> None:
+        """Add a batch: images (N, C, H, W), labels (N, H, W) region ids, classes (N,), cells (N, H, W)
+        body-frame cells, -1 where an image has no frame (None: none has)."""
+        n_regions, places = self.counts.shape[1], self.place_counts.shape[2]
+        key = (classes.view(-1, 1) * n_regions + labels.flatten(1).long()).flatten()  # (N * H * W,)
+        pixels = images.permute(0, 2, 3, 1).reshape(-1, images.shape[1]).double()
+        ones = torch.ones_like(key, dtype=torch.float64)
+        self.sums.view(-1, self.sums.shape[-1]).index_add_(0, key, pixels)
+        self.counts.view(-1).index_add_(0, key, ones)
+        if cells is None:
+            return
+        cell = cells.flatten().long()
+        framed = cell >= 0
+        self.framed |= bool(framed.any())
+        placed = key[framed] * places + cell[framed]
+        self.place_sums.view(-1, self.sums.shape[-1]).index_add_(0, placed, pixels[framed])
+        self.place_counts.view(-1).index_add_(0, placed, ones[framed])
+
+    def fill(self) -> LookalikeFill:
+        """The fill: mean colours with their fallbacks (``LookalikeFill``); places only where frames were added."""
+        overall = self.sums.sum(0) / self.counts.sum(0).clamp_min(1)[:, None]
+        own = self.sums / self.counts.clamp_min(1)[..., None]
+        colours = torch.where((self.counts >= LookalikeFill.MIN_PIXELS)[..., None], own, overall.expand_as(own))
+        if not self.framed:
+            return LookalikeFill(colours.float())
+        placed = self.place_sums / self.place_counts.clamp_min(1)[..., None]
+        places = torch.where((self.place_counts >= LookalikeFill.MIN_PLACE_PIXELS)[..., None], placed,
+                             colours[:, :, None].expand_as(placed))
+        return LookalikeFill(colours.float(), places.float())

@@ -126,6 +126,52 @@ def test_region_effects_are_the_margin_drop_of_filling_that_region_with_the_look
         assert row["prob_a_drop"] == pytest.approx((base.softmax(0)[a] - after.softmax(0)[a]).item(), abs=1e-5)
 
 
+def test_discovered_region_effects_fill_each_pixel_with_the_lookalikes_colour_at_its_place_of_the_body(
+        tiny_models, tiny_dataset, tmp_path):
+    """With discovered parts the pair fill is placed: recomputed here from the split's pixels, body-frame
+    cells and fallbacks (a place with under MIN_PLACE_PIXELS of B's pixels takes B's region mean)."""
+    from intr.discover import discover_parts
+    from intr.occlusion import LookalikeFill
+
+    manifest, root = tiny_dataset
+    parts_path = discover_parts(tiny_models["prompt_cam"], manifest, root, tmp_path / "parts.parquet",
+                                device="cpu", k=3, fit_images=0, units="aligned")
+    paths = ex.extract(tiny_models["prompt_cam"], manifest, root, tmp_path / "out", batch_size=5, top_heads=2,
+                       regions="discovered", discovered_parts=parts_path, progress=False)
+    model, rows, images, labels = model_and_images(tiny_models["prompt_cam"], manifest, root)
+    source = ex.RegionSource.load("discovered", rows, root, None, parts_path, regions.DEFAULT_RADIUS,
+                                  regions.DEFAULT_CELLS)
+    maps = np.stack([source.labels(k, 32) for k in range(len(rows))])
+    cells = np.stack([source.cells(k, 32) for k in range(len(rows))])
+    assert cells.min() >= 0  # every image of the split has its body frame
+    pixels = images.permute(0, 2, 3, 1).numpy().astype(np.float64)
+    effects = io.load(paths["region_effects"])
+    tested = 0
+    for _, row in effects[effects["region"] != regions.BACKGROUND].iterrows():
+        k = int(np.flatnonzero(rows["image_id"].to_numpy() == row["image_id"])[0])
+        r = source.vocab.index(row["region"])
+        a, b = int(row["class_a"]), int(row["class_b"])
+        of_b = (labels.numpy() == b)[:, None, None] & (maps == r)
+        if of_b.sum() < LookalikeFill.MIN_PIXELS:
+            continue
+        mean = pixels[of_b].mean(0)
+        mask = maps[k] == r
+        image = images[k:k + 1].clone()
+        placed = 0
+        for y, x in zip(*np.nonzero(mask)):
+            here = of_b & (cells == cells[k, y, x])
+            enough = here.sum() >= LookalikeFill.MIN_PLACE_PIXELS
+            placed += enough
+            image[0, :, y, x] = torch.as_tensor(pixels[here].mean(0) if enough else mean, dtype=image.dtype)
+        with torch.no_grad():
+            base, after = model(images[k:k + 1])[0], model(image)[0]
+        assert row["margin_drop"] == pytest.approx(((base[a] - base[b]) - (after[a] - after[b])).item(), abs=1e-4)
+        tested += placed > 0
+        if tested == 2:
+            break
+    assert tested == 2
+
+
 def test_trait_features_are_the_map_weighted_patch_features_of_the_top_heads(extracted, tiny_models, tiny_dataset):
     method, paths = extracted
     manifest, root = tiny_dataset

@@ -156,7 +156,7 @@ def test_region_effects_with_an_operator_are_the_margin_drop_of_that_occlusion(o
 
 
 def test_lookalike_fill_colours_are_each_class_region_mean_with_the_overall_mean_below_the_pixel_floor():
-    from intr.occlusion import LookalikeFill
+    from intr.occlusion import LookalikeSums
 
     image, mask = bird_image()  # green surroundings, grey body, red 4 x 4 part
     labels = torch.zeros(2, 24, 24, dtype=torch.long)
@@ -165,11 +165,11 @@ def test_lookalike_fill_colours_are_each_class_region_mean_with_the_overall_mean
     labels[1, 10:14, 10:14] = 1  # class 1's image shows no part: its 16 pixels count as body
     other = image.clone()
     other[:, :, 6:18, 6:18] = RED.view(3, 1, 1)  # class 1's body is red
-    sums = torch.zeros(2, 3, 3, dtype=torch.float64)
-    counts = torch.zeros(2, 3, dtype=torch.float64)
-    LookalikeFill.accumulate(sums, counts, torch.cat([image, other]), labels, torch.tensor([0, 1]))
-    assert counts.tolist() == [[24 * 24 - 144, 128, 16], [24 * 24 - 144, 144, 0]]
-    fill = LookalikeFill.from_sums(sums, counts)
+    sums = LookalikeSums(2, 3, 3)
+    sums.add(torch.cat([image, other]), labels, torch.tensor([0, 1]))
+    assert sums.counts.tolist() == [[24 * 24 - 144, 128, 16], [24 * 24 - 144, 144, 0]]
+    fill = sums.fill()
+    assert fill.places is None  # no body frames were added
     torch.testing.assert_close(fill.colours[0, 0], GREEN)
     torch.testing.assert_close(fill.colours[0, 1], GREY)
     torch.testing.assert_close(fill.colours[0, 2], RED)
@@ -184,16 +184,47 @@ def test_lookalike_fill_colours_are_each_class_region_mean_with_the_overall_mean
     torch.testing.assert_close(region_colour(swapped, body), RED)
 
 
+def test_lookalike_fill_with_body_frames_gives_each_pixel_the_colour_of_its_own_place():
+    """One region holding two pieces (the head's top and, lower, the breast): class 1 shows the top as class 0
+    does and the breast blue, so filling class 0's region with class 1's colours changes the breast only."""
+    from intr.occlusion import LookalikeFill, LookalikeSums
+
+    image, _ = bird_image()
+    region = torch.zeros(1, 24, 24, dtype=torch.long)  # region 0 everywhere but the two pieces
+    region[:, 6:8, 6:18] = 1  # top piece, red in both classes
+    region[:, 16:18, 6:18] = 1  # lower piece: red in class 0, blue in class 1
+    image[:, :, 6:8, 6:18] = RED.view(3, 1, 1)
+    image[:, :, 16:18, 6:18] = RED.view(3, 1, 1)
+    blue = torch.tensor([0.1, 0.1, 0.9])
+    other = image.clone()
+    other[:, :, 16:18, 6:18] = blue.view(3, 1, 1)
+    cells = torch.zeros(2, 24, 24, dtype=torch.long)
+    cells[:, 12:, :] = 7  # the lower half of the frame is another place
+    sums = LookalikeSums(2, 2, 3)
+    sums.add(torch.cat([image, other]), region.expand(2, -1, -1), torch.tensor([0, 1]), cells)
+    fill = sums.fill()
+    assert fill.places.shape == (2, 2, LookalikeFill.PLACE_BINS ** 2, 3)
+    torch.testing.assert_close(fill.places[1, 1, 0], RED)
+    torch.testing.assert_close(fill.places[1, 1, 7], blue)
+    torch.testing.assert_close(fill.places[1, 1, 3], fill.colours[1, 1])  # no pixels there: the region's mean
+    torch.testing.assert_close(fill.colours[1, 1], (RED + blue) / 2)
+    mask = (region == 1).float().unsqueeze(1)
+    placed = fill(image, mask, torch.tensor([1]), torch.tensor([1]), cells[:1])
+    torch.testing.assert_close(placed, other)  # the top stays red, the breast turns blue, nothing else moves
+    flat = fill(image, mask, torch.tensor([1]), torch.tensor([1]), torch.full((1, 24, 24), -1))
+    torch.testing.assert_close(flat, fill(image, mask, torch.tensor([1]), torch.tensor([1])))  # no frame: the mean
+    torch.testing.assert_close(region_colour(flat, mask), (RED + blue) / 2)
+
+
 def test_region_effects_with_the_lookalike_fill_score_each_region_once_per_lookalike(tiny_models, tiny_dataset):
-    from intr.occlusion import LookalikeFill
+    from intr.occlusion import LookalikeSums
 
     model, images, labels, source = three_test_images(tiny_models, tiny_dataset)
     maps = [source.labels(k, 32) for k in range(3)]
     masks = [regions.region_masks(m, len(source.vocab)) for m in maps]
-    sums = torch.zeros(4, len(source.vocab), 3, dtype=torch.float64)
-    counts = torch.zeros(4, len(source.vocab), dtype=torch.float64)
-    LookalikeFill.accumulate(sums, counts, images, torch.as_tensor(np.stack(maps)), labels)
-    fill = LookalikeFill.from_sums(sums, counts)
+    sums = LookalikeSums(4, len(source.vocab), 3)
+    sums.add(images, torch.as_tensor(np.stack(maps)), labels)
+    fill = sums.fill()
     siblings = [[(int(y) + 1) % 4, (int(y) + 2) % 4] for y in labels]
     siblings[1] = []  # an image without look-alikes has no rows
     with torch.no_grad():

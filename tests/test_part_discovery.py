@@ -13,6 +13,7 @@ import pytest
 
 from analysis import part_discovery as pdisc
 from analysis.config import defaults
+from analysis.regions import DiscoveredParts
 from analysis.tables import TABLES, fixed_list_to_numpy, read_metadata, schema
 from intr.data.images import read_split
 
@@ -157,6 +158,26 @@ def test_aligned_parts_are_places_on_the_bird_whatever_its_place_and_facing():
     assert int((labels > 0).sum()) == int(new_head.sum() + body.sum())  # the ground is background
 
 
+def test_body_frames_put_the_head_in_the_same_cells_whichever_way_the_bird_faces():
+    rgb, gradient, head = _birds(24)
+    vocabulary, _ = pdisc.fit_aligned_vocabulary(rgb, gradient, k=2, share=48 / 1024)
+    labels, frames = pdisc.assign_aligned_parts_and_frames(vocabulary, rgb, gradient)
+
+    assert np.array_equal(labels, pdisc.assign_aligned_parts(vocabulary, rgb, gradient))
+    bird = head | (rgb[:, 2] > 0.8)
+    rows, cols = np.nonzero(bird[0])
+    assert np.allclose(frames.centre[0], [rows.mean() / 32, cols.mean() / 32])  # the foreground's own centre
+    facing_left = np.array([np.argwhere(h)[:, 1].mean() < np.argwhere(b)[:, 1].mean()
+                            for h, b in zip(head, rgb[:, 2] > 0.8)])
+    assert len(set(facing_left)) == 2  # both facings are in the sample
+    assert np.array_equal(frames.mirrored, facing_left) or np.array_equal(frames.mirrored, ~facing_left)
+    cells = frames.cells((32, 32), 12)
+    assert cells.shape == (24, 32, 32) and cells.min() >= 0 and cells.max() < 144
+    head_cells = [set(np.unique(cells[i][head[i]])) for i in range(24)]
+    assert all(h == head_cells[0] for h in head_cells)  # the same places of the body, left or right facing
+    assert not head_cells[0] & set(np.unique(cells[0][bird[0] & ~head[0]]))  # and none of the body's
+
+
 def test_aligned_parts_tell_a_small_segment_from_the_larger_one_around_it():
     """An eye in the middle of the head sits at the head's place; its size, shape and border tell it apart."""
     rgb, gradient, head = _birds(24)
@@ -282,6 +303,8 @@ def test_discover_labels_every_image_of_the_split_and_reads_no_annotation(method
     assert {k: meta[k] for k in ("grid_h", "grid_w", "k", "method", "split")} == \
         {"grid_h": 4, "grid_w": 4, "k": 3, "method": method, "split": "test"}
     assert pq.read_table(tmp_path / "bare.parquet").equals(table)  # no annotation changed a label
+    assert table["frame_spread"].null_count == len(table)  # patch units place no image in a body frame
+    assert DiscoveredParts.read(path).frame_cells(int(table["image_id"][0].as_py()), 32, 12) is None
 
     scores = pdisc.part_discovery_scores(path, manifest, manifest.parent / "parts.parquet", root, method)
     assert sorted(set(zip(scores["method"], scores["metric"]))) == sorted(
@@ -313,6 +336,11 @@ def test_aligned_discovery_writes_sub_patch_label_maps_and_reads_no_annotation(m
     labels = fixed_list_to_numpy(pq.read_table(path)["labels"], np.int64)
     assert labels.shape[1] == side * side and labels.min() >= 0 and labels.max() <= 3 and (labels > 0).any()
     assert pq.read_table(tmp_path / "bare.parquet").equals(pq.read_table(path))
+    frames = pq.read_table(path).to_pandas()
+    assert frames["frame_spread"].gt(0).all() and frames[["frame_row", "frame_col"]].stack().between(0, 1).all()
+    parts = DiscoveredParts.read(path)
+    cells = parts.frame_cells(int(frames["image_id"].iloc[0]), size, 12)
+    assert cells.shape == (size, size) and 0 <= cells.min() and cells.max() < 144
 
 
 def test_discover_refuses_other_classes_and_pickled_code_in_one_line_before_any_compute(
@@ -341,7 +369,8 @@ def test_discover_refuses_other_classes_and_pickled_code_in_one_line_before_any_
 
 
 def test_discovered_parts_table_is_declared():
-    assert [c.name for c in TABLES["discovered_parts"]] == ["image_id", "labels"]
+    assert [c.name for c in TABLES["discovered_parts"]] == ["image_id", "labels", "frame_row", "frame_col",
+                                                            "frame_spread", "frame_mirrored"]
 
 
 def test_pixel_map_of_a_non_square_image_resizes_each_axis_on_its_own():
