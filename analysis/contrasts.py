@@ -11,7 +11,8 @@ Per directed look-alike pair (A, B), over A's images (same rule), three
 scores per region, each a mean over images: (a) ``density_a``, A's density;
 (b) ``difference``, A's density minus B's (B's query on the same image, B's
 own top-ranked heads); (c) ``occlusion``, the drop of the A - B margin when
-the region is filled with B's mean colour of it (``region_effects.parquet``,
+the region is filled with B's mean colour of it, at each pixel's place of the body where the
+regions have body frames (``region_effects.parquet``,
 ``extract.region_fill``; or removed by ``extract.occlusion``). Beside them, reported but
 never combined, (d) ``pair_attention``: the density of the map, in A's row, of
 the pair's own top head (rank 1 of ``pair_head_ranks.parquet``: the head that

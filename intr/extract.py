@@ -17,9 +17,10 @@ For each image of the evaluation split it writes (layouts in docs/tables.md):
   (``analysis.regions``: a discovered part, a part mask, a disc around a part
   keypoint, or a grid cell) is filled (``extract.region_fill``: by default with
   B's mean colour of that region over the split's images, a pre-pass,
-  ``intr.occlusion.LookalikeFill``; else by the ``extract.occlusion``
-  operator); all regions of a batch of images go through the model in batched
-  passes;
+  ``intr.occlusion.LookalikeFill``, taken at each pixel's own place of the body
+  where discovered parts give the images body frames; else by the
+  ``extract.occlusion`` operator); all regions of a batch of images go through
+  the model in batched passes;
 * ``trait_features.parquet``: for the true class's ``top_heads`` top-ranked
   heads, the map-weighted mean of the backbone's final patch features;
 * ``lookalikes.parquet``: the look-alike classes used (class_a, class_b,
@@ -317,7 +318,8 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
         blur_sigma: the ``blur`` operator's sigma, as a fraction of the image side.
         occlusion: what an occluded region becomes: an operator of ``intr.occlusion.OPERATORS``.
         region_fill: what a region becomes in the region effects: ``lookalike`` (look-alike B's mean
-            colour of it, ``intr.occlusion.LookalikeFill``) or ``occlusion`` (the ``occlusion`` operator).
+            colour of it, at each pixel's place of the body where the regions have body frames,
+            ``intr.occlusion.LookalikeFill``) or ``occlusion`` (the ``occlusion`` operator).
         device: ``auto``, ``cpu`` or ``cuda``.
         workers: image-decoding processes.
         amp: bf16 autocast on CUDA (and on CPU with INTR_CPU_BF16=1: ``intr.precision``).
