@@ -839,3 +839,27 @@ def segment_majority(segments: np.ndarray, labels: np.ndarray, n_labels: int) ->
     best = np.zeros(int(segments.max()) + 1, dtype=np.int8)
     best[segment[first]] = label[first]
     return best[segments]
+
+
+def write_discovered_parts(out: str | Path, image_ids: np.ndarray, labels: np.ndarray, frames: BodyFrames | None,
+                           metadata: dict) -> Path:
+    """``discovered_parts.parquet``: every image's label map (N, cells) and body frame (null without one).
+
+    Args:
+        out: the file to write.
+        image_ids: (N,) the images.
+        labels: (N, cells) part labels: 0 background, 1..k the parts.
+        frames: the images' body frames (``units: aligned``; None: none, as with ``units: patches``).
+        metadata: the table's metadata (``grid_h``, ``grid_w``, ``k``, ...: docs/tables.md).
+    """
+    from analysis import tables
+
+    if frames is None:
+        placed = {name: [None] * len(image_ids) for name in ("frame_row", "frame_col", "frame_spread", "frame_mirrored")}
+    else:
+        placed = {"frame_row": frames.centre[:, 0].astype(np.float32),
+                  "frame_col": frames.centre[:, 1].astype(np.float32),
+                  "frame_spread": frames.spread.astype(np.float32), "frame_mirrored": frames.mirrored.astype(bool)}
+    return tables.write_columns("discovered_parts", {"image_id": np.asarray(image_ids, dtype=np.int32),
+                                                     "labels": labels, **placed},
+                                out, metadata=metadata, cells=labels.shape[1])

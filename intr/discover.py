@@ -19,7 +19,6 @@ import pandas as pd
 import torch
 
 from analysis import part_discovery as pdisc
-from analysis import tables
 from intr.data.images import ImageSet, read_split
 from intr.models import load_model, resolve_device
 
@@ -141,21 +140,7 @@ def discover_parts(model_path: str | Path, manifest: str | Path, root: str | Pat
     metadata = {"grid_h": gh, "grid_w": gw, "k": int(k), "method": config["method"], "discovery": DISCOVERY_METHOD,
                 "split": split, "fit_images": len(fit_rows),
                 **(choice.metadata() if choice is not None else {"k_criterion": "fixed"})}
-    return write_discovered_parts(out, rows, np.concatenate(labels), None, metadata)
-
-
-def write_discovered_parts(out, rows: pd.DataFrame, labels: np.ndarray, frames: pdisc.BodyFrames | None,
-                           metadata: dict) -> Path:
-    """``discovered_parts.parquet``: every row's label map (N, cells) and body frame (null without one)."""
-    if frames is None:
-        placed = {name: [None] * len(rows) for name in ("frame_row", "frame_col", "frame_spread", "frame_mirrored")}
-    else:
-        placed = {"frame_row": frames.centre[:, 0].astype(np.float32),
-                  "frame_col": frames.centre[:, 1].astype(np.float32),
-                  "frame_spread": frames.spread.astype(np.float32), "frame_mirrored": frames.mirrored.astype(bool)}
-    return tables.write_columns("discovered_parts", {"image_id": rows["image_id"].to_numpy(np.int32),
-                                                     "labels": labels, **placed},
-                                out, metadata=metadata, cells=labels.shape[1])
+    return pdisc.write_discovered_parts(out, rows["image_id"].to_numpy(), np.concatenate(labels), None, metadata)
 
 
 PIXEL_GRID_LIMIT = 32  # label-map cells per side for ``units: aligned``: finer than a patch, cheap to score
@@ -190,4 +175,5 @@ def discover_aligned_parts(model_path, manifest, root, out, split: str, fit_spli
                 **(choice.metadata() if choice is not None else {"k_criterion": "fixed"})}
     frames = pdisc.BodyFrames(*(np.concatenate([getattr(f, a) for f in frames])
                                 for a in ("centre", "spread", "mirrored")))
-    return write_discovered_parts(out, rows, np.concatenate(labels), frames, metadata)
+    return pdisc.write_discovered_parts(out, rows["image_id"].to_numpy(), np.concatenate(labels), frames,
+                                       metadata)

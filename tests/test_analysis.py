@@ -18,6 +18,7 @@ import pytest
 
 from analysis import contrasts as C
 from analysis import io
+from analysis import part_discovery as pdisc
 from analysis import recovery, regions, traits
 from analysis.ground_truth import planted_parts_by_class
 from analysis.localization import box_cells, peak_on_planted_part_rows
@@ -390,7 +391,6 @@ def test_peak_on_planted_part_matches_a_plain_loop_over_the_masks(synthetic):
 
 def _discovered_from_masks(paths: dict, out: Path, k: int = 5) -> Path:
     """A discovered_parts table made from the masks (part j -> label j % k + 1, several parts merged)."""
-    from analysis import tables
 
     manifest = pd.read_parquet(paths["manifest"])
     attention_ids = np.unique(pd.read_parquet(Path(paths["method_dir"]) / "attention.parquet",
@@ -402,8 +402,8 @@ def _discovered_from_masks(paths: dict, out: Path, k: int = 5) -> Path:
     truth = regions.image_weights(layout, rows, grid, root=paths["root"]).argmax(1)  # (N, G) true region
     background = layout.vocab.index(regions.BACKGROUND)
     labels = np.where(truth == background, 0, truth % k + 1).astype(np.int8)
-    tables.write_columns("discovered_parts", {"image_id": rows["image_id"].to_numpy(), "labels": labels},
-                         out, {"grid_h": grid[0], "grid_w": grid[1], "k": k, "method": "from_masks"})
+    pdisc.write_discovered_parts(out, rows["image_id"].to_numpy(), labels.reshape(len(rows), -1), None,
+                                 {"grid_h": grid[0], "grid_w": grid[1], "k": k, "method": "from_masks"})
     return out
 
 

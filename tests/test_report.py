@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from analysis import part_discovery as pdisc
 from analysis import tables
 from analysis.tables import write_columns, write_table
 
@@ -461,9 +462,9 @@ def test_answer_and_gallery_with_discovered_parts(fixture_tables, tmp_path):
     labels = np.where(truth == background, 0, truth + 1).astype(np.int8)   # part i of the vocabulary -> part_{i+1}
     rename = {name: f"part_{i + 1}" for i, name in enumerate(layout.vocab) if name != regions.BACKGROUND}
     for method in fixture_tables["methods"]:
-        tables.write_columns("discovered_parts", {"image_id": manifest["image_id"].to_numpy(), "labels": labels},
-                             results / method / "discovered_parts.parquet",
-                             {"grid_h": grid[0], "grid_w": grid[1], "k": background, "method": "from_masks"})
+        pdisc.write_discovered_parts(results / method / "discovered_parts.parquet", manifest["image_id"].to_numpy(),
+                                     labels.reshape(len(manifest), -1), None,
+                                     {"grid_h": grid[0], "grid_w": grid[1], "k": background, "method": "from_masks"})
         for name in ("contrasts", "region_effects"):
             frame = pd.read_parquet(results / method / f"{name}.parquet")
             frame["region"] = frame["region"].replace(rename)
