@@ -391,7 +391,6 @@ def test_peak_on_planted_part_matches_a_plain_loop_over_the_masks(synthetic):
 
 def _discovered_from_masks(paths: dict, out: Path, k: int = 5) -> Path:
     """A discovered_parts table made from the masks (part j -> label j % k + 1, several parts merged)."""
-
     manifest = pd.read_parquet(paths["manifest"])
     attention_ids = np.unique(pd.read_parquet(Path(paths["method_dir"]) / "attention.parquet",
                                               columns=["image_id"])["image_id"])
