@@ -625,6 +625,11 @@ class BodyFrames:
     spread: np.ndarray
     mirrored: np.ndarray
 
+    @classmethod
+    def concatenate(cls, parts: list[BodyFrames]) -> BodyFrames:
+        """The frames of several batches, in order."""
+        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("centre", "spread", "mirrored")))
+
     def cells(self, shape: tuple[int, int], bins: int) -> np.ndarray:
         """(N, H, W) every pixel's cell of the ``bins`` x ``bins`` body-frame grid (``frame_cells``)."""
         coords = frame_coordinates(shape, self.centre, self.spread, self.mirrored)
@@ -853,13 +858,15 @@ def write_discovered_parts(out: str | Path, image_ids: np.ndarray, labels: np.nd
         metadata: the table's metadata (``grid_h``, ``grid_w``, ``k``, ...: docs/tables.md).
     """
     from analysis import tables
+    from analysis.regions import DiscoveredParts
 
     if frames is None:
-        placed = {name: [None] * len(image_ids) for name in ("frame_row", "frame_col", "frame_spread", "frame_mirrored")}
+        placed = {name: [None] * len(image_ids) for name in DiscoveredParts.FRAME_COLUMNS}
     else:
-        placed = {"frame_row": frames.centre[:, 0].astype(np.float32),
-                  "frame_col": frames.centre[:, 1].astype(np.float32),
-                  "frame_spread": frames.spread.astype(np.float32), "frame_mirrored": frames.mirrored.astype(bool)}
+        placed = dict(zip(DiscoveredParts.FRAME_COLUMNS, (frames.centre[:, 0].astype(np.float32),
+                                                          frames.centre[:, 1].astype(np.float32),
+                                                          frames.spread.astype(np.float32),
+                                                          frames.mirrored.astype(bool))))
     return tables.write_columns("discovered_parts", {"image_id": np.asarray(image_ids, dtype=np.int32),
                                                      "labels": labels, **placed},
                                 out, metadata=metadata, cells=labels.shape[1])

@@ -69,7 +69,7 @@ class DiscoveredParts:
     labels: dict[int, np.ndarray]
     frames: dict[int, np.ndarray] | None = None
 
-    FRAME_COLUMNS = ("frame_row", "frame_col", "frame_spread", "frame_mirrored")
+    FRAME_COLUMNS = ("frame_row", "frame_col", "frame_spread", "frame_mirrored")  # the table's body-frame columns
 
     @classmethod
     def read(cls, path) -> "DiscoveredParts":

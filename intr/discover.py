@@ -173,7 +173,5 @@ def discover_aligned_parts(model_path, manifest, root, out, split: str, fit_spli
     metadata = {"grid_h": gh, "grid_w": gw, "k": vocabulary.k, "method": config["method"],
                 "discovery": "body_frame_parts", "split": split, "fit_images": len(fit_rows),
                 **(choice.metadata() if choice is not None else {"k_criterion": "fixed"})}
-    frames = pdisc.BodyFrames(*(np.concatenate([getattr(f, a) for f in frames])
-                                for a in ("centre", "spread", "mirrored")))
-    return pdisc.write_discovered_parts(out, rows["image_id"].to_numpy(), np.concatenate(labels), frames,
-                                       metadata)
+    return pdisc.write_discovered_parts(out, rows["image_id"].to_numpy(), np.concatenate(labels),
+                                       pdisc.BodyFrames.concatenate(frames), metadata)

@@ -241,10 +241,11 @@ def region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: to
         occluded_logits = torch.cat(out_logits)[occ_t]
     else:
         region_t = torch.as_tensor(region_ids, device=dev)[occ_t]
+        cells = None if cells is None else cells.to(dev)
         out_logits = []
         for s in range(0, len(image), chunk):
             sl = slice(s, s + chunk)
-            placed = None if cells is None else cells.to(dev)[image_t[sl]]
+            placed = None if cells is None else cells[image_t[sl]]
             occluded = lookalike(images[image_t[sl]], region_masks[occ_t[sl]], b_t[sl], region_t[sl], placed)
             out_logits.append(model(occluded).float())
         occluded_logits = torch.cat(out_logits)  # (rows, C)

@@ -264,11 +264,15 @@ class LookalikeSums:
     def fill(self) -> LookalikeFill:
         """The fill: mean colours with their fallbacks (``LookalikeFill``); places only where frames were added."""
         overall = self.sums.sum(0) / self.counts.sum(0).clamp_min(1)[:, None]
-        own = self.sums / self.counts.clamp_min(1)[..., None]
-        colours = torch.where((self.counts >= LookalikeFill.MIN_PIXELS)[..., None], own, overall.expand_as(own))
+        colours = _mean_or(self.sums, self.counts, LookalikeFill.MIN_PIXELS, overall[None])
         if not self.framed:
             return LookalikeFill(colours.float())
-        placed = self.place_sums / self.place_counts.clamp_min(1)[..., None]
-        places = torch.where((self.place_counts >= LookalikeFill.MIN_PLACE_PIXELS)[..., None], placed,
-                             colours[:, :, None].expand_as(placed))
+        places = _mean_or(self.place_sums, self.place_counts, LookalikeFill.MIN_PLACE_PIXELS, colours[:, :, None])
         return LookalikeFill(colours.float(), places.float())
+
+
+def _mean_or(sums: torch.Tensor, counts: torch.Tensor, floor: int, fallback: torch.Tensor) -> torch.Tensor:
+    """``sums / counts`` (colour on the last axis of ``sums``) where ``counts >= floor``, else ``fallback``
+    (broadcast to the means' shape)."""
+    mean = sums / counts.clamp_min(1)[..., None]
+    return torch.where((counts >= floor)[..., None], mean, fallback.expand_as(mean))
