@@ -29,8 +29,9 @@ held-out seed: trait recovery top-1, Prompt-CAM / INTR, (c) alone 0.92 / 0.88
 against 0.79 / 0.88 for the equal-weight mean of (b) and (c); the reported
 figures come from seed 0.)
 
-Every score is ranked; ``background`` is scored but not ranked (rank -1): it
-is not a trait. The p-value per region is a one-sided sign-flip permutation
+Every score is ranked; ``background`` is not ranked (rank -1): it is not a
+trait. Its attention scores are kept; it has no region effects (extraction
+never fills it), so its ``occlusion`` is empty. The p-value per region is a one-sided sign-flip permutation
 test over images of the per-image combined score (each image's scores
 standardised with the pair's region means and deviations); q-values:
 Benjamini-Hochberg across the pair's ranked regions.

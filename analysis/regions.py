@@ -89,16 +89,20 @@ class DiscoveredParts:
             frames = {i: r for i, r in zip(ids, rows) if np.isfinite(r).all()} or None
         return cls(int(meta["k"]), grid, dict(zip(ids, values)), frames)
 
-    def frame_cells(self, image_id: int, side: int, bins: int) -> np.ndarray | None:
-        """(side, side) every pixel's cell of the ``bins`` x ``bins`` body-frame grid of the image at the
-        network input (``analysis.part_discovery.BodyFrames.cells``); None where it has no frame."""
-        if self.frames is None or image_id not in self.frames:
+    def frame_cells(self, image_ids, side: int, bins: int) -> np.ndarray | None:
+        """(N, side, side) every pixel's cell of the ``bins`` x ``bins`` body-frame grid of each image at
+        the network input (``analysis.part_discovery.BodyFrames.cells``), -1 for an image without a
+        frame; None where none of them has one."""
+        has = [i for i in image_ids if self.frames is not None and i in self.frames]
+        if not has:
             return None
         from analysis.part_discovery import BodyFrames
 
-        row, col, spread, mirrored = self.frames[image_id]
-        frame = BodyFrames(np.array([[row, col]]), np.array([spread]), np.array([mirrored > 0.5]))
-        return frame.cells((side, side), bins)[0]
+        row, col, spread, mirrored = np.stack([self.frames[i] for i in has], 1)
+        framed = BodyFrames(np.stack([row, col], 1), spread, mirrored > 0.5).cells((side, side), bins)
+        out = np.full((len(image_ids), side, side), -1, dtype=framed.dtype)
+        out[[k for k, i in enumerate(image_ids) if i in self.frames]] = framed
+        return out
 
     @property
     def vocab(self) -> list[str]:

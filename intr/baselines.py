@@ -24,6 +24,7 @@ class); Eigen-CAM and rollout do not depend on any class.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -131,27 +132,88 @@ def linear_from_logistic(coef: np.ndarray, intercept: np.ndarray, classes: np.nd
     return linear.requires_grad_(False)
 
 
-def fit_linear_probe(model: nn.Module, data, num_classes: int, device: torch.device,
-                     batch_size: int = 256, c: float = 0.5) -> LinearProbe:
-    """Fit the linear probe on ``data`` (an ImageSet, usually train+val) and return it on ``device``.
+def fit_probe_regression(x: np.ndarray, y: np.ndarray, c: float = 0.5):
+    """The linear probe's fit: a multinomial logistic regression (``C=c``) on standardised features.
 
-    Standardised features, multinomial logistic regression (``C=c``, the
-    settings of ``intr.evaluate``'s ``linear_probe`` row), standardisation
-    folded into the layer.
+    Returns:
+        (scaler, regression): the fitted ``StandardScaler`` and ``LogisticRegression``.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    features = BackboneFeatures(model).to(device).eval()
-    x = extract_features(features, lambda i: data[i][0], len(data), device, batch_size)
-    y = data.labels.numpy()
     if len(np.unique(y)) < 2:
         raise ValueError("the linear probe needs training images of at least two classes")
     scaler = StandardScaler().fit(x)
-    reg = LogisticRegression(C=c, max_iter=3000).fit(scaler.transform(x), y)
+    return scaler, LogisticRegression(C=c, max_iter=3000).fit(scaler.transform(x), y)
+
+
+def fit_linear_probe(model: nn.Module, data, num_classes: int, device: torch.device,
+                     batch_size: int = 256, c: float = 0.5) -> LinearProbe:
+    """Fit the linear probe on ``data`` (an ImageSet, usually train+val) and return it on ``device``.
+
+    Standardised features, multinomial logistic regression (``fit_probe_regression``, the probe of
+    ``intr.evaluate``'s ``linear_probe`` row), standardisation folded into the layer.
+    """
+    features = BackboneFeatures(model).to(device).eval()
+    x = extract_features(features, lambda i: data[i][0], len(data), device, batch_size)
+    scaler, reg = fit_probe_regression(x, data.labels.numpy(), c)
+    return probe_from_regression(features, scaler, reg, num_classes, device)
+
+
+def probe_from_regression(features: BackboneFeatures, scaler, reg, num_classes: int,
+                          device: torch.device) -> LinearProbe:
+    """The torch probe of a fitted (scaler, regression), standardisation folded into its layer."""
     linear = linear_from_logistic(reg.coef_, reg.intercept_, reg.classes_.astype(int), scaler.mean_,
                                   scaler.scale_, num_classes)
     return LinearProbe(features, linear.to(device)).eval()
+
+
+PROBE_FORMAT = "intr-linear-probe/1"
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_linear_probe(probe: LinearProbe, path, model_path) -> None:
+    """Write the probe's layer to ``path`` (atomic), with the sha256 of the ``model.pt`` its features come from."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": PROBE_FORMAT, "model_sha256": file_sha256(model_path),
+                "weight": probe.linear.weight.detach().cpu(), "bias": probe.linear.bias.detach().cpu()}, tmp)
+    tmp.replace(path)
+
+
+def load_linear_probe(model: nn.Module, path, model_path, device: torch.device) -> LinearProbe:
+    """The probe ``save_linear_probe`` wrote for this ``model_path``, on ``model``'s frozen backbone.
+
+    Raises:
+        ValueError: naming ``path`` when it is not a probe file, or was fitted on another model.pt
+            (the probe's layer would read another backbone's features).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (any unreadable file: one message naming it)
+        raise ValueError(f"{path}: not a readable linear probe ({err}); rerun intr evaluate to rewrite it") from err
+    if not isinstance(state, dict) or state.get("format") != PROBE_FORMAT:
+        raise ValueError(f"{path}: not a linear probe written by intr evaluate (format {PROBE_FORMAT})")
+    if state["model_sha256"] != file_sha256(model_path):
+        raise ValueError(f"{path} was fitted on another model than {model_path} (sha256 differs): rerun "
+                         "intr evaluate on this model to refit it")
+    features = BackboneFeatures(model).to(device).eval()
+    weight, bias = state["weight"], state["bias"]
+    linear = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return LinearProbe(features, linear.requires_grad_(False).to(device)).eval()
 
 
 def vit_reshape_transform(num_prefix: int, grid: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:

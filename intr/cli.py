@@ -208,14 +208,16 @@ def _convert_published(args: argparse.Namespace, section: dict) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    _check_writable(args.command, args.out, folder=False)
+    for out in (args.out, args.probe_out):
+        if out:
+            _check_writable(args.command, out, folder=False)
     from intr.evaluate import evaluate_model
 
     options = _config_section(args, "extract")
     _set_threads(args.threads)
     table = evaluate_model(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
                            split=options["split"], batch_size=options["batch_size"], device=options["device"],
-                           progress=not args.quiet)
+                           probe_out=Path(args.probe_out) if args.probe_out else None, progress=not args.quiet)
     with_ci = table.assign(ci=lambda t: t.apply(lambda r: f"[{r.ci_lo:.3f}, {r.ci_hi:.3f}]", axis=1))
     print(with_ci[["method", "metric", "split", "value", "ci", "n"]].to_string(index=False, float_format="%.3f"))
     return 0
@@ -275,8 +277,8 @@ def _cmd_faithfulness(args: argparse.Namespace) -> int:
         attention=Path(args.attention),
         split=options["split"], top_heads=options["top_heads"], images=options["faithfulness_images"],
         steps=options["faithfulness_steps"], blur_sigma=options["blur_sigma"], occlusion=options["occlusion"],
-        batch_size=options["batch_size"],
-        device=options["device"], progress=not args.quiet)
+        batch_size=options["batch_size"], device=options["device"],
+        probe=Path(args.probe) if args.probe else None, progress=not args.quiet)
     print(table.to_string(index=False, float_format="%.3f"))
     return 0
 
@@ -428,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_inputs(ev, "manifest.parquet")
     ev.add_argument("--out", required=True, help="metrics table to write")
+    ev.add_argument("--probe-out", dest="probe_out",
+                    help="also write the fitted linear probe here (linear_probe.pt, for intr faithfulness --probe)")
     _add_config_options(ev, "its 'extract' section (split, batch_size, device)")
     _add_run_options(ev)
     ev.set_defaults(func=_cmd_evaluate)
@@ -487,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="attention.parquet from intr extract for the same model and split (the model's maps)")
     fa.add_argument("--out-maps", dest="out_maps", required=True, help="baseline_maps.parquet to write")
     fa.add_argument("--out-metrics", dest="out_metrics", required=True, help="metrics table to write")
+    fa.add_argument("--probe", help="linear_probe.pt from intr evaluate --probe-out for the same model.pt "
+                    "(the probe the CAMs explain); without it the probe is fitted here, the same way")
     _add_config_options(fa, "its 'extract' section")
     _add_run_options(fa)
     fa.set_defaults(func=_cmd_faithfulness)

@@ -5,7 +5,9 @@ Writes ``metrics_model.parquet`` (rows in the ``evaluation.parquet`` layout):
 * ``{method}`` ``top1`` / ``top5`` on the evaluation split, from the model's
   plain logits;
 * ``linear_probe`` ``top1``: logistic regression on the frozen backbone's
-  features (class token and mean patch token), trained on train+val.
+  features (class token and mean patch token), trained on train+val; the
+  fitted probe can be written (``probe_out``, ``linear_probe.pt``) for
+  ``intr faithfulness``, whose CAMs explain the same probe.
 
 Everything about the attention maps (the planted-part test included) is
 scored in ``analysis/`` from the tables ``intr extract`` writes, so this stage
@@ -24,7 +26,8 @@ from tqdm import tqdm
 from analysis.config import defaults
 from analysis.stats import metric_row
 from analysis.tables import read_table, write_table
-from intr.baselines import BackboneFeatures, extract_features
+from intr.baselines import (BackboneFeatures, LinearProbe, extract_features, fit_probe_regression,
+                            probe_from_regression, save_linear_probe)
 from intr.data.images import ImageSet, read_split
 from intr.models import load_model, resolve_device
 
@@ -36,15 +39,14 @@ def probe_features(model: torch.nn.Module, data: ImageSet, device: torch.device,
     return extract_features(BackboneFeatures(model), lambda i: data[i][0], len(data), device, batch_size)
 
 
-def linear_probe_correct(model, train: ImageSet, test: ImageSet, device: torch.device) -> np.ndarray:
-    """Per test image: does a logistic regression on frozen features get it right?"""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000))
-    probe.fit(probe_features(model, train, device), train.labels.numpy())
-    return probe.predict(probe_features(model, test, device)) == test.labels.numpy()
+def linear_probe_correct(model, train: ImageSet, test: ImageSet, device: torch.device,
+                         num_classes: int | None = None) -> tuple[np.ndarray, LinearProbe | None]:
+    """Per test image: does a logistic regression on frozen features get it right? And the probe as a
+    torch module (``intr.baselines.LinearProbe``; None without ``num_classes``)."""
+    scaler, reg = fit_probe_regression(probe_features(model, train, device), train.labels.numpy())
+    correct = reg.predict(scaler.transform(probe_features(model, test, device))) == test.labels.numpy()
+    probe = probe_from_regression(BackboneFeatures(model), scaler, reg, num_classes, device) if num_classes else None
+    return correct, probe
 
 
 @torch.no_grad()
@@ -72,7 +74,7 @@ EXTRACT = defaults("extract")  # the config schema's defaults
 
 def evaluate_model(model_path: str | Path, manifest: str | Path, root: str | Path, out: str | Path,
                    split: str = EXTRACT["split"], batch_size: int = EXTRACT["batch_size"],
-                   device: str = EXTRACT["device"],
+                   device: str = EXTRACT["device"], probe_out: str | Path | None = None,
                    progress: bool = True) -> pd.DataFrame:
     """Write ``metrics_model.parquet`` for one trained model; return its rows.
 
@@ -84,6 +86,8 @@ def evaluate_model(model_path: str | Path, manifest: str | Path, root: str | Pat
         split: evaluation split.
         batch_size: images per forward pass.
         device: ``auto``, ``cpu`` or ``cuda``.
+        probe_out: where to write the fitted linear probe (``linear_probe.pt``, read by ``intr
+            faithfulness`` instead of fitting it again); None: not written.
         progress: progress bar.
     """
     dev = resolve_device(device)
@@ -99,8 +103,10 @@ def evaluate_model(model_path: str | Path, manifest: str | Path, root: str | Pat
     metrics = [metric_row(method, "top1", split, correct), metric_row(method, "top5", split, top5)]
 
     train_data = ImageSet(root, read_split(manifest, ["train", "val"]), size, mean, std)
-    metrics.append(metric_row("linear_probe", "top1", split,
-                              linear_probe_correct(model, train_data, data, dev)))
+    probe_correct, probe = linear_probe_correct(model, train_data, data, dev, int(config["num_classes"]))
+    metrics.append(metric_row("linear_probe", "top1", split, probe_correct))
+    if probe_out is not None:
+        save_linear_probe(probe, probe_out, model_path)
     table = pd.DataFrame(metrics)
     write_table(table, out, metadata={"method": method, "model": str(model_path), "split": split})
     return table

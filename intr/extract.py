@@ -132,25 +132,22 @@ class RegionSource:
     def vocab(self) -> list[str]:
         return self.layout.vocab
 
-    def labels(self, k: int, size: int) -> np.ndarray:
-        """Label map of row k at the network's input size."""
-        (_, labels), = reg.iter_label_maps(self.layout, self.rows.iloc[[k]], (size, size), self.root)
-        return labels
+    def labels(self, index: np.ndarray, size: int) -> np.ndarray:
+        """(B, size, size) label maps of rows ``index`` at the network's input size (one pass over
+        the rows: a batch costs about what one image does)."""
+        rows = self.rows.iloc[np.asarray(index, dtype=np.int64)]
+        return np.stack([m for _, m in reg.iter_label_maps(self.layout, rows, (size, size), self.root)])
 
-    def cells(self, k: int, size: int) -> np.ndarray | None:
-        """(size, size) body-frame cells of row k for the pair fill's places (``LookalikeFill``); None
-        where the regions have no body frame (annotated parts, the grid, patch units)."""
+    def cells(self, index: np.ndarray, size: int) -> torch.Tensor | None:
+        """(B, size, size) long body-frame cells of rows ``index`` for the pair fill's places
+        (``LookalikeFill``), -1 for an image without a frame; None where no image has one (annotated
+        parts, the grid, patch units)."""
         parts = self.layout.discovered
         if parts is None:
             return None
-        return parts.frame_cells(int(self.rows["image_id"].iloc[k]), size, LookalikeFill.PLACE_BINS)
-
-    def cell_batch(self, index: np.ndarray, size: int) -> torch.Tensor | None:
-        """(B, size, size) long ``cells`` of rows ``index``, -1 for an image without a frame (None: no image has one)."""
-        cells = [self.cells(int(i), size) for i in index]
-        if all(c is None for c in cells):
-            return None
-        return torch.as_tensor(np.stack([c if c is not None else np.full((size, size), -1) for c in cells])).long()
+        ids = self.rows["image_id"].to_numpy()[np.asarray(index, dtype=np.int64)].tolist()
+        cells = parts.frame_cells(ids, size, LookalikeFill.PLACE_BINS)
+        return None if cells is None else torch.as_tensor(cells).long()
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -194,7 +191,7 @@ def _query_classes(labels: np.ndarray, preds: np.ndarray, looks: dict[int, list[
 def region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
                     masks: list[np.ndarray], siblings: list[list[int]], vocab: list[str],
                     occlusion: Occlusion, chunk: int, lookalike: LookalikeFill | None = None,
-                    cells: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+                    cells: torch.Tensor | None = None, ranked: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Margin and probability drops when each region is occluded, for a batch of images.
 
     Args:
@@ -210,12 +207,15 @@ def region_effects(model, images: torch.Tensor, labels: torch.Tensor, logits: to
         lookalike: the pair fill (``intr.occlusion.LookalikeFill``): each region is filled once per
             look-alike B, with B's colour of it, and scored on that B's margin alone.
         cells: (B, S, S) the images' body-frame cells for the pair fill's places (None: no frames).
+        ranked: (regions,) bool, the regions that are ranked (``RegionLayout.ranked``); the others
+            (background: not a trait) get no rows and cost no pass (None: every region).
     """
     owner, region_ids, comp = [], [], []
     for b, m in enumerate(masks):
         if not siblings[b]:
             continue
-        present = np.flatnonzero(m.reshape(m.shape[0], -1).any(1))
+        present = m.reshape(m.shape[0], -1).any(1)
+        present = np.flatnonzero(present if ranked is None else present & ranked)
         owner += [b] * len(present)
         region_ids += present.tolist()
         comp.append(torch.from_numpy(m[present]))
@@ -282,8 +282,8 @@ def lookalike_colours(loader: DataLoader, regions: RegionSource, size: int, num_
     """
     sums = None
     for images, labels, index in tqdm(loader, desc="region colours", disable=not progress, leave=False):
-        maps = torch.as_tensor(np.stack([regions.labels(int(i), size) for i in index.numpy()]))
-        cells = regions.cell_batch(index.numpy(), size)
+        maps = torch.as_tensor(regions.labels(index.numpy(), size))
+        cells = regions.cells(index.numpy(), size)
         if sums is None:
             sums = LookalikeSums(num_classes, len(regions.vocab), images.shape[1], device)
         sums.add(images.to(device), maps.to(device), labels.to(device), None if cells is None else cells.to(device))
@@ -395,8 +395,21 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
         pairs = [(a, b) for a in sorted(looks) for b in looks[a]]
         writers.write("lookalikes", {"class_a": [a for a, _ in pairs], "class_b": [b for _, b in pairs],
                                      "source": [source] * len(pairs)})
+        answered: set[int] = set()  # classes with at least one correctly classified image
         for images, labels, index in tqdm(loader, desc=f"{method} extract", disable=not progress):
-            _extract_batch(run, writers, images.to(dev), labels.to(dev), index.numpy())
+            answered |= _extract_batch(run, writers, images.to(dev), labels.to(dev), index.numpy())
+        # The contrasts of a class the model never gets right use all of its images
+        # (analysis.contrasts): their region effects come from a second pass.
+        unanswered = np.flatnonzero(rows["class_id"].map(lambda c: bool(looks.get(int(c))) and int(c) not in answered))
+        if len(unanswered):
+            again = DataLoader(torch.utils.data.Subset(IndexedImages(data), unanswered.tolist()),
+                               batch_size=batch_size, shuffle=False, num_workers=workers)
+            for images, labels, index in tqdm(again, desc=f"{method} region effects, classes never right",
+                                              disable=not progress, leave=False):
+                images, labels = images.to(dev), labels.to(dev)
+                with autocast():
+                    logits = model(images).float()
+                _write_region_effects(run, writers, images, labels, logits, index.numpy(), correct_only=False)
     paths = writers.paths
     return paths
 
@@ -536,8 +549,9 @@ def trait_feature_columns(model, images: torch.Tensor, image_ids: np.ndarray, la
 
 @torch.no_grad()
 def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tensor, labels: torch.Tensor,
-                   index: np.ndarray) -> None:
-    """Every table's rows for one batch of images (rows ``index`` of the split)."""
+                   index: np.ndarray) -> set[int]:
+    """Every table's rows for one batch of images (rows ``index`` of the split); returns the classes
+    of its correctly classified images."""
     model, autocast = run.model, run.autocast
     image_ids = run.rows["image_id"].to_numpy()[index].astype(np.int64)
     with autocast():
@@ -572,12 +586,29 @@ def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tens
         writers.write("pair_head_ranks", pair_head_rank_columns(image_ids[image], y[image], class_b, pair_rank,
                                                                 margins))
 
-    # Region effects: every region of every image of the batch, occluded, in batched passes.
-    masks = [reg.region_masks(run.regions.labels(int(i), run.image_size), len(run.regions.vocab)) for i in index]
-    cells = run.regions.cell_batch(index, run.image_size) if run.lookalike is not None else None
-    with autocast():
-        eff = region_effects(model, images, labels, logits, masks, siblings, run.regions.vocab, run.occlusion,
-                              chunk=max(1, images.shape[0]) * 4, lookalike=run.lookalike, cells=cells)
+    _write_region_effects(run, writers, images, labels, logits, index, correct_only=True)
+    return set(y[y == pred].tolist())
+
+
+def _write_region_effects(run: BatchSettings, writers: TableWriters, images: torch.Tensor, labels: torch.Tensor,
+                          logits: torch.Tensor, index: np.ndarray, correct_only: bool) -> None:
+    """region_effects rows of a batch: every ranked region of its images, filled, in batched passes.
+
+    Only the images the model classifies correctly when ``correct_only``: the contrasts use no other
+    image of a class that has one (``analysis.contrasts``), so the others would cost passes for nothing.
+    """
+    image_ids = run.rows["image_id"].to_numpy()[index].astype(np.int64)
+    y, pred = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
+    siblings = [run.lookalikes.get(int(c), []) if (ok or not correct_only) else []
+                for c, ok in zip(y, y == pred)]
+    if not any(siblings):
+        return
+    masks = [reg.region_masks(m, len(run.regions.vocab)) for m in run.regions.labels(index, run.image_size)]
+    cells = run.regions.cells(index, run.image_size) if run.lookalike is not None else None
+    with run.autocast():
+        eff = region_effects(run.model, images, labels, logits, masks, siblings, run.regions.vocab, run.occlusion,
+                             chunk=max(1, images.shape[0]) * 4, lookalike=run.lookalike, cells=cells,
+                             ranked=run.regions.layout.ranked)
     if eff:
         owner = eff["image"].astype(np.int64)
         writers.write("region_effects", {

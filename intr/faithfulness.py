@@ -62,7 +62,8 @@ from analysis import io, tables
 from analysis.config import defaults
 from analysis.stats import metric_row
 from analysis.tables import ParquetStreamWriter, write_table
-from intr.baselines import CAM_METHODS, attention_rollout, backbone_vit, cam_maps, fit_linear_probe, pool_to_grid
+from intr.baselines import (CAM_METHODS, attention_rollout, backbone_vit, cam_maps, fit_linear_probe, load_linear_probe,
+                            pool_to_grid)
 from intr.data.images import ImageSet, read_split
 from intr.models import load_model, resolve_device
 from intr.occlusion import Occlusion, gaussian_blur  # noqa: F401  (gaussian_blur: the RISE blur, imported from here too)
@@ -93,8 +94,9 @@ def true_class_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.
 @torch.no_grad()
 def insertion_deletion_curves(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                               blurred: torch.Tensor, saliency: torch.Tensor, target: torch.Tensor,
-                              steps: int = 32, chunk: int = 256,
-                              occlusion: Occlusion | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              steps: int = 32, chunk: int = 256, occlusion: Occlusion | None = None,
+                              ends: tuple[torch.Tensor, torch.Tensor] | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Insertion and deletion curves, (B, steps + 1) each, of one heat map per image.
 
     Args:
@@ -110,6 +112,10 @@ def insertion_deletion_curves(predict: Callable[[torch.Tensor], torch.Tensor], i
             (``background_fill``): deleted pixels become its fill for that step's
             mask; ``blurred`` is then the image with every pixel removed.  None:
             deleted pixels become ``blurred``'s (every mask-independent operator).
+        ends: optional (B,) probabilities of ``target`` on the image and on the image with every
+            pixel removed (``blurred``), from the same ``predict``: the curves' ends, which no heat
+            map changes, are then taken from them instead of being passed through the model again
+            (``curve_ends``; several maps of one image share them).
 
     Point k of a curve has the ``round(k H W / steps)`` top-ranked pixels
     changed: inserted from the image into the blurred one (insertion) or
@@ -127,12 +133,20 @@ def insertion_deletion_curves(predict: Callable[[torch.Tensor], torch.Tensor], i
     position.scatter_(1, order, torch.arange(n_pix, device=device).expand(B, -1))
     counts = pixel_counts(n_pix, steps).to(device)
     points = steps + 1
-    insertion = torch.empty(B * points, device=device)
-    deletion = torch.empty(B * points, device=device)
+    insertion = torch.empty(B, points, device=device)
+    deletion = torch.empty(B, points, device=device)
+    if ends is None:
+        first, inner = 0, points  # every point through the model
+    else:
+        p_image, p_removed = (e.to(device, torch.float32) for e in ends)
+        insertion[:, 0], insertion[:, -1] = p_removed, p_image
+        deletion[:, 0], deletion[:, -1] = p_image, p_removed
+        first, inner = 1, points - 2  # the points between the ends
+    todo = B * inner
     per_pass = max(1, chunk // 2)
-    for start in range(0, B * points, per_pass):
-        idx = torch.arange(start, min(start + per_pass, B * points), device=device)
-        b, k = idx // points, idx % points
+    for start in range(0, todo, per_pass):
+        idx = torch.arange(start, min(start + per_pass, todo), device=device)
+        b, k = idx // inner, idx % inner + first
         changed = (position[b] < counts[k].unsqueeze(1)).view(-1, 1, H, W)
         inserted = torch.where(changed, images[b], blurred[b])
         if occlusion is None:
@@ -140,9 +154,21 @@ def insertion_deletion_curves(predict: Callable[[torch.Tensor], torch.Tensor], i
         else:
             deleted = occlusion(images[b], changed)
         p = true_class_probability(predict(torch.cat([inserted, deleted])), torch.cat([target[b], target[b]]))
-        insertion[idx] = p[:len(idx)]
-        deletion[idx] = p[len(idx):]
-    return insertion.view(B, points), deletion.view(B, points)
+        insertion[b, k] = p[:len(idx)]
+        deletion[b, k] = p[len(idx):]
+    return insertion, deletion
+
+
+@torch.no_grad()
+def curve_ends(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+               removed: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The ends of every insertion/deletion curve of these images under ``predict``, whatever the heat map:
+    per protocol, the (B,) probabilities of ``target`` on the images and on ``removed[protocol]`` (every
+    pixel removed), in one pass."""
+    names = list(removed)
+    p = true_class_probability(predict(torch.cat([images, *removed.values()])), target.repeat(len(names) + 1))
+    p = p.view(len(names) + 1, len(images))
+    return {name: (p[0], p[i + 1]) for i, name in enumerate(names)}
 
 
 def curve_auc(curves: torch.Tensor, pixels: int | None = None) -> torch.Tensor:
@@ -246,7 +272,7 @@ def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | P
                      top_heads: int = EXTRACT["top_heads"], images: int = EXTRACT["faithfulness_images"],
                      steps: int = EXTRACT["faithfulness_steps"], blur_sigma: float = EXTRACT["blur_sigma"],
                      occlusion: str = EXTRACT["occlusion"], batch_size: int = EXTRACT["batch_size"], device: str = EXTRACT["device"], seed: int = 0,
-                     progress: bool = True) -> pd.DataFrame:
+                     probe: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
     """Write ``baseline_maps.parquet`` and ``metrics_faithfulness.parquet``; return the metric rows.
 
     Args:
@@ -269,6 +295,8 @@ def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | P
         batch_size: images per batch (curve forward passes take up to 4x as many composites).
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: sampling seed.
+        probe: ``linear_probe.pt`` that ``intr evaluate`` fitted for this model (the same fit); None:
+            fitted here, on train+val.
         progress: progress bar.
 
     All methods explain the true class.  The model's curves use the model's
@@ -286,9 +314,11 @@ def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | P
     extracted_ids, extracted_maps = top_heads_maps_from_attention(attention, top_heads)
     rows = _sample_extracted_rows(read_split(manifest, split), extracted_ids, int(images), seed)
     data = ImageSet(root, rows, size, mean, std)
-    train_data = ImageSet(root, read_split(manifest, ["train", "val"]), size, mean, std)
-    probe = fit_linear_probe(model, train_data, int(config["num_classes"]), dev)
-    del train_data
+    if probe is not None:
+        probe = load_linear_probe(model, probe, model_path, dev)  # refuses a probe of another model.pt
+    else:
+        probe = fit_linear_probe(model, ImageSet(root, read_split(manifest, ["train", "val"]), size, mean, std),
+                                 int(config["num_classes"]), dev)
 
     vit = backbone_vit(model)
     methods = [method, *CAM_METHODS] + (["rollout"] if vit is not None else [])
@@ -327,12 +357,14 @@ def run_faithfulness(model_path: str | Path, manifest: str | Path, root: str | P
                 grid_maps["rollout"] = attention_rollout(vit, batch)
                 saliency["rollout"] = upsample(grid_maps["rollout"], (size, size))
 
+            curve_end = {predict: curve_ends(predict, batch, removed_all, target)
+                         for predict in (model_predict, probe_predict)}
             for name in methods:
                 predict = model_predict if name == method else probe_predict
                 for suffix, occ in protocols.items():
                     ins, dele = insertion_deletion_curves(
                         predict, batch, removed_all[suffix], saliency[name], target, steps, chunk=4 * batch_size,
-                        occlusion=occ if occ.fill_depends_on_mask else None)
+                        occlusion=occ if occ.fill_depends_on_mask else None, ends=curve_end[predict][suffix])
                     aucs[(name, "insertion_auc" + suffix)].append(curve_auc(ins, size * size))
                     aucs[(name, "deletion_auc" + suffix)].append(curve_auc(dele, size * size))
                     if name in (method, CAM_METHODS[0]):

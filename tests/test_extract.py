@@ -94,6 +94,24 @@ def test_query_roles_are_true_pred_and_genus_siblings(extracted, tiny_dataset):
     assert set(looks["source"]) == {"genus"} and len(looks) == 4  # 2 genera x 2 species, one sibling each
 
 
+def test_region_effects_cover_the_images_the_contrasts_use_and_only_the_ranked_regions(extracted):
+    _, paths = extracted
+    preds = io.load(paths["predictions"])
+    effects = io.load(paths["region_effects"])
+    assert regions.BACKGROUND not in set(effects["region"])  # not a trait: never filled
+    looks = io.load(paths["lookalikes"])
+    for c, of_class in preds.groupby("label"):
+        right = of_class.loc[of_class["correct"], "image_id"]
+        # analysis.pipeline.images_by_class: the correctly classified images, all of them where none is
+        expected = set(right if len(right) else of_class["image_id"])
+        got = effects[effects["class_a"] == c]
+        assert set(got["image_id"]) == expected, c
+        assert set(got["class_b"]) == set(looks.loc[looks["class_a"] == c, "class_b"])
+    # the tiny models get some classes wholly wrong and others right: both branches are taken
+    share = preds.groupby("label")["correct"].mean()
+    assert (share == 0).any() and (share > 0).any(), share.tolist()
+
+
 def test_region_effects_are_the_margin_drop_of_filling_that_region_with_the_lookalikes_colour(extracted, tiny_models,
                                                                                               tiny_dataset):
     method, paths = extracted
@@ -105,7 +123,8 @@ def test_region_effects_are_the_margin_drop_of_filling_that_region_with_the_look
     assert set(effects["region"]) <= set(io.metadata(paths["region_effects"])["regions"])
     source = ex.RegionSource.load("annotated", rows, root, manifest.parent / "parts.parquet", None,
                                   regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS)
-    maps = np.stack([source.labels(k, 32) for k in range(len(rows))])
+    maps = source.labels(np.arange(len(rows)), 32)
+    assert (maps[3] == source.labels([3], 32)[0]).all()  # a batch is its images' maps, one by one
     for row in (effects.iloc[len(effects) // 2], effects.iloc[-1]):
         k = int(np.flatnonzero(rows["image_id"].to_numpy() == row["image_id"])[0])
         r = source.vocab.index(row["region"])
@@ -141,8 +160,9 @@ def test_discovered_region_effects_fill_each_pixel_with_the_lookalikes_colour_at
     model, rows, images, labels = model_and_images(tiny_models["prompt_cam"], manifest, root)
     source = ex.RegionSource.load("discovered", rows, root, None, parts_path, regions.DEFAULT_RADIUS,
                                   regions.DEFAULT_CELLS)
-    maps = np.stack([source.labels(k, 32) for k in range(len(rows))])
-    cells = np.stack([source.cells(k, 32) for k in range(len(rows))])
+    maps = source.labels(np.arange(len(rows)), 32)
+    cells = source.cells(np.arange(len(rows)), 32).numpy()
+    assert (cells[2] == source.cells([2], 32).numpy()[0]).all()  # a batch is its images' cells, one by one
     assert cells.min() >= 0  # every image of the split has its body frame
     pixels = images.permute(0, 2, 3, 1).numpy().astype(np.float64)
     effects = io.load(paths["region_effects"])

@@ -19,7 +19,7 @@ from intr.baselines import (BackboneFeatures, attention_rollout, backbone_vit, c
                             pool_to_grid, rollout, vit_attentions, LinearProbe)
 from intr.data.images import ImageSet, read_split
 from intr.extract import extract
-from intr.faithfulness import (curve_auc, gaussian_blur, insertion_deletion_curves, normalise_maps,
+from intr.faithfulness import (curve_auc, curve_ends, gaussian_blur, insertion_deletion_curves, normalise_maps,
                                run_faithfulness, top_heads_maps_from_attention, true_class_probability,
                                upsample)
 from intr.models.backbones import normalization
@@ -127,6 +127,21 @@ def test_curve_ends_are_the_image_and_blurred_probabilities_and_chunking_does_no
     torch.testing.assert_close(ins, ins2)
     torch.testing.assert_close(dele, dele2)
     assert not torch.allclose(ins[:, 2], ins[:, 3])  # the middle of the curve moves
+    # Ends computed once per image (curve_ends, what run_faithfulness shares among the maps) give the
+    # same curves, and the points between the ends still come from the model.
+    ends = curve_ends(model, x, {"": blurred, "_other": x.flip(-1)}, target)
+    torch.testing.assert_close(ends[""][0], p_image)
+    torch.testing.assert_close(ends[""][1], p_blur)
+    torch.testing.assert_close(ends["_other"][0], p_image)
+    with torch.no_grad():
+        torch.testing.assert_close(ends["_other"][1], true_class_probability(model(x.flip(-1)), target))
+    ins3, dele3 = insertion_deletion_curves(model, x, blurred, saliency, target, steps=5, chunk=4, ends=ends[""])
+    torch.testing.assert_close(ins3, ins)
+    torch.testing.assert_close(dele3, dele)
+    calls = []
+    counting = lambda z: (calls.append(len(z)), model(z))[1]  # noqa: E731
+    insertion_deletion_curves(counting, x, blurred, saliency, target, steps=5, ends=ends[""])
+    assert sum(calls) == 2 * 3 * 4  # both curves, 3 images, the 4 points between the ends
 
 
 def test_blur_keeps_constants_and_smooths_an_impulse():
@@ -394,3 +409,34 @@ def test_another_occlusion_adds_its_rows_beside_the_unchanged_blur_protocol(data
     meta = read_metadata(tmp_path / "f1.parquet")
     assert meta["occlusion"] == "background_fill"
     assert set(meta["mean_prob_removed_background_fill"]) == {"model", "linear_probe"}
+
+
+def test_the_probe_evaluate_writes_gives_the_same_faithfulness_and_is_refused_for_another_model(dataset, tmp_path):
+    from intr.evaluate import evaluate_model
+
+    manifest, root = dataset
+    model_path = save_model("prompt_cam", tmp_path / "model.pt", manifest=manifest)
+    attention = extract(model_path, manifest, root, tmp_path / "extract", batch_size=8, device="cpu", limit=4,
+                        regions="annotated", progress=False)["attention"]
+    probe_path = tmp_path / "linear_probe.pt"
+    evaluate_model(model_path, manifest, root, tmp_path / "metrics_model.parquet", batch_size=8, device="cpu",
+                   probe_out=probe_path, progress=False)
+    settings = {"attention": attention, "split": "test", "top_heads": 2, "images": 4, "steps": 4,
+                "batch_size": 4, "device": "cpu", "seed": 0, "progress": False, "occlusion": "blur"}
+    fitted = run_faithfulness(model_path, manifest, root, tmp_path / "m0.parquet", tmp_path / "f0.parquet",
+                              **settings)
+    reused = run_faithfulness(model_path, manifest, root, tmp_path / "m1.parquet", tmp_path / "f1.parquet",
+                              probe=probe_path, **settings)
+    pd.testing.assert_frame_equal(reused, fitted, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.stack(pd.read_parquet(tmp_path / "m1.parquet")["attn"]).astype(np.float32),
+                               np.stack(pd.read_parquet(tmp_path / "m0.parquet")["attn"]).astype(np.float32),
+                               atol=2e-3)
+    # A probe fitted on another model.pt would read another backbone's features: refused, the file named.
+    other = save_model("prompt_cam", tmp_path / "other.pt", manifest=manifest, seed=1)
+    with pytest.raises(ValueError, match="linear_probe.pt was fitted on another model than .*other.pt"):
+        run_faithfulness(other, manifest, root, tmp_path / "m2.parquet", tmp_path / "f2.parquet",
+                         probe=probe_path, **settings)
+    (tmp_path / "junk.pt").write_bytes(b"not a probe")
+    with pytest.raises(ValueError, match="junk.pt: not a readable linear probe"):
+        run_faithfulness(model_path, manifest, root, tmp_path / "m3.parquet", tmp_path / "f3.parquet",
+                         probe=tmp_path / "junk.pt", **settings)

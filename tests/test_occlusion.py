@@ -9,7 +9,7 @@ import torch
 import intr.extract as ex
 from analysis import regions
 from intr.data.images import ImageSet, read_split
-from intr.faithfulness import insertion_deletion_curves
+from intr.faithfulness import curve_ends, insertion_deletion_curves
 from intr.models import load_model
 from intr.occlusion import OPERATORS, Occlusion, gaussian_blur, separable_gaussian_blur
 
@@ -118,6 +118,13 @@ def test_background_fill_deletion_curve_fills_each_step_from_its_kept_pixels():
     torch.testing.assert_close(dele[0, -1], predict(removed_all).softmax(-1)[0, 0])
     torch.testing.assert_close(ins[0, 0], predict(removed_all).softmax(-1)[0, 0])
     torch.testing.assert_close(ins[0, -1], predict(image).softmax(-1)[0, 0])
+    # The shared ends (intr.faithfulness.curve_ends) are the same curve: everything removed by the
+    # step's mask is the operator's fill of the whole image.
+    ends = curve_ends(predict, image, {"": removed_all}, torch.tensor([0]))[""]
+    ins2, dele2 = insertion_deletion_curves(predict, image, removed_all, saliency, torch.tensor([0]), steps=36,
+                                            occlusion=occlusion, ends=ends)
+    torch.testing.assert_close(ins2, ins)
+    torch.testing.assert_close(dele2, dele)
 
 
 def three_test_images(tiny_models, tiny_dataset):
@@ -136,7 +143,7 @@ def three_test_images(tiny_models, tiny_dataset):
 @pytest.mark.parametrize("operator", ["blur", "background_fill"])
 def test_region_effects_with_an_operator_are_the_margin_drop_of_that_occlusion(operator, tiny_models, tiny_dataset):
     model, images, labels, source = three_test_images(tiny_models, tiny_dataset)
-    masks = [regions.region_masks(source.labels(k, 32), len(source.vocab)) for k in range(3)]
+    masks = [regions.region_masks(m, len(source.vocab)) for m in source.labels(np.arange(3), 32)]
     siblings = [[(int(y) + 1) % 4] for y in labels]
     occlusion = Occlusion(operator, 0.05)
     with torch.no_grad():
@@ -153,6 +160,17 @@ def test_region_effects_with_an_operator_are_the_margin_drop_of_that_occlusion(o
     assert eff["margin"][j] == pytest.approx(float(margin), abs=1e-5)
     assert eff["margin_drop"][j] == pytest.approx(float(margin - (after[a] - after[b])), abs=1e-4)
     assert np.isclose(eff["area"][j], float(mask.mean()))
+    # Only the ranked regions (RegionLayout.ranked: not background) when asked: the same rows, less background's.
+    ranked = source.layout.ranked
+    assert not ranked.all() and "background" in set(eff["region"])
+    with torch.no_grad():
+        part = ex.region_effects(model, images, labels, logits, masks, siblings, source.vocab, occlusion, chunk=4,
+                                 ranked=ranked)
+    keep = eff["region"] != "background"
+    assert "background" not in set(part["region"]) and len(part["image"]) == int(keep.sum())
+    for name in ("image", "class_b", "region", "area", "margin"):
+        assert (part[name] == eff[name][keep]).all()
+    np.testing.assert_allclose(part["margin_drop"], eff["margin_drop"][keep], atol=1e-4)
 
 
 def test_lookalike_fill_colours_are_each_class_region_mean_with_the_overall_mean_below_the_pixel_floor():
@@ -220,7 +238,7 @@ def test_region_effects_with_the_lookalike_fill_score_each_region_once_per_looka
     from intr.occlusion import LookalikeSums
 
     model, images, labels, source = three_test_images(tiny_models, tiny_dataset)
-    maps = [source.labels(k, 32) for k in range(3)]
+    maps = list(source.labels(np.arange(3), 32))
     masks = [regions.region_masks(m, len(source.vocab)) for m in maps]
     sums = LookalikeSums(4, len(source.vocab), 3)
     sums.add(images, torch.as_tensor(np.stack(maps)), labels)

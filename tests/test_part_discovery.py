@@ -304,7 +304,7 @@ def test_discover_labels_every_image_of_the_split_and_reads_no_annotation(method
         {"grid_h": 4, "grid_w": 4, "k": 3, "method": method, "split": "test"}
     assert pq.read_table(tmp_path / "bare.parquet").equals(table)  # no annotation changed a label
     assert table["frame_spread"].null_count == len(table)  # patch units place no image in a body frame
-    assert DiscoveredParts.read(path).frame_cells(int(table["image_id"][0].as_py()), 32, 12) is None
+    assert DiscoveredParts.read(path).frame_cells([int(table["image_id"][0].as_py())], 32, 12) is None
 
     scores = pdisc.part_discovery_scores(path, manifest, manifest.parent / "parts.parquet", root, method)
     assert sorted(set(zip(scores["method"], scores["metric"]))) == sorted(
@@ -339,8 +339,11 @@ def test_aligned_discovery_writes_sub_patch_label_maps_and_reads_no_annotation(m
     frames = pq.read_table(path).to_pandas()
     assert frames["frame_spread"].gt(0).all() and frames[["frame_row", "frame_col"]].stack().between(0, 1).all()
     parts = DiscoveredParts.read(path)
-    cells = parts.frame_cells(int(frames["image_id"].iloc[0]), size, 12)
-    assert cells.shape == (size, size) and 0 <= cells.min() and cells.max() < 144
+    ids = frames["image_id"].astype(int).tolist()
+    cells = parts.frame_cells([ids[0], -1, ids[1]], size, 12)  # -1: an image without a frame
+    assert cells.shape == (3, size, size) and 0 <= cells[[0, 2]].min() and cells.max() < 144
+    assert (cells[1] == -1).all()
+    assert (parts.frame_cells([ids[1]], size, 12)[0] == cells[2]).all()  # each image's cells alone or in a batch
 
 
 def test_discover_refuses_other_classes_and_pickled_code_in_one_line_before_any_compute(

@@ -103,6 +103,7 @@ rule faithfulness:
         model=rules.train.output.model,
         manifest=rules.prepare.output.manifest,
         attention=rules.extract.output.attention,
+        probe=rules.evaluate.output.probe,
     output:
         maps="results/{dataset}/{method}/baseline_maps.parquet",
         metrics="results/{dataset}/{method}/metrics_faithfulness.parquet",
@@ -126,6 +127,6 @@ rule faithfulness:
         "../envs/trait-discovery.yaml"
     shell:
         "intr faithfulness --model {input.model:q} --manifest {input.manifest:q} --attention {input.attention:q}"
-        " --root {params.root:q} --out-maps {output.maps:q} --out-metrics {output.metrics:q}"
+        " --root {params.root:q} --out-maps {output.maps:q} --out-metrics {output.metrics:q} --probe {input.probe:q}"
         " --config-json {params.config:q}"
         " --threads {threads} --quiet > {log:q} 2>&1"

@@ -36,6 +36,7 @@ rule evaluate:
         unpack(evaluate_inputs),
     output:
         metrics="results/{dataset}/{method}/metrics_model.parquet",
+        probe="results/{dataset}/{method}/linear_probe.pt",
     params:
         root=data_root(),
         config=config_json({"extract": ("split", "batch_size", "device")}),
@@ -53,8 +54,8 @@ rule evaluate:
         "../envs/trait-discovery.yaml"
     shell:
         "intr evaluate --model {input.model:q} --manifest {input.manifest:q}"
-        " --root {params.root:q} --out {output.metrics:q} --config-json {params.config:q}"
-        " --threads {threads} --quiet > {log:q} 2>&1"
+        " --root {params.root:q} --out {output.metrics:q} --probe-out {output.probe:q}"
+        " --config-json {params.config:q} --threads {threads} --quiet > {log:q} 2>&1"
 
 
 rule evaluation:
