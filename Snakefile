@@ -58,6 +58,7 @@ rule all:
         expand(rules.train.output, dataset=DATASET, method=METHODS),
         expand(rules.evaluate.output, dataset=DATASET, method=METHODS),
         expand(rules.extract.output, dataset=DATASET, method=METHODS),
+        expand(rules.region_effects.output, dataset=DATASET, method=METHODS),
         expand(rules.discover.output, dataset=DATASET, method=METHODS) if REGIONS == "discovered" else [],
         expand(rules.counterfactual.output, dataset=DATASET, method=METHODS) if DATA_KIND == "synthetic" else [],
         expand(rules.faithfulness.output, dataset=DATASET, method=METHODS),

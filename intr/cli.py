@@ -243,7 +243,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     options = {k: v for k, v in _config_section(args, "extract").items() if k in EXTRACT_KEYS}
     paths = extract(Path(args.model), Path(args.manifest), Path(args.root), Path(args.out),
-                    parts=args.parts, discovered_parts=args.discovered_parts, workers=args.workers, limit=args.limit, progress=not args.quiet, **options)
+                    parts=args.parts, discovered_parts=args.discovered_parts, workers=args.workers, limit=args.limit,
+                    only=args.tables.split(",") if args.tables else None, progress=not args.quiet, **options)
     print(f"extract: {len(paths)} tables -> {args.out}")
     return 0
 
@@ -462,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(ex, "its 'extract' section")
     ex.add_argument("--workers", type=int, default=0, help="image-decoding processes")
     ex.add_argument("--limit", type=int, help="only the first N images (benchmarks)")
+    ex.add_argument("--tables", help="comma-separated tables to write (default: all); e.g. region_effects alone, "
+                    "which a second job can write beside the others (the workflow does)")
     _add_run_options(ex)
     ex.set_defaults(func=_cmd_extract)
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -66,6 +66,8 @@ from intr.ranking import rank_heads_by_blurring, rank_pair_heads_by_blurring
 ROLE_TRUE, ROLE_PRED, ROLE_SIBLING = "true", "pred", "sibling"
 TABLES = ("predictions", "attention", "head_ranks", "pair_head_ranks", "region_effects", "trait_features",
           "lookalikes")
+# The tables of one query-map pass (the rest: region_effects, its own pass, which alone reads the regions).
+MAP_TABLES = ("attention", "head_ranks", "trait_features")
 
 
 def blur_images(images: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
@@ -300,7 +302,8 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
             region_radius: float = EXTRACT["region_radius"], region_cells: int = EXTRACT["region_cells"],
             blur_sigma: float = EXTRACT["blur_sigma"], occlusion: str = EXTRACT["occlusion"],
             region_fill: str = EXTRACT["region_fill"], device: str = EXTRACT["device"], workers: int = 0,
-            amp: bool = True, limit: int | None = None, progress: bool = True) -> dict[str, Path]:
+            amp: bool = True, limit: int | None = None, only: Sequence[str] | None = None,
+            progress: bool = True) -> dict[str, Path]:
     """Write the extraction tables of one trained model into ``out_dir``.
 
     Args:
@@ -325,11 +328,18 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
         workers: image-decoding processes.
         amp: bf16 autocast on CUDA (and on CPU with INTR_CPU_BF16=1: ``intr.precision``).
         limit: only the first ``limit`` images of the split (for benchmarks).
+        only: which of ``TABLES`` to write (None: all). The workflow writes ``region_effects`` in a
+            job of its own, beside the others' job: the two share no pass, so two cores run them side
+            by side; only ``region_effects`` reads the regions (and their colour pre-pass).
         progress: progress bar.
 
     Returns:
         table name -> written path.
     """
+    wanted = tuple(TABLES if only is None else only)
+    unknown = sorted(set(wanted) - set(TABLES))
+    if unknown or not wanted:
+        raise ValueError(f"extract tables must be some of {', '.join(TABLES)}; got {', '.join(wanted) or 'none'}")
     dev = resolve_device(device)
     model, config = load_model(model_path, map_location="cpu", manifest=manifest)  # refuses other classes
     model.to(dev).eval()
@@ -365,8 +375,12 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
             looks = {c: sib if len(sib) <= siblings_k else [j for j in confused[c] if j in sib][:siblings_k]
                      for c, sib in looks.items()}
 
+    effects = "region_effects" in wanted
+    if region_fill not in REGION_FILLS:
+        raise ValueError(f"extract.region_fill must be one of {REGION_FILLS}, got {region_fill!r}")
     regions = RegionSource.load(regions, rows, Path(root), Path(parts) if parts else None,
-                                Path(discovered_parts) if discovered_parts else None, region_radius, region_cells)
+                                Path(discovered_parts) if discovered_parts else None, region_radius,
+                                region_cells) if effects else None
     feature_dim = int(model.patch_feature_dim)
     grid = tuple(int(g) for g in model.grid_size)
     cells = grid[0] * grid[1]
@@ -380,28 +394,29 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
             "grid_w": grid[1], "patch_size": size // grid[0], "image_size": size, "num_heads": heads,
             "split": split, "num_classes": num_classes, "lookalike_source": source,
             "model": str(model_path)}
-    schemas = {name: tables.schema(name, cells=cells, feature_dim=feature_dim) for name in TABLES}
+    schemas = {name: tables.schema(name, cells=cells, feature_dim=feature_dim) for name in wanted}
     extra = {"trait_features": {"feature_dim": feature_dim, "top_heads": top},
              "region_effects": {"regions": regions.vocab, "region_mode": regions.layout.mode, "blur_sigma": blur_sigma,
                                 "occlusion": occlusion, "region_fill": region_fill,
-                                "region_radius": region_radius, "region_cells": region_cells}}
-    if region_fill not in REGION_FILLS:
-        raise ValueError(f"extract.region_fill must be one of {REGION_FILLS}, got {region_fill!r}")
+                                "region_radius": region_radius, "region_cells": region_cells} if effects else {}}
     lookalike = (lookalike_colours(loader, regions, size, num_classes, dev, progress)
-                 if region_fill == "lookalike" else None)
+                 if effects and region_fill == "lookalike" else None)
     run = BatchSettings(model, rows, looks, regions, size, top, Occlusion(occlusion, blur_sigma), autocast,
                         lookalike)
-    with TableWriters(Path(out_dir), schemas, {name: {**meta, **extra.get(name, {})} for name in TABLES}) as writers:
-        pairs = [(a, b) for a in sorted(looks) for b in looks[a]]
-        writers.write("lookalikes", {"class_a": [a for a, _ in pairs], "class_b": [b for _, b in pairs],
-                                     "source": [source] * len(pairs)})
+    with TableWriters(Path(out_dir), schemas, {name: {**meta, **extra.get(name, {})} for name in wanted}) as writers:
+        if writers.wants("lookalikes"):
+            pairs = [(a, b) for a in sorted(looks) for b in looks[a]]
+            writers.write("lookalikes", {"class_a": [a for a, _ in pairs], "class_b": [b for _, b in pairs],
+                                         "source": [source] * len(pairs)})
         answered: set[int] = set()  # classes with at least one correctly classified image
-        for images, labels, index in tqdm(loader, desc=f"{method} extract", disable=not progress):
-            answered |= _extract_batch(run, writers, images.to(dev), labels.to(dev), index.numpy())
+        if set(wanted) - {"lookalikes"}:
+            for images, labels, index in tqdm(loader, desc=f"{method} {'+'.join(sorted(set(wanted) - {'lookalikes'}))}",
+                                              disable=not progress):
+                answered |= _extract_batch(run, writers, images.to(dev), labels.to(dev), index.numpy())
         # The contrasts of a class the model never gets right use all of its images
         # (analysis.contrasts): their region effects come from a second pass.
         unanswered = np.flatnonzero(rows["class_id"].map(lambda c: bool(looks.get(int(c))) and int(c) not in answered))
-        if len(unanswered):
+        if effects and len(unanswered):
             again = DataLoader(torch.utils.data.Subset(IndexedImages(data), unanswered.tolist()),
                                batch_size=batch_size, shuffle=False, num_workers=workers)
             for images, labels, index in tqdm(again, desc=f"{method} region effects, classes never right",
@@ -428,6 +443,10 @@ class TableWriters:
         self._writers = {name: ParquetStreamWriter(self.paths[name], schema, metadata[name])
                          for name, schema in schemas.items()}
 
+    def wants(self, name: str) -> bool:
+        """Whether this run writes table ``name``."""
+        return name in self._writers
+
     def write(self, name: str, columns: dict[str, Any]) -> None:
         writer = self._writers[name]
         writer.write(tables.table_from_columns(writer.schema, columns))
@@ -447,7 +466,7 @@ class BatchSettings:
     model: torch.nn.Module
     rows: pd.DataFrame
     lookalikes: dict[int, list[int]]
-    regions: RegionSource
+    regions: RegionSource | None  # None: no region effects in this run
     image_size: int
     top_heads: int
     occlusion: Occlusion
@@ -556,8 +575,28 @@ def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tens
     image_ids = run.rows["image_id"].to_numpy()[index].astype(np.int64)
     with autocast():
         logits = model(images).float()
-    writers.write("predictions", prediction_columns(image_ids, labels, logits))
     y, pred = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
+    if writers.wants("predictions"):
+        writers.write("predictions", prediction_columns(image_ids, labels, logits))
+    if any(writers.wants(name) for name in MAP_TABLES):
+        _write_map_tables(run, writers, images, y, pred, image_ids)
+    if writers.wants("pair_head_ranks"):
+        # Pair head ranks: each head blurred in A's and B's rows together, ranked by the A - B margin.
+        siblings = [run.lookalikes.get(int(c), []) for c in y]
+        pairs = rank_lookalike_pairs(model, images, labels, siblings, autocast)
+        if pairs is not None:
+            image, class_b, pair_rank, margins = pairs
+            writers.write("pair_head_ranks", pair_head_rank_columns(image_ids[image], y[image], class_b, pair_rank,
+                                                                    margins))
+    if writers.wants("region_effects"):
+        _write_region_effects(run, writers, images, labels, logits, index, correct_only=True)
+    return set(y[y == pred].tolist())
+
+
+def _write_map_tables(run: BatchSettings, writers: TableWriters, images: torch.Tensor, y: np.ndarray,
+                      pred: np.ndarray, image_ids: np.ndarray) -> None:
+    """attention, head_ranks and trait_features rows of a batch (one maps pass and one ranking)."""
+    model, autocast = run.model, run.autocast
 
     # Maps of every query row, then the ranking of each real (not padding) row.
     classes, roles = _query_classes(y, pred, run.lookalikes)
@@ -569,25 +608,17 @@ def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tens
     with autocast():
         ranking = rank_heads_by_blurring(model, images[bi], classes_t[bi, ri])
     rank = ranking.rank.cpu().numpy()  # (M, H)
-    writers.write("attention", attention_columns(image_ids[bi], classes[bi, ri], roles[bi, ri],
-                                                 maps[bi, ri].cpu().numpy(), rank))
-    writers.write("head_ranks", head_rank_columns(image_ids[bi], classes[bi, ri], rank,
-                                                  ranking.prob_after_blur.float().cpu().numpy()))
-    true_rows = np.flatnonzero(ri == 0)  # row 0 of every image is its true class, in image order
-    true_rank = torch.as_tensor(rank[true_rows], device=images.device)
-    writers.write("trait_features", trait_feature_columns(model, images, image_ids, y, maps[:, 0], true_rank,
-                                                          run.top_heads, autocast))
-
-    # Pair head ranks: each head blurred in A's and B's rows together, ranked by the A - B margin.
-    siblings = [run.lookalikes.get(int(c), []) for c in y]
-    pairs = rank_lookalike_pairs(model, images, labels, siblings, autocast)
-    if pairs is not None:
-        image, class_b, pair_rank, margins = pairs
-        writers.write("pair_head_ranks", pair_head_rank_columns(image_ids[image], y[image], class_b, pair_rank,
-                                                                margins))
-
-    _write_region_effects(run, writers, images, labels, logits, index, correct_only=True)
-    return set(y[y == pred].tolist())
+    if writers.wants("attention"):
+        writers.write("attention", attention_columns(image_ids[bi], classes[bi, ri], roles[bi, ri],
+                                                     maps[bi, ri].cpu().numpy(), rank))
+    if writers.wants("head_ranks"):
+        writers.write("head_ranks", head_rank_columns(image_ids[bi], classes[bi, ri], rank,
+                                                      ranking.prob_after_blur.float().cpu().numpy()))
+    if writers.wants("trait_features"):
+        true_rows = np.flatnonzero(ri == 0)  # row 0 of every image is its true class, in image order
+        true_rank = torch.as_tensor(rank[true_rows], device=images.device)
+        writers.write("trait_features", trait_feature_columns(model, images, image_ids, y, maps[:, 0], true_rank,
+                                                              run.top_heads, autocast))
 
 
 def _write_region_effects(run: BatchSettings, writers: TableWriters, images: torch.Tensor, labels: torch.Tensor,

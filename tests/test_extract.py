@@ -94,6 +94,26 @@ def test_query_roles_are_true_pred_and_genus_siblings(extracted, tiny_dataset):
     assert set(looks["source"]) == {"genus"} and len(looks) == 4  # 2 genera x 2 species, one sibling each
 
 
+def test_two_jobs_region_effects_and_the_rest_write_what_one_extraction_writes(extracted, tiny_models, tiny_dataset,
+                                                                                tmp_path):
+    method, paths = extracted
+    manifest, root = tiny_dataset
+    rest = [t for t in ex.TABLES if t != "region_effects"]
+    # The rest reads no regions: a discovered-parts table that does not exist is never opened.
+    first = ex.extract(tiny_models[method], manifest, root, tmp_path / "a", batch_size=5, top_heads=2,
+                       regions="discovered", discovered_parts=tmp_path / "missing.parquet", only=rest,
+                       progress=False)
+    second = ex.extract(tiny_models[method], manifest, root, tmp_path / "b", batch_size=5, top_heads=2,
+                        parts=manifest.parent / "parts.parquet", regions="annotated", only=["region_effects"],
+                        progress=False)
+    assert sorted(first) == sorted(rest) and list(second) == ["region_effects"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["region_effects.parquet"]
+    for name, path in {**first, **second}.items():
+        pd.testing.assert_frame_equal(io.load(path), io.load(paths[name]), check_exact=False, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="extract tables must be some of .*; got region_effect"):
+        ex.extract(tiny_models[method], manifest, root, tmp_path / "c", only=["region_effect"], progress=False)
+
+
 def test_region_effects_cover_the_images_the_contrasts_use_and_only_the_ranked_regions(extracted):
     _, paths = extracted
     preds = io.load(paths["predictions"])

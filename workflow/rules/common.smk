@@ -260,7 +260,8 @@ def analyze_inputs(wildcards):
     """What `analyze` reads: the extraction tables, the baseline maps and the data tables."""
     return {
         **{name: getattr(rules.extract.output, name) for name in
-           ("predictions", "attention", "head_ranks", "pair_head_ranks", "region_effects", "trait_features")},
+           ("predictions", "attention", "head_ranks", "pair_head_ranks", "trait_features")},
+        "region_effects": rules.region_effects.output.region_effects,
         "baseline_maps": rules.faithfulness.output.maps,
         "manifest": rules.prepare.output.manifest,
         "parts": rules.prepare.output.parts,
@@ -283,8 +284,13 @@ def region_inputs():
 
 
 def extract_inputs(wildcards):
-    """What `extract` reads: the model, the manifest and the table of the configured regions."""
-    return {"model": rules.train.output.model, "manifest": rules.prepare.output.manifest, **region_inputs()}
+    """What `extract` reads: the model and the manifest (its tables do not depend on the regions)."""
+    return {"model": rules.train.output.model, "manifest": rules.prepare.output.manifest}
+
+
+def region_effects_inputs(wildcards):
+    """What `region_effects` reads: the model, the manifest and the table of the configured regions."""
+    return {**extract_inputs(wildcards), **region_inputs()}
 
 
 def region_table_args(wildcards, input):
@@ -314,7 +320,8 @@ def evaluation_inputs(wildcards):
 REPORT_METHOD_TABLES = {
     "evaluation": ("evaluation", "evaluation"),
     "baseline_maps": ("faithfulness", "maps"),
-    **{name: ("extract", name) for name in ("predictions", "attention", "head_ranks", "region_effects")},
+    **{name: ("extract", name) for name in ("predictions", "attention", "head_ranks")},
+    "region_effects": ("region_effects", "region_effects"),
     **{name: ("analyze", name) for name in ("head_types", "traits", "trait_members", "regions", "contrasts")},
     **({"discovered_parts": ("discover", "parts")} if REGIONS == "discovered" else {}),
     **({"counterfactuals": ("counterfactual", "table"), "counterfactual_examples": ("counterfactual", "examples")}

@@ -69,17 +69,13 @@ rule extract:
         attention="results/{dataset}/{method}/attention.parquet",
         head_ranks="results/{dataset}/{method}/head_ranks.parquet",
         pair_head_ranks="results/{dataset}/{method}/pair_head_ranks.parquet",
-        region_effects="results/{dataset}/{method}/region_effects.parquet",
         trait_features="results/{dataset}/{method}/trait_features.parquet",
         lookalikes="results/{dataset}/{method}/lookalikes.parquet",
     params:
-        config=config_json(
-            {"extract": ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius",
-                         "region_cells", "blur_sigma", "occlusion", "region_fill", "device")}
-        ),
+        config=config_json({"extract": ("split", "batch_size", "top_heads", "siblings_k", "device")}),
         root=data_root(),
         out=folder_of("attention"),
-        regions=region_table_args,
+        tables="predictions,attention,head_ranks,pair_head_ranks,trait_features,lookalikes",
     log:
         "logs/{dataset}/{method}/extract.log",
     benchmark:
@@ -94,8 +90,41 @@ rule extract:
         "../envs/trait-discovery.yaml"
     shell:
         "intr extract --model {input.model:q} --manifest {input.manifest:q} --root {params.root:q}"
-        " --out {params.out:q} {params.regions} --config-json {params.config:q} --threads {threads} --quiet"
+        " --out {params.out:q} --tables {params.tables} --config-json {params.config:q} --threads {threads} --quiet"
         " > {log:q} 2>&1"
+
+
+# The region effects share no pass with the rest of extraction: a job of their own runs beside
+# extract (and then beside faithfulness), so two cores stay busy.
+rule region_effects:
+    input:
+        unpack(region_effects_inputs),
+    output:
+        region_effects="results/{dataset}/{method}/region_effects.parquet",
+    params:
+        config=config_json(
+            {"extract": ("split", "batch_size", "siblings_k", "regions", "region_radius", "region_cells",
+                         "blur_sigma", "occlusion", "region_fill", "device")}
+        ),
+        root=data_root(),
+        out=folder_of("region_effects"),
+        regions=region_table_args,
+    log:
+        "logs/{dataset}/{method}/region_effects.log",
+    benchmark:
+        "logs/{dataset}/benchmarks/{method}_region_effects.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=extract_resources_gpu,
+        cpus_per_task=cpus_from_threads,
+    conda:
+        "../envs/trait-discovery.yaml"
+    shell:
+        "intr extract --model {input.model:q} --manifest {input.manifest:q} --root {params.root:q}"
+        " --out {params.out:q} --tables region_effects {params.regions} --config-json {params.config:q}"
+        " --threads {threads} --quiet > {log:q} 2>&1"
 
 
 rule faithfulness:
