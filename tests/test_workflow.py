@@ -173,11 +173,17 @@ def test_evaluate_and_extract_use_the_configured_split(run_snakemake, repo_root,
     result = run_snakemake("-n", "-p", "--cores", "1", "--configfile", config, cwd=tmp_path)
 
     assert result.returncode == 0, result.stdout
-    for subcommand in ("evaluate", "extract", "faithfulness"):
+    for subcommand, count in (("evaluate", 2), ("extract", 4), ("faithfulness", 2)):  # extract: + region effects
         commands = shell_commands(result.stdout, subcommand)
-        assert len(commands) == 2, subcommand  # prompt_cam and intr
+        assert len(commands) == count, subcommand  # prompt_cam and intr
         for words in commands:
             assert json.loads(option(words, "--config-json"))["extract"]["split"] == "val", subcommand
+    # The region effects are a job of their own: the same model, their table alone, the regions beside it.
+    tables = sorted(option(words, "--tables") for words in shell_commands(result.stdout, "extract"))
+    assert tables == ["predictions,attention,head_ranks,pair_head_ranks,trait_features,lookalikes"] * 2 + \
+        ["region_effects"] * 2
+    for words in shell_commands(result.stdout, "faithfulness"):
+        assert option(words, "--probe").endswith("linear_probe.pt")  # the probe evaluate fitted
 
 
 def test_rules_declare_the_ground_truth_tables_and_pass_them_by_path(run_snakemake, repo_root, tmp_path):
@@ -300,7 +306,7 @@ def test_tiny_config_runs_end_to_end_and_then_has_nothing_to_do(run_snakemake, r
                       "trait_features", "baseline_maps", "traits", "trait_members", "regions", "contrasts",
                       "head_types"):
             assert (results / method / f"{table}.parquet").exists(), (method, table)
-        for rule in ("extract", "faithfulness", "analyze"):
+        for rule in ("extract", "region_effects", "faithfulness", "analyze"):
             assert (tmp_path / "logs" / "tiny" / method / f"{rule}.log").exists()
     counterfactuals = pd.read_parquet(results / "prompt_cam" / "counterfactuals.parquet")
     assert set(counterfactuals["kind"]) <= {"planted", "all_planted", "control"}

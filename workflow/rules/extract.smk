@@ -1,5 +1,9 @@
 # Extract stage: every attention map of a trained model into Parquet tables,
 # and the faithfulness test of its maps against CAM baselines.
+#
+# Priorities (evaluate, discover, extract 3; faithfulness 2; region_effects 1; the rest 0): on a few
+# cores the jobs that unlock the long ones run first, then the longest, so that the short ones
+# (counterfactual, analyze) fill the end instead of a long job running alone (benchmarks/README.md).
 
 
 rule discover:
@@ -15,6 +19,7 @@ rule discover:
         "logs/{dataset}/{method}/discover.log",
     benchmark:
         "logs/{dataset}/benchmarks/{method}_discover.tsv"
+    priority: 3  # higher first among ready jobs: feeds region_effects
     threads: 1
     resources:
         mem_mb=8000,
@@ -80,6 +85,7 @@ rule extract:
         "logs/{dataset}/{method}/extract.log",
     benchmark:
         "logs/{dataset}/benchmarks/{method}_extract.tsv"
+    priority: 3  # higher first among ready jobs: feeds faithfulness
     threads: 1  # small CPU models run fastest on one thread each, two jobs side by side; raise with --set-threads
     resources:
         mem_mb=8000,
@@ -113,6 +119,7 @@ rule region_effects:
         "logs/{dataset}/{method}/region_effects.log",
     benchmark:
         "logs/{dataset}/benchmarks/{method}_region_effects.tsv"
+    priority: 1  # higher first among ready jobs: the next longest
     threads: 1
     resources:
         mem_mb=8000,
@@ -146,6 +153,7 @@ rule faithfulness:
         "logs/{dataset}/{method}/faithfulness.log",
     benchmark:
         "logs/{dataset}/benchmarks/{method}_faithfulness.tsv"
+    priority: 2  # higher first among ready jobs: the longest job, started first
     threads: 1  # small CPU models run fastest on one thread each, two jobs side by side; raise with --set-threads
     resources:
         mem_mb=8000,

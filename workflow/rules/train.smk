@@ -44,6 +44,7 @@ rule evaluate:
         "logs/{dataset}/{method}/evaluate.log",
     benchmark:
         "logs/{dataset}/benchmarks/{method}_evaluate.tsv"
+    priority: 3  # higher first among ready jobs: feeds faithfulness (its probe)
     threads: 1  # small CPU models run fastest on one thread each, two jobs side by side; raise with --set-threads
     resources:
         mem_mb=8000,
