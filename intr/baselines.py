@@ -184,24 +184,23 @@ def save_linear_probe(probe: LinearProbe, path, model_path) -> None:
     """Write the probe's layer to ``path`` (atomic), with the sha256 of the ``model.pt`` its features come from."""
     from pathlib import Path
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": PROBE_FORMAT, "model_sha256": file_sha256(model_path),
-                "weight": probe.linear.weight.detach().cpu(), "bias": probe.linear.bias.detach().cpu()}, tmp)
-    tmp.replace(path)
+    from intr.models.checkpoint import save_checkpoint
+
+    save_checkpoint({"format": PROBE_FORMAT, "model_sha256": file_sha256(model_path),
+                     "weight": probe.linear.weight.detach().cpu(), "bias": probe.linear.bias.detach().cpu()}, Path(path))
 
 
 def load_linear_probe(model: nn.Module, path, model_path, device: torch.device) -> LinearProbe:
     """The probe ``save_linear_probe`` wrote for this ``model_path``, on ``model``'s frozen backbone.
 
     Raises:
+        CheckpointError: the file is damaged or not a checkpoint (``read_checkpoint``).
         ValueError: naming ``path`` when it is not a probe file, or was fitted on another model.pt
             (the probe's layer would read another backbone's features).
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (any unreadable file: one message naming it)
-        raise ValueError(f"{path}: not a readable linear probe ({err}); rerun intr evaluate to rewrite it") from err
+    from intr.models.checkpoint import read_checkpoint
+
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != PROBE_FORMAT:
         raise ValueError(f"{path}: not a linear probe written by intr evaluate (format {PROBE_FORMAT})")
     if state["model_sha256"] != file_sha256(model_path):

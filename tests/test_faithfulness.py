@@ -437,6 +437,6 @@ def test_the_probe_evaluate_writes_gives_the_same_faithfulness_and_is_refused_fo
         run_faithfulness(other, manifest, root, tmp_path / "m2.parquet", tmp_path / "f2.parquet",
                          probe=probe_path, **settings)
     (tmp_path / "junk.pt").write_bytes(b"not a probe")
-    with pytest.raises(ValueError, match="junk.pt: not a readable linear probe"):
+    with pytest.raises(CheckpointError, match="junk.pt is truncated or not a checkpoint"):
         run_faithfulness(model_path, manifest, root, tmp_path / "m3.parquet", tmp_path / "f3.parquet",
                          probe=tmp_path / "junk.pt", **settings)
