@@ -24,7 +24,6 @@ class); Eigen-CAM and rollout do not depend on any class.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+
+from intr.models.backbones import sha256_of
 
 CAM_METHODS = ("gradcam", "layercam", "eigencam")
 
@@ -171,22 +172,13 @@ def probe_from_regression(features: BackboneFeatures, scaler, reg, num_classes: 
 PROBE_FORMAT = "intr-linear-probe/1"
 
 
-def file_sha256(path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_linear_probe(probe: LinearProbe, path, model_path) -> None:
     """Write the probe's layer to ``path`` (atomic), with the sha256 of the ``model.pt`` its features come from."""
     from pathlib import Path
 
     from intr.models.checkpoint import save_checkpoint
 
-    save_checkpoint({"format": PROBE_FORMAT, "model_sha256": file_sha256(model_path),
+    save_checkpoint({"format": PROBE_FORMAT, "model_sha256": sha256_of(model_path),
                      "weight": probe.linear.weight.detach().cpu(), "bias": probe.linear.bias.detach().cpu()}, Path(path))
 
 
@@ -203,7 +195,7 @@ def load_linear_probe(model: nn.Module, path, model_path, device: torch.device) 
     state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != PROBE_FORMAT:
         raise ValueError(f"{path}: not a linear probe written by intr evaluate (format {PROBE_FORMAT})")
-    if state["model_sha256"] != file_sha256(model_path):
+    if state["model_sha256"] != sha256_of(model_path):
         raise ValueError(f"{path} was fitted on another model than {model_path} (sha256 differs): rerun "
                          "intr evaluate on this model to refit it")
     features = BackboneFeatures(model).to(device).eval()
