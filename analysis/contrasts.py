@@ -7,7 +7,8 @@ area in that image: large regions win on mass by size alone). Means over
 images with percentile bootstrap 95 % intervals (images resampled); regions
 are ranked by density.
 
-Per directed look-alike pair (A, B), over A's images (same rule), three
+Per directed look-alike pair (A, B), over A's images (same rule, among the
+class's seeded sample of ``extract.contrast_images``, ``contrast_sample``), three
 scores per region, each a mean over images: (a) ``density_a``, A's density;
 (b) ``difference``, A's density minus B's (B's query on the same image, B's
 own top-ranked heads); (c) ``occlusion``, the drop of the A - B margin when
@@ -58,6 +59,37 @@ COMBINED_WEIGHTS = {"occlusion": 1.0, "difference": 0.05}
 COMBINED_RULE = ("weighted mean of z-scores across the pair's ranked regions: "
                  + ", ".join(f"{name} (weight {COMBINED_WEIGHTS[name]:g})" for name in COMBINED)
                  + "; difference alone without region effects; density when neither exists")
+
+
+# The seed of the per-class image sample the pair contrasts average over (``extract.contrast_images``).
+CONTRAST_SAMPLE_SEED = 0
+
+
+def contrast_sample(image_id: np.ndarray, label: np.ndarray, per_class: int,
+                    seed: int = CONTRAST_SAMPLE_SEED) -> np.ndarray:
+    """(N,) bool: per class, the ``per_class`` images whose seeded hash of their image_id is smallest.
+
+    All images where ``per_class`` is 0 or the class has no more. The pick depends only on the
+    class's set of image ids (not on their order), so extraction, which fills the region effects
+    of these images only, and the analysis, which averages over them, pick the same ones.
+    """
+    image_id = np.asarray(image_id, dtype=np.int64)
+    label = np.asarray(label)
+    keep = np.ones(len(image_id), dtype=bool)
+    if per_class <= 0:
+        return keep
+    # splitmix64 of (image_id + seed): a fixed, platform-independent shuffle of the ids.
+    with np.errstate(over="ignore"):
+        z = image_id.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    for c in np.unique(label):
+        members = np.flatnonzero(label == c)
+        if len(members) > per_class:
+            order = np.lexsort((image_id[members], z[members]))
+            keep[members[order[per_class:]]] = False
+    return keep
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:

@@ -42,7 +42,7 @@ import pandas as pd
 
 from analysis import io, tables
 from analysis.config import defaults
-from analysis.contrasts import COMBINED_RULE, pair_contrasts, species_regions
+from analysis.contrasts import COMBINED_RULE, contrast_sample, pair_contrasts, species_regions
 from analysis.counterfactual import agreement_rows, counterfactual_scores
 from analysis.ground_truth import planted_parts_by_class
 from analysis.localization import box_cells, localization_rows, peak_on_planted_part_rows
@@ -53,9 +53,11 @@ from analysis.regions import (BACKGROUND, DiscoveredParts, RegionLayout, cells_o
 from analysis.tables import EVALUATION_COLUMNS, write_table
 from analysis.traits import cluster_traits, dominant_region, head_types
 
-# The config schema's defaults: the analysis section plus the region rule's two extract keys.
+# The extract keys the analysis reads too: the regions' rule, and the images the contrasts average over.
+ANALYSIS_EXTRACT_KEYS = ("regions", "region_radius", "region_cells", "contrast_images")
+# The config schema's defaults: the analysis section plus those extract keys.
 DEFAULTS: dict[str, Any] = {**defaults("analysis"),
-                            **{k: defaults("extract")[k] for k in ("regions", "region_radius", "region_cells")}}
+                            **{k: defaults("extract")[k] for k in ANALYSIS_EXTRACT_KEYS}}
 CHUNK = 8192
 OUTPUTS = ("head_types", "traits", "trait_members", "regions", "contrasts", "metrics_analysis")
 
@@ -511,10 +513,21 @@ class RegionEffects:
     drop: np.ndarray     # (K, R), NaN where a region was not blurred
 
 
-def read_region_effects(path: Path | None, images: ImageTable, vocab: list[str]) -> RegionEffects | None:
-    """The region effects of the analysed images (regions outside the vocabulary warned about, dropped)."""
+def read_region_effects(path: Path | None, images: ImageTable, vocab: list[str],
+                        contrast_images: int = 0) -> RegionEffects | None:
+    """The region effects of the analysed images (regions outside the vocabulary warned about, dropped).
+
+    A table filled for every image (``extract.contrast_images`` 0) or for a larger per-class sample
+    serves any smaller sample (``contrast_sample`` picks are nested); one filled for fewer images is
+    refused: the contrasts would average over images it has no rows for.
+    """
     if path is None:
         return None
+    filled = int(tables.read_metadata(path).get("contrast_images", 0))  # tables from before the key: all images
+    if filled and not 0 < contrast_images <= filled:
+        raise ValueError(f"{path} holds region effects of {filled} images per class (extract.contrast_images), "
+                         f"fewer than the analysis averages over ({contrast_images or 'all'}): run the "
+                         f"region_effects stage again with extract.contrast_images {contrast_images}")
     effects = pd.read_parquet(path, columns=["image_id", "class_a", "class_b", "region", "margin_drop"])
     unknown = set(effects["region"].unique()) - set(vocab)
     if unknown:
@@ -595,8 +608,14 @@ def lookalike_pairs(pairs_table: pd.DataFrame | None, tops: TopMaps, label: np.n
     return frame.drop_duplicates(["class_a", "class_b"]).sort_values(["class_a", "class_b"]).reset_index(drop=True)
 
 
-def images_by_class(images: ImageTable, use: np.ndarray) -> dict[int, np.ndarray]:
-    """Per class, the images its scores average over: the correctly classified ones (all where none is)."""
+def images_by_class(images: ImageTable, use: np.ndarray, per_class: int = 0) -> dict[int, np.ndarray]:
+    """Per class, the images its scores average over: the correctly classified ones (all where none is).
+
+    ``per_class`` > 0: among the class's seeded sample of that many images (``contrast_sample``,
+    ``extract.contrast_images``) only.
+    """
+    if per_class > 0:
+        use = use[contrast_sample(images.image_id[use], images.label[use], per_class)]
     out: dict[int, np.ndarray] = {}
     for c in np.unique(images.label[use]):
         sel = use[images.label[use] == c]
@@ -612,7 +631,7 @@ def contrast_table(images: ImageTable, tops: TopMaps, geometry: RegionGeometry, 
 
     ``pair_attention`` (None: the score is NaN) gives score (d), reported beside the others.
     """
-    by_class = images_by_class(images, used_images(images, tops))
+    by_class = images_by_class(images, used_images(images, tops), int(opts["contrast_images"]))
     n_regions = len(geometry.vocab)
 
     def per_image(a: int, b: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -780,8 +799,8 @@ def analyze(inputs: AnalysisInputs, out_dir: str | Path, options: dict | None = 
         inputs: the tables to read (``AnalysisInputs``; ``AnalysisInputs.conventional`` for the
             usual layout).
         out_dir: where the analysis tables go.
-        options: the config's ``analysis`` section plus ``region_radius`` and ``region_cells``
-            from ``extract`` (defaults: ``DEFAULTS``); ``umap: false`` swaps UMAP for PCA
+        options: the config's ``analysis`` section plus ``ANALYSIS_EXTRACT_KEYS`` from
+            ``extract`` (defaults: ``DEFAULTS``); ``umap: false`` swaps UMAP for PCA
             coordinates.
         progress: print stage timings.
 
@@ -809,7 +828,7 @@ def analyze(inputs: AnalysisInputs, out_dir: str | Path, options: dict | None = 
                                                           inputs.trait_features, opts)
     _log(progress, t0, f"{len(traits)} traits from {len(members):,} maps; {types['head_type'].nunique()} head types")
     regions = species_region_table(maps, images, tops, density, geometry, members, member_rows, opts)
-    effects = read_region_effects(inputs.region_effects, images, geometry.vocab)
+    effects = read_region_effects(inputs.region_effects, images, geometry.vocab, int(opts["contrast_images"]))
     pair_attention = read_pair_attention(inputs.pair_head_ranks, maps, images, density)
     # Which classes are look-alikes and what differs come from the data only in annotated mode.
     contrasts = contrast_table(images, tops, geometry, effects, data.pairs if annotated else None, opts,

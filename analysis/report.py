@@ -846,7 +846,8 @@ def region_crop(rep: Report, peaks: PeakRegions, image_id: int, region: int, col
 
 def _holds(effects: pd.DataFrame | None, a: int, b: int, region: str) -> str:
     """'k of n (share)': A's images where filling the region (extract.region_fill) lowers the A − B margin
-    (region_effects: the images the contrast averages over, A's correctly classified ones where it has any)."""
+    (region_effects: the images the contrast averages over, A's correctly classified ones where it has any,
+    among its ``extract.contrast_images`` sample)."""
     if effects is None:
         return "—"
     rows = effects[(effects["class_a"] == a) & (effects["class_b"] == b) & (effects["region"] == region)]

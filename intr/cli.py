@@ -233,7 +233,7 @@ def _cmd_evaluation(args: argparse.Namespace) -> int:
 
 
 EXTRACT_KEYS = ("split", "batch_size", "top_heads", "siblings_k", "regions", "region_radius", "region_cells",
-                "blur_sigma", "occlusion", "region_fill", "device")
+                "blur_sigma", "occlusion", "region_fill", "contrast_images", "device")
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
@@ -310,10 +310,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     _check_writable(args.command, args.out, folder=True)
     from dataclasses import fields
 
-    from analysis.pipeline import AnalysisInputs, analyze
+    from analysis.pipeline import ANALYSIS_EXTRACT_KEYS, AnalysisInputs, analyze
 
     config = _config(args)
-    options = {**config["analysis"], **{k: config["extract"][k] for k in ("regions", "region_radius", "region_cells")}}
+    options = {**config["analysis"], **{k: config["extract"][k] for k in ANALYSIS_EXTRACT_KEYS}}
     # One flag per AnalysisInputs field (--head-ranks -> head_ranks); optional ones may be omitted.
     given = {f.name: Path(getattr(args, f.name)) for f in fields(AnalysisInputs) if getattr(args, f.name) is not None}
     table = analyze(AnalysisInputs(**given), Path(args.out), options, progress=not args.quiet)
@@ -541,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="discovered_parts.parquet (the regions with extract.regions 'discovered')")
     an.add_argument("--root", required=True, help="data set root (part masks)")
     an.add_argument("--out", required=True, help="output folder")
-    _add_config_options(an, "its 'analysis' section (and extract's region_radius, region_cells)")
+    _add_config_options(an, "its 'analysis' section (and extract's regions, region_radius, region_cells, "
+                           "contrast_images)")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
     an.set_defaults(func=_cmd_analyze)
 

@@ -56,6 +56,7 @@ from tqdm import tqdm
 from analysis import regions as reg
 from analysis import tables
 from analysis.config import defaults
+from analysis.contrasts import contrast_sample
 from analysis.tables import ParquetStreamWriter, read_table
 from intr import precision
 from intr.data.images import ImageSet, read_split
@@ -301,8 +302,9 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
             discovered_parts: str | Path | None = None,
             region_radius: float = EXTRACT["region_radius"], region_cells: int = EXTRACT["region_cells"],
             blur_sigma: float = EXTRACT["blur_sigma"], occlusion: str = EXTRACT["occlusion"],
-            region_fill: str = EXTRACT["region_fill"], device: str = EXTRACT["device"], workers: int = 0,
-            amp: bool = True, limit: int | None = None, only: Sequence[str] | None = None,
+            region_fill: str = EXTRACT["region_fill"], contrast_images: int = EXTRACT["contrast_images"],
+            device: str = EXTRACT["device"], workers: int = 0, amp: bool = True, limit: int | None = None,
+            only: Sequence[str] | None = None,
             progress: bool = True) -> dict[str, Path]:
     """Write the extraction tables of one trained model into ``out_dir``.
 
@@ -324,6 +326,8 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
         region_fill: what a region becomes in the region effects: ``lookalike`` (look-alike B's mean
             colour of it, at each pixel's place of the body where the regions have body frames,
             ``intr.occlusion.LookalikeFill``) or ``occlusion`` (the ``occlusion`` operator).
+        contrast_images: region effects only for each class's seeded sample of this many images
+            (``analysis.contrasts.contrast_sample``; 0: all), the images the contrasts average over.
         device: ``auto``, ``cpu`` or ``cuda``.
         workers: image-decoding processes.
         amp: bf16 autocast on CUDA (and on CPU with INTR_CPU_BF16=1: ``intr.precision``).
@@ -378,6 +382,9 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
     effects = "region_effects" in wanted
     if region_fill not in REGION_FILLS:
         raise ValueError(f"extract.region_fill must be one of {REGION_FILLS}, got {region_fill!r}")
+    # The images the pair contrasts average over (a seeded sample per class): the only ones filled.
+    sampled = contrast_sample(rows["image_id"].to_numpy(np.int64), rows["class_id"].to_numpy(np.int64),
+                              contrast_images)
     regions = RegionSource.load(regions, rows, Path(root), Path(parts) if parts else None,
                                 Path(discovered_parts) if discovered_parts else None, region_radius,
                                 region_cells) if effects else None
@@ -398,24 +405,31 @@ def extract(model_path: str | Path, manifest: str | Path, root: str | Path, out_
     extra = {"trait_features": {"feature_dim": feature_dim, "top_heads": top},
              "region_effects": {"regions": regions.vocab, "region_mode": regions.layout.mode, "blur_sigma": blur_sigma,
                                 "occlusion": occlusion, "region_fill": region_fill,
-                                "region_radius": region_radius, "region_cells": region_cells} if effects else {}}
+                                "region_radius": region_radius, "region_cells": region_cells,
+                                "contrast_images": contrast_images} if effects else {}}
     lookalike = (lookalike_colours(loader, regions, size, num_classes, dev, progress)
                  if effects and region_fill == "lookalike" else None)
     run = BatchSettings(model, rows, looks, regions, size, top, Occlusion(occlusion, blur_sigma), autocast,
-                        lookalike)
+                        lookalike, sampled)
     with TableWriters(Path(out_dir), schemas, {name: {**meta, **extra.get(name, {})} for name in wanted}) as writers:
         if writers.wants("lookalikes"):
             pairs = [(a, b) for a in sorted(looks) for b in looks[a]]
             writers.write("lookalikes", {"class_a": [a for a, _ in pairs], "class_b": [b for _, b in pairs],
                                          "source": [source] * len(pairs)})
-        answered: set[int] = set()  # classes with at least one correctly classified image
+        answered: set[int] = set()  # classes with a correctly classified image among the sampled ones
         if set(wanted) - {"lookalikes"}:
-            for images, labels, index in tqdm(loader, desc=f"{method} {'+'.join(sorted(set(wanted) - {'lookalikes'}))}",
-                                              disable=not progress):
+            if set(wanted) - {"lookalikes", "region_effects"} or sampled.all():
+                batches = loader
+            else:  # region effects alone: the sampled images are the only ones they read
+                batches = DataLoader(torch.utils.data.Subset(IndexedImages(data), np.flatnonzero(sampled).tolist()),
+                                     batch_size=batch_size, shuffle=False, num_workers=workers)
+            desc = f"{method} {'+'.join(sorted(set(wanted) - {'lookalikes'}))}"
+            for images, labels, index in tqdm(batches, desc=desc, disable=not progress):
                 answered |= _extract_batch(run, writers, images.to(dev), labels.to(dev), index.numpy())
-        # The contrasts of a class the model never gets right use all of its images
-        # (analysis.contrasts): their region effects come from a second pass.
-        unanswered = np.flatnonzero(rows["class_id"].map(lambda c: bool(looks.get(int(c))) and int(c) not in answered))
+        # The contrasts of a class the model never gets right (in its sample) use all of its sampled
+        # images (analysis.pipeline.images_by_class): their region effects come from a second pass.
+        unanswered = np.flatnonzero(sampled & rows["class_id"].map(
+            lambda c: bool(looks.get(int(c))) and int(c) not in answered).to_numpy(bool))
         if effects and len(unanswered):
             again = DataLoader(torch.utils.data.Subset(IndexedImages(data), unanswered.tolist()),
                                batch_size=batch_size, shuffle=False, num_workers=workers)
@@ -472,6 +486,7 @@ class BatchSettings:
     occlusion: Occlusion
     autocast: Callable[[], Any]
     lookalike: LookalikeFill | None = None  # the region effects' pair fill (None: the occlusion operator)
+    sampled: np.ndarray | None = None  # (rows,) bool: the images the contrasts average over (None: all)
 
 
 def prediction_columns(image_ids: np.ndarray, labels: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
@@ -570,7 +585,7 @@ def trait_feature_columns(model, images: torch.Tensor, image_ids: np.ndarray, la
 def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tensor, labels: torch.Tensor,
                    index: np.ndarray) -> set[int]:
     """Every table's rows for one batch of images (rows ``index`` of the split); returns the classes
-    of its correctly classified images."""
+    of its correctly classified images among the sampled ones (``BatchSettings.sampled``)."""
     model, autocast = run.model, run.autocast
     image_ids = run.rows["image_id"].to_numpy()[index].astype(np.int64)
     with autocast():
@@ -590,7 +605,8 @@ def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tens
                                                                     margins))
     if writers.wants("region_effects"):
         _write_region_effects(run, writers, images, labels, logits, index, correct_only=True)
-    return set(y[y == pred].tolist())
+    sampled = run.sampled[index] if run.sampled is not None else True
+    return set(y[(y == pred) & sampled].tolist())
 
 
 def _write_map_tables(run: BatchSettings, writers: TableWriters, images: torch.Tensor, y: np.ndarray,
@@ -625,13 +641,15 @@ def _write_region_effects(run: BatchSettings, writers: TableWriters, images: tor
                           logits: torch.Tensor, index: np.ndarray, correct_only: bool) -> None:
     """region_effects rows of a batch: every ranked region of its images, filled, in batched passes.
 
-    Only the images the model classifies correctly when ``correct_only``: the contrasts use no other
-    image of a class that has one (``analysis.contrasts``), so the others would cost passes for nothing.
+    Only the sampled images (``BatchSettings.sampled``), and among them the ones the model classifies
+    correctly when ``correct_only``: the contrasts use no other image of a class that has one
+    (``analysis.pipeline.images_by_class``), so the others would cost passes for nothing.
     """
     image_ids = run.rows["image_id"].to_numpy()[index].astype(np.int64)
     y, pred = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
-    siblings = [run.lookalikes.get(int(c), []) if (ok or not correct_only) else []
-                for c, ok in zip(y, y == pred)]
+    sampled = run.sampled[index] if run.sampled is not None else np.ones(len(y), dtype=bool)
+    siblings = [run.lookalikes.get(int(c), []) if keep and (ok or not correct_only) else []
+                for c, ok, keep in zip(y, y == pred, sampled)]
     if not any(siblings):
         return
     masks = [reg.region_masks(m, len(run.regions.vocab)) for m in run.regions.labels(index, run.image_size)]

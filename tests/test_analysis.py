@@ -519,3 +519,40 @@ def test_pair_attention_of_the_true_class_top_head_equals_its_density_through_th
     for at in ("top1", "recall3"):
         assert value(metrics, "prompt_cam", f"trait_recovery_{at}_pair_attention") == \
             value(metrics, "prompt_cam", f"trait_recovery_{at}_density")
+
+
+# --------------------------------------------------------------------------- the contrasts' image sample
+
+
+def test_contrast_sample_keeps_a_nested_seeded_sample_per_class_whatever_the_order():
+    rng = np.random.default_rng(0)
+    image_id = rng.permutation(np.arange(100, 400))
+    label = image_id % 3  # 100 images per class
+    keep = C.contrast_sample(image_id, label, 10)
+    assert np.bincount(label[keep]).tolist() == [10, 10, 10]
+    order = rng.permutation(len(image_id))
+    again = C.contrast_sample(image_id[order], label[order], 10)
+    assert set(image_id[order][again]) == set(image_id[keep])  # the ids decide, not their order
+    assert set(image_id[keep]) <= set(image_id[C.contrast_sample(image_id, label, 30)])  # nested
+    assert C.contrast_sample(image_id, label, 0).all() and C.contrast_sample(image_id, label, 100).all()
+    other = C.contrast_sample(image_id, label, 10, seed=1)
+    assert set(image_id[other]) != set(image_id[keep])
+    assert 0 < np.mean([i % 2 for i in image_id[keep]]) < 1  # not simply the smallest or largest ids
+
+
+def test_region_effects_filled_for_fewer_images_than_the_contrasts_average_over_are_refused(tmp_path):
+    from analysis.pipeline import ImageTable, read_region_effects
+    from analysis.tables import write_table
+
+    rows = pd.DataFrame({"image_id": [1, 2], "class_a": [0, 0], "class_b": [1, 1], "region": ["beak", "beak"],
+                         "margin_drop": [0.5, 0.25]})
+    images = ImageTable(np.array([1, 2]), np.array([0, 0]), np.array([True, True]), rows)
+    for filled, asked, ok in ((0, 0, True), (0, 64, True), (64, 64, True), (64, 8, True), (8, 64, False),
+                              (8, 0, False)):
+        path = write_table(rows, tmp_path / f"effects_{filled}.parquet", metadata={"contrast_images": filled})
+        if ok:
+            effects = read_region_effects(path, images, ["beak", "background"], asked)
+            assert np.allclose(effects.drop[:, 0], [0.5, 0.25])
+        else:
+            with pytest.raises(ValueError, match=f"effects_{filled}.parquet holds region effects of {filled} images"):
+                read_region_effects(path, images, ["beak", "background"], asked)

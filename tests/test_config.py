@@ -152,7 +152,8 @@ def test_code_defaults_are_the_schema_defaults():
 
     ex = defaults("extract")
     assert pipeline.DEFAULTS == {**defaults("analysis"), "regions": ex["regions"],
-                                 "region_radius": ex["region_radius"], "region_cells": ex["region_cells"]}
+                                 "region_radius": ex["region_radius"], "region_cells": ex["region_cells"],
+                                 "contrast_images": ex["contrast_images"]}
     assert (regions.DEFAULT_RADIUS, regions.DEFAULT_CELLS) == (ex["region_radius"], ex["region_cells"])
     assert {k: v for k, v in signature_defaults(extract).items() if k in ex} == \
         {k: ex[k] for k in EXTRACT_KEYS}

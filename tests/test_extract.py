@@ -12,6 +12,7 @@ import torch
 import intr.extract as ex
 from analysis import io, regions
 from analysis.config import defaults
+from analysis.pipeline import ImageTable, images_by_class
 from intr.data.images import ImageSet, read_split
 from intr.ranking import rank_heads_by_blurring, rank_pair_heads_by_blurring
 from conftest import TINY_VIT
@@ -130,6 +131,31 @@ def test_region_effects_cover_the_images_the_contrasts_use_and_only_the_ranked_r
     # the tiny models get some classes wholly wrong and others right: both branches are taken
     share = preds.groupby("label")["correct"].mean()
     assert (share == 0).any() and (share > 0).any(), share.tolist()
+
+
+def test_region_effects_of_a_per_class_sample_are_the_images_the_contrasts_average_over(extracted, tiny_models,
+                                                                                        tiny_dataset, tmp_path):
+    method, paths = extracted
+    manifest, root = tiny_dataset
+    sample = ex.extract(tiny_models[method], manifest, root, tmp_path, batch_size=5, top_heads=2,
+                        parts=manifest.parent / "parts.parquet", regions="annotated", only=["region_effects"],
+                        contrast_images=2, progress=False)["region_effects"]
+    assert io.metadata(sample)["contrast_images"] == 2
+    preds = io.load(paths["predictions"]).sort_values("image_id").reset_index(drop=True)
+    images = ImageTable(preds["image_id"].to_numpy(), preds["label"].to_numpy(), preds["correct"].to_numpy(), preds)
+    by_class = images_by_class(images, np.arange(len(preds)), 2)
+    effects, full = io.load(sample), io.load(paths["region_effects"])
+    assert set(effects["class_a"]) == set(by_class)
+    for c, rows in by_class.items():
+        picked = preds.loc[preds["label"] == c, "image_id"]
+        assert len(rows) <= 2 < len(picked)  # a sample of each class, not all of it
+        assert set(effects.loc[effects["class_a"] == c, "image_id"]) == set(preds["image_id"][rows]), c
+    # the same rows as the full table's for those images (a class right only outside its sample
+    # is filled over the whole sample, which the full table does not hold)
+    key = ["image_id", "class_a", "class_b", "region"]
+    both = effects.merge(full, on=key, suffixes=("", "_full"))
+    assert len(both) > 0
+    assert np.allclose(both["margin_drop"], both["margin_drop_full"], atol=1e-5)
 
 
 def test_region_effects_are_the_margin_drop_of_filling_that_region_with_the_lookalikes_colour(extracted, tiny_models,

@@ -12,7 +12,9 @@ rule analyze:
         contrasts="results/{dataset}/{method}/contrasts.parquet",
         metrics="results/{dataset}/{method}/metrics_analysis.parquet",
     params:
-        config=config_json({"analysis": None, "extract": ("regions", "region_radius", "region_cells")}),
+        config=config_json(
+            {"analysis": None, "extract": ("regions", "region_radius", "region_cells", "contrast_images")}
+        ),
         ground_truth=optional_table_args,
         root=data_root(),
         out=folder_of("traits"),

@@ -110,7 +110,7 @@ rule region_effects:
     params:
         config=config_json(
             {"extract": ("split", "batch_size", "siblings_k", "regions", "region_radius", "region_cells",
-                         "blur_sigma", "occlusion", "region_fill", "device")}
+                         "blur_sigma", "occlusion", "region_fill", "contrast_images", "device")}
         ),
         root=data_root(),
         out=folder_of("region_effects"),
