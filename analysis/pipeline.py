@@ -612,10 +612,11 @@ def images_by_class(images: ImageTable, use: np.ndarray, per_class: int = 0) -> 
     """Per class, the images its scores average over: the correctly classified ones (all where none is).
 
     ``per_class`` > 0: among the class's seeded sample of that many images (``contrast_sample``,
-    ``extract.contrast_images``) only.
+    ``extract.contrast_images``) only, drawn from all the analysed images as extraction draws it
+    from all the split's.
     """
     if per_class > 0:
-        use = use[contrast_sample(images.image_id[use], images.label[use], per_class)]
+        use = use[contrast_sample(images.image_id, images.label, per_class)[use]]
     out: dict[int, np.ndarray] = {}
     for c in np.unique(images.label[use]):
         sel = use[images.label[use] == c]
