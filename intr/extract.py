@@ -488,6 +488,10 @@ class BatchSettings:
     lookalike: LookalikeFill | None = None  # the region effects' pair fill (None: the occlusion operator)
     sampled: np.ndarray | None = None  # (rows,) bool: the images the contrasts average over (None: all)
 
+    def is_sampled(self, index: np.ndarray) -> np.ndarray:
+        """(len(index),) bool: which of the split's rows ``index`` are in the contrasts' sample."""
+        return self.sampled[index] if self.sampled is not None else np.ones(len(index), dtype=bool)
+
 
 def prediction_columns(image_ids: np.ndarray, labels: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
     """predictions.parquet rows of a batch: label, prediction, top-5 (padded with -1 below 5 classes)."""
@@ -605,8 +609,7 @@ def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tens
                                                                     margins))
     if writers.wants("region_effects"):
         _write_region_effects(run, writers, images, labels, logits, index, correct_only=True)
-    sampled = run.sampled[index] if run.sampled is not None else True
-    return set(y[(y == pred) & sampled].tolist())
+    return set(y[(y == pred) & run.is_sampled(index)].tolist())
 
 
 def _write_map_tables(run: BatchSettings, writers: TableWriters, images: torch.Tensor, y: np.ndarray,
@@ -647,9 +650,8 @@ def _write_region_effects(run: BatchSettings, writers: TableWriters, images: tor
     """
     image_ids = run.rows["image_id"].to_numpy()[index].astype(np.int64)
     y, pred = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
-    sampled = run.sampled[index] if run.sampled is not None else np.ones(len(y), dtype=bool)
     siblings = [run.lookalikes.get(int(c), []) if keep and (ok or not correct_only) else []
-                for c, ok, keep in zip(y, y == pred, sampled)]
+                for c, ok, keep in zip(y, y == pred, run.is_sampled(index))]
     if not any(siblings):
         return
     masks = [reg.region_masks(m, len(run.regions.vocab)) for m in run.regions.labels(index, run.image_size)]
