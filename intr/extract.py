@@ -60,7 +60,7 @@ from analysis.contrasts import contrast_sample
 from analysis.tables import ParquetStreamWriter, read_table
 from intr import precision
 from intr.data.images import ImageSet, read_split
-from intr.models import load_model, resolve_device
+from intr.models import Trunk, load_model, resolve_device
 from intr.occlusion import LookalikeFill, LookalikeSums, Occlusion
 from intr.ranking import rank_heads_by_blurring, rank_pair_heads_by_blurring
 
@@ -537,12 +537,12 @@ def pair_head_rank_columns(image_ids: np.ndarray, class_a: np.ndarray, class_b: 
 
 
 @torch.no_grad()
-def rank_lookalike_pairs(model, images: torch.Tensor, labels: torch.Tensor, siblings: list[list[int]],
+def rank_lookalike_pairs(model, trunk: Trunk, labels: torch.Tensor, siblings: list[list[int]],
                          autocast) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """Pair head ranking of every (image, look-alike B of its class A) of a batch.
 
     Args:
-        images: (B, 3, H, W); labels: (B,) class A of each image.
+        trunk: the batch's ``model.trunk_of(images)``; labels: (B,) class A of each image.
         siblings: per image, its class's look-alikes (images without any are skipped).
 
     Returns:
@@ -556,26 +556,27 @@ def rank_lookalike_pairs(model, images: torch.Tensor, labels: torch.Tensor, sibl
     # Images with fewer look-alikes repeat their first one; the repeats are dropped below.
     padded = np.array([siblings[b] + [siblings[b][0]] * (width - len(siblings[b])) for b in has], dtype=np.int64)
     real = np.array([[j < len(siblings[b]) for j in range(width)] for b in has])
-    index = torch.as_tensor(has, device=images.device)
+    index = torch.as_tensor(has, device=labels.device)
     with autocast():
-        ranking = rank_pair_heads_by_blurring(model, images[index], labels[index],
-                                              torch.as_tensor(padded, device=images.device))
+        ranking = rank_pair_heads_by_blurring(model, None, labels[index], torch.as_tensor(padded, device=labels.device),
+                                              trunk=trunk.select(index))
     rank = ranking.rank.cpu().numpy()[real]  # (P, H)
     margins = ranking.margin_after_blur.float().cpu().numpy()[real]
     image = np.repeat(np.asarray(has), width).reshape(len(has), width)[real]
     return image, padded[real], rank, margins
 
 
-def trait_feature_columns(model, images: torch.Tensor, image_ids: np.ndarray, labels: np.ndarray,
+def trait_feature_columns(model, images: torch.Tensor, trunk: Trunk, image_ids: np.ndarray, labels: np.ndarray,
                           true_maps: torch.Tensor, true_rank: torch.Tensor, top: int, autocast) -> dict[str, Any]:
     """trait_features.parquet rows: the true class's ``top`` top-ranked heads' map-weighted patch features.
 
     Args:
+        images: (B, 3, H, W); trunk: their ``model.trunk_of`` (it holds INTR's patch features).
         true_maps: (B, H, cells) the true class's maps; true_rank: (B, H) their ranks.
     """
     chosen = true_rank.argsort(dim=1)[:, :top]  # heads with rank 1..top
     with autocast():
-        feats = model.patch_features(images).float()  # (B, cells, D)
+        feats = model.patch_features(images, trunk=trunk).float()  # (B, cells, D)
     m = true_maps / true_maps.sum(-1, keepdim=True).clamp_min(1e-12)
     sel = torch.gather(m, 1, chosen.unsqueeze(-1).expand(-1, -1, m.shape[-1]))  # (B, top, cells)
     pooled = sel @ feats  # (B, top, D)
@@ -593,16 +594,17 @@ def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tens
     model, autocast = run.model, run.autocast
     image_ids = run.rows["image_id"].to_numpy()[index].astype(np.int64)
     with autocast():
-        logits = model(images).float()
+        trunk = model.trunk_of(images)  # one pass up to the last layer serves every table of the batch
+        logits = model.logits_of(trunk).float()
     y, pred = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
     if writers.wants("predictions"):
         writers.write("predictions", prediction_columns(image_ids, labels, logits))
     if any(writers.wants(name) for name in MAP_TABLES):
-        _write_map_tables(run, writers, images, y, pred, image_ids)
+        _write_map_tables(run, writers, images, trunk, y, pred, image_ids)
     if writers.wants("pair_head_ranks"):
         # Pair head ranks: each head blurred in A's and B's rows together, ranked by the A - B margin.
         siblings = [run.lookalikes.get(int(c), []) for c in y]
-        pairs = rank_lookalike_pairs(model, images, labels, siblings, autocast)
+        pairs = rank_lookalike_pairs(model, trunk, labels, siblings, autocast)
         if pairs is not None:
             image, class_b, pair_rank, margins = pairs
             writers.write("pair_head_ranks", pair_head_rank_columns(image_ids[image], y[image], class_b, pair_rank,
@@ -612,20 +614,21 @@ def _extract_batch(run: BatchSettings, writers: TableWriters, images: torch.Tens
     return set(y[(y == pred) & run.is_sampled(index)].tolist())
 
 
-def _write_map_tables(run: BatchSettings, writers: TableWriters, images: torch.Tensor, y: np.ndarray,
+def _write_map_tables(run: BatchSettings, writers: TableWriters, images: torch.Tensor, trunk: Trunk, y: np.ndarray,
                       pred: np.ndarray, image_ids: np.ndarray) -> None:
-    """attention, head_ranks and trait_features rows of a batch (one maps pass and one ranking)."""
+    """attention, head_ranks and trait_features rows of a batch (maps and ranking from its ``trunk``)."""
     model, autocast = run.model, run.autocast
 
     # Maps of every query row, then the ranking of each real (not padding) row.
     classes, roles = _query_classes(y, pred, run.lookalikes)
     classes_t = torch.as_tensor(classes, device=images.device)
     with autocast():
-        _, maps = model.forward_with_maps(images, classes_t)
+        _, maps = model.forward_with_maps(None, classes_t, trunk=trunk)
     maps = maps.float().flatten(3)  # (B, R, H, cells)
     bi, ri = np.nonzero(roles >= 0)
     with autocast():
-        ranking = rank_heads_by_blurring(model, images[bi], classes_t[bi, ri])
+        ranking = rank_heads_by_blurring(model, None, classes_t[bi, ri],
+                                         trunk=trunk.select(torch.as_tensor(bi, device=images.device)))
     rank = ranking.rank.cpu().numpy()  # (M, H)
     if writers.wants("attention"):
         writers.write("attention", attention_columns(image_ids[bi], classes[bi, ri], roles[bi, ri],
@@ -636,8 +639,8 @@ def _write_map_tables(run: BatchSettings, writers: TableWriters, images: torch.T
     if writers.wants("trait_features"):
         true_rows = np.flatnonzero(ri == 0)  # row 0 of every image is its true class, in image order
         true_rank = torch.as_tensor(rank[true_rows], device=images.device)
-        writers.write("trait_features", trait_feature_columns(model, images, image_ids, y, maps[:, 0], true_rank,
-                                                              run.top_heads, autocast))
+        writers.write("trait_features", trait_feature_columns(model, images, trunk, image_ids, y, maps[:, 0],
+                                                              true_rank, run.top_heads, autocast))
 
 
 def _write_region_effects(run: BatchSettings, writers: TableWriters, images: torch.Tensor, labels: torch.Tensor,

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from intr.models.protocol import Trunk
+
 
 @dataclass
 class HeadRanking:
@@ -72,20 +74,22 @@ def _finish_ranking(order: torch.Tensor, probs: torch.Tensor, prob: torch.Tensor
 
 
 @torch.no_grad()
-def rank_heads_by_blurring(model, images: torch.Tensor, target: torch.Tensor) -> HeadRanking:
+def rank_heads_by_blurring(model, images: torch.Tensor | None, target: torch.Tensor,
+                           trunk: Trunk | None = None) -> HeadRanking:
     """Rank the last layer's heads for each image's target class, batched.
 
     Args:
         model: a model with ``blur_context(images, target)`` (Prompt-CAM, INTR).
         images: (B, 3, H, W).
         target: (B,) class ids whose prompt/query is ranked (usually the label).
+        trunk: the images' ``model.trunk_of``, in place of running it (``images`` is then not read).
     """
-    ctx = model.blur_context(images, target)
+    ctx = model.blur_context(images, target, trunk=trunk)
     B, H, _ = ctx.normal.shape
-    eye = torch.eye(H, dtype=torch.bool, device=images.device)
-    blurred = torch.zeros(B, H, dtype=torch.bool, device=images.device)
-    order = torch.empty(B, H, dtype=torch.long, device=images.device)
-    probs = torch.empty(B, H, dtype=torch.float32, device=images.device)
+    eye = torch.eye(H, dtype=torch.bool, device=target.device)
+    blurred = torch.zeros(B, H, dtype=torch.bool, device=target.device)
+    order = torch.empty(B, H, dtype=torch.long, device=target.device)
+    probs = torch.empty(B, H, dtype=torch.float32, device=target.device)
     for r in range(H):
         candidates = blurred.unsqueeze(1) | eye  # (B, K=H, H): blur set if head k is added
         head_out = torch.where(candidates.unsqueeze(-1), ctx.blurred.unsqueeze(1), ctx.normal.unsqueeze(1))
@@ -158,8 +162,8 @@ def _finish_pair_ranking(order: torch.Tensor, margins: torch.Tensor, margin: tor
 
 
 @torch.no_grad()
-def rank_pair_heads_by_blurring(model, images: torch.Tensor, class_a: torch.Tensor,
-                                class_b: torch.Tensor) -> PairHeadRanking:
+def rank_pair_heads_by_blurring(model, images: torch.Tensor | None, class_a: torch.Tensor,
+                                class_b: torch.Tensor, trunk: Trunk | None = None) -> PairHeadRanking:
     """Rank the last layer's heads for every (image, A, look-alike B) by the A - B margin, batched.
 
     Exact: A's and B's rows do not interact after the last attention layer, so the
@@ -172,10 +176,11 @@ def rank_pair_heads_by_blurring(model, images: torch.Tensor, class_a: torch.Tens
         images: (B, 3, H, W).
         class_a: (B,) class A of each image (usually the label).
         class_b: (B, L) look-alikes of A (pad with a repeat where images have fewer).
+        trunk: the images' ``model.trunk_of``, in place of running it (``images`` is then not read).
     """
     B, L = class_b.shape
-    ctx = model.blur_context(images, torch.cat([class_a.view(-1, 1), class_b], dim=1))  # B * (1 + L) rows
-    H, dev = ctx.normal.shape[1], images.device
+    ctx = model.blur_context(images, torch.cat([class_a.view(-1, 1), class_b], dim=1), trunk=trunk)  # B * (1 + L)
+    H, dev = ctx.normal.shape[1], class_b.device
     # Context row of A and of B for every pair (image-major, then look-alike).
     row_a = (torch.arange(B, device=dev) * (1 + L)).repeat_interleave(L)
     row_b = row_a + torch.arange(1, L + 1, device=dev).repeat(B)

@@ -281,13 +281,14 @@ def test_pairs_of_a_batch_skip_images_without_lookalikes_and_drop_the_padding(ti
     manifest, root = tiny_dataset
     model, _, images, _ = model_and_images(tiny_models["prompt_cam"], manifest, root)
     labels = torch.tensor([0, 1, 2])
-    image, class_b, rank, margins = ex.rank_lookalike_pairs(model, images[:3], labels, [[1], [0, 2], []],
-                                                            torch.no_grad)
+    with torch.no_grad():
+        trunk = model.trunk_of(images[:3])
+    image, class_b, rank, margins = ex.rank_lookalike_pairs(model, trunk, labels, [[1], [0, 2], []], torch.no_grad)
     assert image.tolist() == [0, 1, 1] and class_b.tolist() == [1, 0, 2]
     assert rank.shape == margins.shape == (3, 4)
     alone = rank_pair_heads_by_blurring(model, images[1:2], labels[1:2], torch.tensor([[2]]))
     assert rank[2].tolist() == alone.rank[0, 0].tolist()
-    assert ex.rank_lookalike_pairs(model, images[:1], labels[:1], [[]], torch.no_grad) is None
+    assert ex.rank_lookalike_pairs(model, trunk.select(torch.tensor([0])), labels[:1], [[]], torch.no_grad) is None
 
 
 def test_interrupted_extraction_leaves_no_table_and_a_rerun_is_complete(tiny_models, tiny_dataset, tmp_path,

@@ -68,6 +68,30 @@ def test_both_methods_satisfy_the_interface_and_each_member_has_its_shape(method
     assert sorted(rank_heads_by_blurring(model, images, classes[:, 0]).rank[0].tolist()) == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_one_trunk_pass_gives_what_each_method_computes_from_the_images(method: str) -> None:
+    """Extraction runs ``trunk_of`` once per batch; logits, maps, blur contexts (of a selection of its
+    images, repeats included, as the head ranking's rows are) and patch features read it, bit for bit."""
+    model = tiny(method)
+    images = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    classes = torch.tensor([[0, 3], [4, 1], [2, 2]])
+    pick = torch.tensor([0, 0, 1, 2, 2])
+    with torch.no_grad():
+        trunk = model.trunk_of(images)
+        assert torch.equal(model.logits_of(trunk), model(images))
+        for got, want in zip(model.forward_with_maps(None, classes, trunk=trunk), model.forward_with_maps(images, classes)):
+            assert torch.equal(got, want)
+        shared = model.blur_context(None, classes[pick, 0], trunk=trunk.select(pick))
+        alone = model.blur_context(images[pick], classes[pick, 0])
+        for name in ("normal", "blurred", "logits"):
+            assert torch.equal(getattr(shared, name), getattr(alone, name)), name
+        candidates = alone.normal.unsqueeze(1)
+        assert torch.equal(shared.finish(candidates), alone.finish(candidates))
+        assert torch.equal(model.patch_features(images, trunk=trunk), model.patch_features(images))
+    ranked = rank_heads_by_blurring(model, None, classes[pick, 0], trunk=trunk.select(pick))
+    assert torch.equal(ranked.rank, rank_heads_by_blurring(model, images[pick], classes[pick, 0]).rank)
+
+
 def test_a_plain_module_does_not_satisfy_the_interface() -> None:
     assert not isinstance(torch.nn.Linear(4, 2), InterpretableModel)
 

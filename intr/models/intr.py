@@ -40,7 +40,7 @@ from torch import nn
 
 from intr.models.backbones import BackboneSpec, check_shapes, create_backbone, resolve_checkpoint
 from intr.models.checkpoint import read_checkpoint
-from intr.models.protocol import BlurContext
+from intr.models.protocol import BlurContext, Trunk
 from intr.precision import float32_last_block
 
 
@@ -270,17 +270,29 @@ class INTR(nn.Module):
     def probe_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.probe_features(images)
 
-    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The backbone's feature map as (B, h * w, C): what each cell of a map looks at."""
-        return self.backbone(images).flatten(2).transpose(1, 2)
+    def patch_features(self, images: torch.Tensor | None, trunk: Trunk | None = None) -> torch.Tensor:
+        """The backbone's feature map as (B, h * w, C): what each cell of a map looks at (``trunk``: the
+        images' ``trunk_of``, which holds them, in place of running the backbone)."""
+        feature_map = self.backbone(images) if trunk is None else trunk.features
+        return feature_map.flatten(2).transpose(1, 2)
 
     def memory(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder output and positional encoding, (B, h*w, d) each."""
-        features = self.input_proj(self.backbone(images))
-        b, d, h, w = features.shape
+        return self._memory(self._feature_map(images))
+
+    def _feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature map (B, C, h, w), refused when it is not the grid this INTR was built for."""
+        feature_map = self.backbone(images)
+        h, w = feature_map.shape[-2:]
         if (h, w) != self._grid:
             raise ValueError(f"images of {tuple(images.shape[-2:])} px give a {h}x{w} feature map; this INTR "
                              f"was built for {self.image_size} px images ({self._grid[0]}x{self._grid[1]})")
+        return feature_map
+
+    def _memory(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``memory`` from the backbone's feature map (B, C, h, w)."""
+        features = self.input_proj(feature_map)
+        b, d, h, w = features.shape
         src = features.flatten(2).transpose(1, 2)
         pos = sine_position(b, h, w, d, src.device, src.dtype)
         for layer in self.transformer.encoder.layers:
@@ -291,17 +303,23 @@ class INTR(nn.Module):
         query_pos = self.query_embed.weight.to(dtype).unsqueeze(0).expand(b, -1, -1)
         return torch.zeros_like(query_pos), query_pos
 
-    def _last_layer_input(self, images: torch.Tensor):
-        """Everything before the last decoder layer's cross-attention, computed once."""
-        return self._last_layer_start(*self._decoder_trunk(images))
+    def trunk_of(self, images: torch.Tensor) -> Trunk:
+        """Encoder memory, the input of the last decoder layer and the query positions ((B, *, d) each),
+        with the backbone's feature map: shared by the methods that take ``trunk=``."""
+        feature_map = self._feature_map(images)
+        return Trunk(self._decoder_trunk(feature_map), feature_map)
 
-    def _decoder_trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _decoder_trunk(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encoder memory, the input of the last decoder layer and the query positions, (B, *, d) each."""
-        memory, pos = self.memory(images)
+        memory, pos = self._memory(feature_map)
         tgt, query_pos = self._queries(memory.shape[0], memory.dtype)
         for layer in self.transformer.decoder.layers[:-1]:
             tgt = layer(tgt, memory, query_pos)
         return memory, tgt, query_pos
+
+    def _last_layer_input(self, images: torch.Tensor | None, trunk: Trunk | None = None):
+        """Everything before the last decoder layer's cross-attention, computed once (from ``trunk`` if given)."""
+        return self._last_layer_start(*(self.trunk_of(images) if trunk is None else trunk).tensors)
 
     def _last_layer_start(self, memory: torch.Tensor, tgt: torch.Tensor, query_pos: torch.Tensor):
         """The last decoder layer up to its cross-attention: the layer, its queries' input and q, k, v."""
@@ -319,18 +337,24 @@ class INTR(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits (B, C); fused attention everywhere."""
-        last, tgt, q, k, v = self._last_layer_input(images)
+        return self.logits_of(self.trunk_of(images))
+
+    def logits_of(self, trunk: Trunk) -> torch.Tensor:
+        """Class logits from a ``trunk_of`` (attention dropout while training, as ``forward``)."""
+        last, tgt, q, k, v = self._last_layer_input(None, trunk)
         attn = last.multihead_attn
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if self.training else 0.0)
         return self._finish(last, tgt, out.transpose(1, 2))
 
-    def forward_with_maps(self, images: torch.Tensor, classes: torch.Tensor,
-                          blur: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_maps(self, images: torch.Tensor | None, classes: torch.Tensor,
+                          blur: torch.Tensor | None = None,
+                          trunk: Trunk | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and last-layer cross-attention maps (B, R, heads, h, w) of some class queries.
 
-        ``blur`` (B, R, heads) zeroes those heads' pre-softmax logits for that row.
+        ``blur`` (B, R, heads) zeroes those heads' pre-softmax logits for that row. ``trunk``: the
+        images' ``trunk_of``, in place of running it (``images`` is then not read).
         """
-        last, tgt, q, k, v = self._last_layer_input(images)
+        last, tgt, q, k, v = self._last_layer_input(images, trunk)
         attn = last.multihead_attn
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, C, heads, hd)
         qs = torch.gather(q, 2, classes[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
@@ -340,7 +364,8 @@ class INTR(nn.Module):
         maps = weights.transpose(1, 2).unflatten(-1, self.grid_size)
         return self._finish(last, tgt, out), maps
 
-    def blur_context(self, images: torch.Tensor, target: torch.Tensor) -> BlurContext:
+    def blur_context(self, images: torch.Tensor | None, target: torch.Tensor,
+                     trunk: Trunk | None = None) -> BlurContext:
         """Everything head ranking needs for the ``target`` class queries, computed once.
 
         Args:
@@ -348,11 +373,12 @@ class INTR(nn.Module):
             target: (B,) class ids, or (B, R) for R query rows per image that share one
                 pass up to the last layer; the context's rows are then the B * R (image, row)
                 pairs, image-major.
+            trunk: the images' ``trunk_of``, in place of running it (``images`` is then not read).
         """
-        trunk = self._decoder_trunk(images)  # in the caller's precision (bf16 under autocast)
-        with float32_last_block(images.device):
+        trunk = self.trunk_of(images) if trunk is None else trunk  # in the caller's precision
+        with float32_last_block(target.device):
             dtype = self.presence_head.weight.dtype
-            return self._blur_context_from_trunk(*(t.to(dtype) for t in trunk), target)
+            return self._blur_context_from_trunk(*(t.to(dtype) for t in trunk.tensors), target)
 
     def _blur_context_from_trunk(self, memory: torch.Tensor, tgt: torch.Tensor, query_pos: torch.Tensor,
                                  target: torch.Tensor) -> BlurContext:

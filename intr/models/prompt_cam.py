@@ -31,7 +31,7 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from intr.models.backbones import BackboneSpec, create_backbone
-from intr.models.protocol import BlurContext
+from intr.models.protocol import BlurContext, Trunk
 from intr.precision import float32_last_block
 
 
@@ -132,14 +132,23 @@ class PromptCAM(nn.Module):
         """Class logits (B, C); fused attention everywhere."""
         return self.forward_from_trunk(self.trunk(images))
 
+    def trunk_of(self, images: torch.Tensor) -> Trunk:
+        """The tokens entering the last block (``trunk``), shared by the methods that take ``trunk=``."""
+        return Trunk((self.trunk(images),))
+
+    def logits_of(self, trunk: Trunk) -> torch.Tensor:
+        """Class logits from a ``trunk_of``."""
+        return self.forward_from_trunk(trunk.tensors[0])
+
     def forward_from_trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits from the tokens entering the last block (only the prompt rows are computed)."""
         q, k, v, _ = self._query_key_value(x, self._class_rows())
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, C, hd)
         return self._finish_rows(x[:, self._class_rows()], out.transpose(1, 2))
 
-    def forward_with_maps(self, images: torch.Tensor, classes: torch.Tensor,
-                          blur: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_maps(self, images: torch.Tensor | None, classes: torch.Tensor,
+                          blur: torch.Tensor | None = None,
+                          trunk: Trunk | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the last block's attention maps of some class prompts.
 
         Args:
@@ -147,12 +156,13 @@ class PromptCAM(nn.Module):
             classes: (B, R) class ids whose prompt rows' maps are wanted.
             blur: optional (B, R, heads) bool: heads whose pre-softmax logits
                 are set to zero for that row (head-ranking's "blurring").
+            trunk: the images' ``trunk_of``, in place of running it (``images`` is then not read).
 
         Returns:
             logits (B, C) (blurred rows change their own class's logit) and
             maps (B, R, heads, grid_h, grid_w) over the patches.
         """
-        x = self.trunk(images)
+        x = self.trunk(images) if trunk is None else trunk.tensors[0]
         rows = self._class_rows()
         q, k, v, _ = self._query_key_value(x, rows)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, C, H, hd)
@@ -167,15 +177,17 @@ class PromptCAM(nn.Module):
         patches = weights[..., self.num_prefix + self.num_classes:].transpose(1, 2)
         return logits_all, patches.reshape(*patches.shape[:3], *self.grid_size)
 
-    def blur_context(self, images: torch.Tensor, target: torch.Tensor) -> BlurContext:
+    def blur_context(self, images: torch.Tensor | None, target: torch.Tensor,
+                     trunk: Trunk | None = None) -> BlurContext:
         """Everything head ranking needs for the ``target`` class prompts, computed once.
 
         Args:
             images: (B, 3, H, W).
             target: (B,) class ids, or (B, R) for R prompt rows per image that share one
                 trunk pass; the context's rows are then the B * R (image, row) pairs, image-major.
+            trunk: the images' ``trunk_of``, in place of running it (``images`` is then not read).
         """
-        x = self.trunk(images)  # in the caller's precision (bf16 under autocast)
+        x = self.trunk(images) if trunk is None else trunk.tensors[0]  # in the caller's precision
         with float32_last_block(x.device):
             return self._blur_context_from_trunk(x.to(self.presence_head.weight.dtype), target)
 
@@ -203,8 +215,9 @@ class PromptCAM(nn.Module):
         tokens = self.backbone.forward_features(images)
         return torch.cat([tokens[:, 0], tokens[:, self.num_prefix:].mean(1)], dim=1)
 
-    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen backbone's final patch tokens (B, grid_h * grid_w, D), without prompts."""
+    def patch_features(self, images: torch.Tensor, trunk: Trunk | None = None) -> torch.Tensor:
+        """The frozen backbone's final patch tokens (B, grid_h * grid_w, D), without prompts (a pass of
+        its own: the trunk's tokens carry the prompts' effect, so ``trunk`` is not read)."""
         feats = self.backbone.forward_features(images)
         return feats[:, self.num_prefix:]
 

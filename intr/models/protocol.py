@@ -41,6 +41,30 @@ class BlurContext:
     target: torch.Tensor
 
 
+@dataclass
+class Trunk:
+    """A batch's pass up to its model's last attention layer (``model.trunk_of(images)``), computed once.
+
+    ``logits_of``, ``forward_with_maps``, ``blur_context`` and ``patch_features`` take it as ``trunk=``
+    in place of the images, so extraction's logits, maps, head rankings and trait features of a
+    batch share one pass instead of running the network once each (every ranked row used to run
+    its own). The model computes it in the caller's precision (bf16 under autocast), as each of
+    those does from the images.
+
+    Attributes:
+        tensors: the model's state before its last layer, the images on the first axis of each.
+        features: the backbone's patch features (``patch_features``) where the pass computes them
+            (INTR); None where it does not (Prompt-CAM's prompts change the backbone's tokens).
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    features: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> "Trunk":
+        """The trunk of the images ``index`` (repeats allowed): that of ``images[index]``."""
+        return Trunk(tuple(t[index] for t in self.tensors), None if self.features is None else self.features[index])
+
+
 @runtime_checkable
 class InterpretableModel(Protocol):
     """A classifier whose last attention layer has one query row per class.
@@ -70,22 +94,35 @@ class InterpretableModel(Protocol):
         """Class logits (B, C) of images (B, 3, H, W)."""
         ...
 
-    def forward_with_maps(self, images: torch.Tensor, classes: torch.Tensor,
-                          blur: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def trunk_of(self, images: torch.Tensor) -> Trunk:
+        """The images' pass up to the last attention layer, for the ``trunk=`` of the methods below."""
+        ...
+
+    def logits_of(self, trunk: Trunk) -> torch.Tensor:
+        """Class logits (B, C) from a ``trunk_of``: those of ``__call__`` in eval mode."""
+        ...
+
+    def forward_with_maps(self, images: torch.Tensor | None, classes: torch.Tensor,
+                          blur: torch.Tensor | None = None,
+                          trunk: Trunk | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, C) and maps (B, R, heads, grid_h, grid_w) of the query rows ``classes`` (B, R).
 
-        ``blur`` (B, R, heads) bool zeroes those heads' pre-softmax logits for that row.
+        ``blur`` (B, R, heads) bool zeroes those heads' pre-softmax logits for that row. ``trunk``:
+        the images' ``trunk_of``, in place of running it (``images`` is then not read).
         """
         ...
 
-    def blur_context(self, images: torch.Tensor, target: torch.Tensor) -> BlurContext:
-        """What greedy head ranking (``intr.ranking``) needs for the ``target`` (B,) or (B, R) query rows."""
+    def blur_context(self, images: torch.Tensor | None, target: torch.Tensor,
+                     trunk: Trunk | None = None) -> BlurContext:
+        """What greedy head ranking (``intr.ranking``) needs for the ``target`` (B,) or (B, R) query rows
+        (``trunk`` as for ``forward_with_maps``)."""
         ...
 
     def probe_features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen backbone features (B, F) for a linear probe."""
         ...
 
-    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features (B, grid_h * grid_w, patch_feature_dim): what each map cell looks at."""
+    def patch_features(self, images: torch.Tensor, trunk: Trunk | None = None) -> torch.Tensor:
+        """Backbone features (B, grid_h * grid_w, patch_feature_dim): what each map cell looks at
+        (read from ``trunk`` where its pass computed them)."""
         ...
