@@ -32,6 +32,11 @@ class with most (summed softmax mass both ways on the split, a first pass).
 A genus with more than ``siblings_k`` other species keeps the ``siblings_k``
 of them the model confuses the class with most (source ``genus+confusion``).
 
+One pass per batch: the network runs each batch once up to its last
+attention layer (``model.trunk_of``, ``intr.models.Trunk``); the logits, the
+maps, both head rankings (every ranked row of every image) and INTR's trait
+features are computed from that pass, bit for bit what each gives alone.
+
 Streaming: images are decoded per batch (nothing is preloaded) and every
 batch's rows go straight to the Parquet writers, so memory does not grow with
 the data set.  The files appear only when the whole split is done (written to

@@ -7,7 +7,8 @@ blurring lowers the target-class probability least; the order of removal
 gives the rank, and the heads removed last (rank 1) are the traits.
 
 Exact and fast: everything before the last layer does not depend on the
-blurring, so a model's ``blur_context`` computes it once, together with each
+blurring, so a model's ``blur_context`` computes it once (or reads it from
+the caller's ``trunk_of``, which extraction shares across tables), together with each
 head's normal and blurred outputs for the target row.  A candidate blur set
 then only selects per head between the two, and every candidate of a round,
 for every image, goes through the rest of the last layer in one batch.
