@@ -79,8 +79,8 @@ def test_one_trunk_pass_gives_what_each_method_computes_from_the_images(method: 
     with torch.no_grad():
         trunk = model.trunk_of(images)
         assert torch.equal(model.logits_of(trunk), model(images))
-        shared_maps, own_maps = model.forward_with_maps(None, classes, trunk=trunk), model.forward_with_maps(images, classes)
-        for got, want in zip(shared_maps, own_maps):
+        shared_maps = model.forward_with_maps(None, classes, trunk=trunk)
+        for got, want in zip(shared_maps, model.forward_with_maps(images, classes)):
             assert torch.equal(got, want)
         shared = model.blur_context(None, classes[pick, 0], trunk=trunk.select(pick))
         alone = model.blur_context(images[pick], classes[pick, 0])
