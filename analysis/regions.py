@@ -274,9 +274,10 @@ def patch_weights(labels: np.ndarray, grid: tuple[int, int], n_regions: int) -> 
     if h % gh or w % gw:
         raise ValueError(f"label map {labels.shape} is not a multiple of the grid {grid}")
     sh, sw = h // gh, w // gw
-    onehot = np.zeros((n_regions, h, w), dtype=np.float32)
-    np.put_along_axis(onehot, labels[None].astype(np.int64), 1.0, axis=0)
-    return onehot.reshape(n_regions, gh, sh, gw, sw).mean(axis=(2, 4)).reshape(n_regions, gh * gw)
+    cell = (np.arange(h)[:, None] // sh) * gw + np.arange(w)[None, :] // sw  # each pixel's patch cell
+    counts = np.bincount((labels.astype(np.int64) * (gh * gw) + cell).ravel(), minlength=n_regions * gh * gw)
+    # count / pixels per cell in float32: the same bits as the mean of a float32 one-hot map
+    return (counts.astype(np.float32) / np.float32(sh * sw)).reshape(n_regions, gh * gw)
 
 
 def cells_on_regions(weights: np.ndarray, chosen: np.ndarray) -> np.ndarray:

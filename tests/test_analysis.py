@@ -302,6 +302,21 @@ def test_cell_overlap_is_at_least_one_mask_pixel_by_the_regions_rule():
     assert both.shape == (2, 64) and np.flatnonzero(both[1]).tolist() == [7 * 8 + 7]
 
 
+@pytest.mark.parametrize("grid, size, n_regions", [((8, 8), (64, 64), 14), ((4, 6), (12, 30), 5)])
+def test_patch_weights_are_the_cell_means_of_a_one_hot_map_bit_for_bit(grid, size, n_regions):
+    rng = np.random.default_rng(0)
+    gh, gw = grid
+    for labels in (rng.integers(0, n_regions, size=size), np.full(size, n_regions - 1)):
+        onehot = (labels[None] == np.arange(n_regions)[:, None, None]).astype(np.float32)
+        sh, sw = size[0] // gh, size[1] // gw
+        expected = onehot.reshape(n_regions, gh, sh, gw, sw).mean(axis=(2, 4)).reshape(n_regions, gh * gw)
+        got = regions.patch_weights(labels.astype(np.int16), grid, n_regions)
+        assert got.dtype == np.float32 and np.array_equal(got, expected)
+        assert np.allclose(got.sum(0), 1.0)
+    with pytest.raises(ValueError, match="multiple of the grid"):
+        regions.patch_weights(np.zeros((10, 10), dtype=np.int16), (3, 3), 2)
+
+
 def test_planted_parts_are_the_union_over_siblings():
     pairs = pd.DataFrame({"class_a": [0, 0, 1], "class_b": [1, 2, 2],
                           "differing_parts": [["crown"], np.array(["wing"]), ["crown", "wing"]]})
