@@ -158,7 +158,6 @@ def assign_parts(vocabulary: PartVocabulary, features: np.ndarray, saliency: np.
 
 K_RANGE = (6, 24)  # [min, max] k tried by ``k: auto`` (the schema's discovery.k_range; see choose_part_count)
 K_SWEEP_PATCHES = 10_000  # foreground patches the k sweep clusters (a seeded subsample; keeps it cheap at CUB scale)
-SILHOUETTE_PATCHES = 3_000  # of those, the ones the silhouette is computed on (recorded, not used to choose)
 
 
 @dataclass
@@ -169,21 +168,18 @@ class PartCountChoice:
         k: the chosen number of parts.
         candidates: every k tried.
         inertia: k-means inertia (within-cluster sum of squares) at each candidate.
-        silhouette: silhouette on a subsample at each candidate (recorded for the reader).
         criterion: how k was read from the curve.
     """
 
     k: int
     candidates: list[int]
     inertia: list[float]
-    silhouette: list[float]
     criterion: str = "inertia_elbow"
 
     def metadata(self) -> dict:
         """Key-value metadata for ``discovered_parts.parquet``."""
         return {"k_criterion": self.criterion, "k_candidates": self.candidates,
-                "k_inertia": [round(v, 4) for v in self.inertia],
-                "k_silhouette": [round(v, 4) for v in self.silhouette]}
+                "k_inertia": [round(v, 4) for v in self.inertia]}
 
 
 def elbow(candidates: list[int], inertia: list[float]) -> int:
@@ -222,8 +218,9 @@ def choose_part_count(features: np.ndarray, saliency: np.ndarray, grid: tuple[in
     The foreground stage runs once; the parts stage is clustered for every k
     on a seeded subsample of ``K_SWEEP_PATCHES`` foreground patches.
     Measured on the embedded default's trained models (k 6-16), the
-    silhouette was flat (0.06-0.13) and would pick the range's ends, so it
-    is only recorded; the elbow picked 11 (Prompt-CAM: part NMI 0.346, ARI
+    silhouette was flat (0.06-0.13) and would pick the range's ends (it was
+    recorded beside the inertia until it proved to cost 2-3 s of every
+    discover job and was dropped); the elbow picked 11 (Prompt-CAM: part NMI 0.346, ARI
     0.270 against 0.349, 0.285 at k = 10) and 10 (INTR, the same as k = 10).
     The elbow of a smooth curve sits inside the range, so ``k_range`` bounds
     the answer: widen it for data with many more parts. (These picks were
@@ -255,10 +252,8 @@ def sweep_part_count(points: np.ndarray, k_range: tuple[int, int], seed: int, un
         k_range: [smallest, largest] k tried (checked by the caller).
         seed: seed of the subsample and of k-means.
         unit: what the points are, for the error message.
-        weights: (M,) k-means sample weights (the silhouette, only recorded, ignores them), or None.
+        weights: (M,) k-means sample weights, or None.
     """
-    from sklearn.metrics import silhouette_score
-
     lo, hi = int(k_range[0]), int(k_range[1])
     rng = np.random.default_rng(seed)
     if weights is None and len(points) > K_SWEEP_PATCHES:
@@ -266,13 +261,9 @@ def sweep_part_count(points: np.ndarray, k_range: tuple[int, int], seed: int, un
     candidates = [k for k in range(lo, hi + 1) if k < len(points)]
     if not candidates:
         raise ValueError(f"only {len(points)} foreground {unit} in the sample for k >= {lo}; sample more images")
-    inertia, silhouette = [], []
-    for k in candidates:
-        fit = KMeans(k, n_init=2, random_state=seed).fit(points, sample_weight=weights)
-        inertia.append(float(fit.inertia_))
-        silhouette.append(float(silhouette_score(points, fit.labels_, sample_size=min(SILHOUETTE_PATCHES, len(points)),
-                                                 random_state=seed)))
-    return PartCountChoice(elbow(candidates, inertia), candidates, inertia, silhouette)
+    inertia = [float(KMeans(k, n_init=2, random_state=seed).fit(points, sample_weight=weights).inertia_)
+               for k in candidates]
+    return PartCountChoice(elbow(candidates, inertia), candidates, inertia)
 
 
 # ----------------------------------------------------------------------------- scoring (evaluation only)

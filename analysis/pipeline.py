@@ -360,27 +360,37 @@ def ground_truth_regions(images: ImageTable, data: DataTables, grid: tuple[int, 
                           box_cells(width, height, bbox, grid), layout, tuple(grid))
 
 
-def majority_parts(regions: RegionGeometry, truth: RegionGeometry, images: ImageTable, use: np.ndarray,
-                   root: Path | None, background: bool = False) -> dict[int, list[str]]:
-    """Per class: the ground-truth part that holds most of each region over the class's images.
+def class_overlaps(regions: RegionGeometry, truth: RegionGeometry, images: ImageTable, use: np.ndarray,
+                   root: Path | None) -> dict[int, np.ndarray]:
+    """Per class: (R, P) the label-map samples of region r on true part p, summed over the class's images.
 
-    Evaluation and display only ("part 3 ~ beak"). Both label maps are sampled
-    ``SAMPLES_PER_CELL`` times per patch side and every sample counts where it
-    lies in both (``analysis.regions.label_overlap``), so a region smaller than
-    a patch is named by the part under it. ``background``: the true background
-    may win (the strict rule); else the region is named by the bird part that
-    holds most of it (a region that touches no part at all is "background").
-    Both geometries need their ``layout`` and ``grid`` (``image_regions`` and
-    ``ground_truth_regions`` set them).
+    Evaluation and display only. Both label maps are sampled ``SAMPLES_PER_CELL`` times per patch side and
+    every sample counts where it lies in both (``analysis.regions.label_overlap``), so a region smaller than
+    a patch meets the part under it. Both geometries need their ``layout`` and ``grid`` (``image_regions``
+    and ``ground_truth_regions`` set them).
     """
     groups = images_by_class(images, use)
     rows = np.concatenate(list(groups.values())) if groups else np.zeros(0, np.int64)
     joint = label_overlap(regions.layout, truth.layout, images.rows.iloc[rows], regions.grid, root)
     position = {int(r): i for i, r in enumerate(rows)}
+    return {c: joint[[position[int(i)] for i in imgs]].sum(0) for c, imgs in groups.items()}
+
+
+def majority_parts(regions: RegionGeometry, truth: RegionGeometry, images: ImageTable, use: np.ndarray,
+                   root: Path | None, background: bool = False,
+                   overlaps: dict[int, np.ndarray] | None = None) -> dict[int, list[str]]:
+    """Per class: the ground-truth part that holds most of each region over the class's images.
+
+    Evaluation and display only ("part 3 ~ beak"), from ``class_overlaps`` (pass ``overlaps`` to reuse
+    them), so a region smaller than a patch is named by the part under it. ``background``: the true
+    background may win (the strict rule); else the region is named by the bird part that holds most
+    of it (a region that touches no part at all is "background").
+    """
+    if overlaps is None:
+        overlaps = class_overlaps(regions, truth, images, use, root)
     parts = np.array([name != BACKGROUND for name in truth.vocab])
     out: dict[int, list[str]] = {}
-    for c, imgs in groups.items():
-        overlap = joint[[position[int(i)] for i in imgs]].sum(0)
+    for c, overlap in overlaps.items():
         if not background:
             overlap = np.where(parts[None, :] | (overlap[:, parts].sum(1, keepdims=True) == 0), overlap, -1.0)
         out[c] = [truth.vocab[p] for p in overlap.argmax(1)]
@@ -742,7 +752,8 @@ def ground_truth_scores(method: str, split: str, maps: MapTable, images: ImageTa
     use = used_images(images, tops)
     rows: list[dict] = []
     discovered = truth is not None and truth is not geometry
-    names = majority_parts(geometry, truth, images, use, data.root) if discovered else None
+    overlaps = class_overlaps(geometry, truth, images, use, data.root) if discovered else None
+    names = majority_parts(geometry, truth, images, use, data.root, overlaps=overlaps) if discovered else None
     if truth is not None:
         own = (maps.head_rank <= int(opts["top_heads"])) & (maps.query_class == images.label[maps.image])
         model_maps = group_mean(maps.image[own], maps.maps[own], len(images))  # the true class's top map
@@ -754,8 +765,8 @@ def ground_truth_scores(method: str, split: str, maps: MapTable, images: ImageTa
         contrasts = with_planted_flags(contrasts, data.pairs, names, geometry.vocab)
     rows += recovery_rows(contrasts, method, split, seed)
     if discovered and data.pairs is not None:  # the strict rule: a region mostly background names no part
-        strict = with_planted_flags(contrasts, data.pairs, majority_parts(geometry, truth, images, use, data.root,
-                                                                          background=True), geometry.vocab)
+        strict = with_planted_flags(contrasts, data.pairs, majority_parts(
+            geometry, truth, images, use, data.root, background=True, overlaps=overlaps), geometry.vocab)
         rows += [{**r, "metric": f"{r['metric']}_strict"} for r in recovery_rows(strict, method, split, seed)
                  if r["metric"] in ("trait_recovery_top1", "trait_recovery_recall3")]
     if counterfactuals is not None and truth is not None and len(contrasts):  # which ranking follows the model

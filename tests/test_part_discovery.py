@@ -413,7 +413,7 @@ def test_auto_k_picks_the_planted_part_count_and_records_the_curve():
     assert choice.k == 4 and choice.candidates == list(range(2, 9))
     assert all(a >= b for a, b in zip(choice.inertia, choice.inertia[1:]))   # more parts never fit worse
     meta = choice.metadata()
-    assert meta["k_criterion"] == "inertia_elbow" and len(meta["k_inertia"]) == len(meta["k_silhouette"]) == 7
+    assert meta["k_criterion"] == "inertia_elbow" and len(meta["k_inertia"]) == len(meta["k_candidates"]) == 7
 
 
 def test_discover_works_on_an_intr_with_a_resnet_backbone(tiny_dataset, tmp_path):
