@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.cluster import KMeans
 
 POSITION_SCALE = 1.0  # frame position in [-0.5, 0.5] next to unit-norm features
 RELATIVE_SCALE = 1.0 / 3  # bird-relative position in spreads: 3 spreads either side of the centre map to [-1, 1]
@@ -107,6 +106,14 @@ class PartVocabulary:
         return len(self.part_centres)
 
 
+def _kmeans(k: int, n_init: int, seed: int):
+    """scikit-learn's KMeans, imported here: the region effects read body frames from this module without
+    paying scikit-learn's import (about 2 s a job)."""
+    from sklearn.cluster import KMeans
+
+    return KMeans(k, n_init=n_init, random_state=seed)
+
+
 def _nearest(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
     d2 = (x * x).sum(1)[:, None] - 2 * x @ centres.T + (centres * centres).sum(1)[None, :]
     return d2.argmin(1)
@@ -125,7 +132,7 @@ def fit_part_vocabulary(features: np.ndarray, saliency: np.ndarray, grid: tuple[
         seed: k-means seed.
     """
     fg_desc = foreground_descriptors(features, grid).reshape(-1, features.shape[-1] + 2)
-    stage1 = KMeans(foreground_clusters, n_init=2, random_state=seed).fit(fg_desc)
+    stage1 = _kmeans(foreground_clusters, 2, seed).fit(fg_desc)
     sal = saliency.reshape(-1)
     vote = np.array([sal[stage1.labels_ == c].mean() if (stage1.labels_ == c).any() else 0.0
                      for c in range(foreground_clusters)])
@@ -134,7 +141,7 @@ def fit_part_vocabulary(features: np.ndarray, saliency: np.ndarray, grid: tuple[
     parts = part_descriptors(features, saliency, grid).reshape(-1, features.shape[-1] + 4)[on]
     if len(parts) < k:
         raise ValueError(f"only {len(parts)} foreground patches in the sample for k = {k} parts; sample more images")
-    stage2 = KMeans(k, n_init=3, random_state=seed).fit(parts)
+    stage2 = _kmeans(k, 3, seed).fit(parts)
     return PartVocabulary(stage1.cluster_centers_, foreground, stage2.cluster_centers_, tuple(grid))
 
 
@@ -261,7 +268,7 @@ def sweep_part_count(points: np.ndarray, k_range: tuple[int, int], seed: int, un
     candidates = [k for k in range(lo, hi + 1) if k < len(points)]
     if not candidates:
         raise ValueError(f"only {len(points)} foreground {unit} in the sample for k >= {lo}; sample more images")
-    inertia = [float(KMeans(k, n_init=2, random_state=seed).fit(points, sample_weight=weights).inertia_)
+    inertia = [float(_kmeans(k, 2, seed).fit(points, sample_weight=weights).inertia_)
                for k in candidates]
     return PartCountChoice(elbow(candidates, inertia), candidates, inertia)
 
@@ -557,14 +564,18 @@ def salient_foreground(rgb: np.ndarray, gradient: np.ndarray, tolerance: float,
     size = np.bincount(segments.ravel())[segments]
     saliency = segment_mean(gradient_saliency(gradient), segments) * (size <= SEGMENT_MAX_SHARE * h * w)
     saliency = saliency / np.maximum(saliency.reshape(n, -1).max(1), 1e-12)[:, None, None]
-    foreground = np.zeros((n, h, w), dtype=bool)
-    for i in range(n):
-        top = saliency[i] >= np.quantile(saliency[i], 1 - share)
-        top &= saliency[i] > 0
-        pieces, count = ndimage.label(top)
-        if count:
-            mass = ndimage.sum(saliency[i], pieces, index=np.arange(1, count + 1))
-            foreground[i] = pieces == 1 + int(np.argmax(mass))
+    flat = saliency.reshape(n, -1)
+    top = (saliency >= np.quantile(flat, 1 - share, axis=1)[:, None, None]) & (saliency > 0)
+    # 4-connected pieces within each image (none across images), numbered image by image in scan order
+    pieces, _ = ndimage.label(top, structure=np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
+                                                       np.zeros((3, 3))], dtype=bool))
+    mass = np.bincount(pieces.ravel(), weights=saliency.ravel())
+    last = np.maximum.accumulate(pieces.reshape(n, -1).max(1))  # each image's pieces are (last[i - 1], last[i]]
+    best = np.zeros(n, dtype=np.int64)  # 0: no piece (the background label)
+    for i, (lo, hi) in enumerate(zip(np.r_[0, last[:-1]], last)):
+        if hi > lo:
+            best[i] = lo + 1 + int(np.argmax(mass[lo + 1:hi + 1]))  # the piece holding the most saliency
+    foreground = (pieces == best[:, None, None]) & (best > 0)[:, None, None]
     return saliency, foreground, segments
 
 
@@ -698,8 +709,7 @@ def segment_places(segments: np.ndarray, foreground: np.ndarray, coords: np.ndar
         spread: (N,) each image's spread in units of the longer side.
     """
     n, h, w = foreground.shape
-    ids, inverse = np.unique(segments.ravel(), return_inverse=True)
-    m = len(ids)
+    inverse, m = compact_ids(segments.ravel())
     fg = foreground.ravel().astype(np.float64)
     count = np.maximum(np.bincount(inverse, weights=fg, minlength=m), 1.0)
     flat = coords.reshape(-1, 2)
@@ -800,7 +810,7 @@ def fit_aligned_vocabulary(rgb: np.ndarray, gradient: np.ndarray, k: int | str, 
     k = choice.k if choice is not None else int(k)
     if len(points) < k:
         raise ValueError(f"only {len(points)} foreground segments in the sample for k = {k} parts; sample more images")
-    centres = KMeans(k, n_init=3, random_state=seed).fit(points, sample_weight=weights).cluster_centers_
+    centres = _kmeans(k, 3, seed).fit(points, sample_weight=weights).cluster_centers_
     return AlignedVocabulary(template, centres, tolerance, share), choice
 
 
@@ -826,15 +836,20 @@ def assign_aligned_parts_and_frames(vocabulary: AlignedVocabulary, rgb: np.ndarr
     return segment_majority(segments, labels.reshape(foreground.shape), vocabulary.k + 1), frames
 
 
+def compact_ids(ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """(rank, m): each of the non-negative ``ids``' rank among the m distinct ones (``np.unique``'s inverse,
+    by one pass over a table as long as the largest id instead of a sort)."""
+    present = np.zeros(int(ids.max()) + 1 if ids.size else 0, dtype=bool)
+    present[ids] = True
+    rank = np.cumsum(present) - 1
+    return rank[ids], int(rank[-1]) + 1 if ids.size else 0
+
+
 def segment_majority(segments: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
     """(N, H, W) int8: every pixel takes the label most pixels of its segment have (ties: the smaller label)."""
-    keys, counts = np.unique(segments.ravel() * n_labels + labels.ravel(), return_counts=True)
-    segment, label = np.divmod(keys, n_labels)
-    order = np.lexsort((label, -counts, segment))  # per segment: most pixels first
-    first = order[np.r_[True, segment[order][1:] != segment[order][:-1]]]
-    best = np.zeros(int(segments.max()) + 1, dtype=np.int8)
-    best[segment[first]] = label[first]
-    return best[segments]
+    segment, m = compact_ids(segments.ravel())
+    counts = np.bincount(segment * n_labels + labels.ravel(), minlength=m * n_labels).reshape(m, n_labels)
+    return counts.argmax(1).astype(np.int8)[segment].reshape(segments.shape)  # argmax: the first of a tie
 
 
 def write_discovered_parts(out: str | Path, image_ids: np.ndarray, labels: np.ndarray, frames: BodyFrames | None,
