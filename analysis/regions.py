@@ -37,6 +37,7 @@ No torch here (``analysis`` reads tables).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -233,12 +234,13 @@ def label_map(vocab: Sequence[str], width: float, height: float, out_hw: tuple[i
         mh, mw = mask.shape[:2]
         rows = np.minimum((ys * mh / height).astype(np.int64), mh - 1)
         cols = np.minimum((xs * mw / width).astype(np.int64), mw - 1)
-        sampled = mask[rows[:, None], cols[None, :]]
-        lookup = np.full(int(sampled.max(initial=0)) + 1, index[BACKGROUND], dtype=np.int16)
+        lookup = np.full(int(mask.max(initial=0)) + 1, index[BACKGROUND], dtype=np.int16)
         for pid, name in (mask_names or {}).items():
             if 0 < pid < lookup.size and name in index:
                 lookup[pid] = index[name]
-        return lookup[sampled]
+        if mask.size < h * w:  # the same labels either way: look up on the smaller of the mask and the samples
+            return lookup[mask][rows[:, None], cols[None, :]]
+        return lookup[mask[rows[:, None], cols[None, :]]]
     if BACKGROUND in index:
         out = np.full((h, w), index[BACKGROUND], dtype=np.int16)
         if parts is None or not len(parts):
@@ -263,6 +265,14 @@ def label_map(vocab: Sequence[str], width: float, height: float, out_hw: tuple[i
     return (gr[:, None] * cells + gc[None, :]).astype(np.int16)
 
 
+@lru_cache(maxsize=8)
+def _pixel_cells(h: int, w: int, gh: int, gw: int) -> np.ndarray:
+    """(h, w) int64 each pixel's patch cell of a ``gh`` x ``gw`` grid (read-only: shared between calls)."""
+    cell = (np.arange(h)[:, None] // (h // gh)) * gw + np.arange(w)[None, :] // (w // gw)
+    cell.flags.writeable = False
+    return cell
+
+
 def patch_weights(labels: np.ndarray, grid: tuple[int, int], n_regions: int) -> np.ndarray:
     """(n_regions, g_h * g_w) float32: each patch cell's share in each region (columns sum to 1).
 
@@ -274,8 +284,8 @@ def patch_weights(labels: np.ndarray, grid: tuple[int, int], n_regions: int) -> 
     if h % gh or w % gw:
         raise ValueError(f"label map {labels.shape} is not a multiple of the grid {grid}")
     sh, sw = h // gh, w // gw
-    cell = (np.arange(h)[:, None] // sh) * gw + np.arange(w)[None, :] // sw  # each pixel's patch cell
-    counts = np.bincount((labels.astype(np.int64) * (gh * gw) + cell).ravel(), minlength=n_regions * gh * gw)
+    counts = np.bincount((labels.astype(np.int64) * (gh * gw) + _pixel_cells(h, w, gh, gw)).ravel(),
+                         minlength=n_regions * gh * gw)
     # count / pixels per cell in float32: the same bits as the mean of a float32 one-hot map
     return (counts.astype(np.float32) / np.float32(sh * sw)).reshape(n_regions, gh * gw)
 
