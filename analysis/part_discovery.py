@@ -556,27 +556,37 @@ def salient_foreground(rgb: np.ndarray, gradient: np.ndarray, tolerance: float,
         tolerance: colour step that ends a segment.
         share: fraction of each image's pixels the foreground is drawn from.
     """
-    from scipy import ndimage
-
     n, _, h, w = rgb.shape
     step = max(1, SEGMENT_CHUNK_PIXELS // (h * w))  # the segment graph of a few million pixels at a time
     segments = np.concatenate([colour_segments(rgb[s:s + step], tolerance) + s * h * w for s in range(0, n, step)])
     size = np.bincount(segments.ravel())[segments]
     saliency = segment_mean(gradient_saliency(gradient), segments) * (size <= SEGMENT_MAX_SHARE * h * w)
     saliency = saliency / np.maximum(saliency.reshape(n, -1).max(1), 1e-12)[:, None, None]
-    flat = saliency.reshape(n, -1)
-    top = (saliency >= np.quantile(flat, 1 - share, axis=1)[:, None, None]) & (saliency > 0)
-    # 4-connected pieces within each image (none across images), numbered image by image in scan order
+    return saliency, heaviest_top_piece(saliency, share), segments
+
+
+def heaviest_top_piece(saliency: np.ndarray, share: float) -> np.ndarray:
+    """(N, H, W) bool: per image, the 4-connected piece of its top ``share`` of (positive) saliency that holds
+    the most saliency (the first in scan order on a tie); all False where no pixel is positive.
+
+    Args:
+        saliency: (N, H, W) non-negative saliency.
+        share: fraction of each image's pixels the piece is drawn from.
+    """
+    from scipy import ndimage
+
+    n = len(saliency)
+    top = (saliency >= np.quantile(saliency.reshape(n, -1), 1 - share, axis=1)[:, None, None]) & (saliency > 0)
+    # 4-connected within each image, never across: pieces are numbered image by image, in scan order
     pieces, _ = ndimage.label(top, structure=np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
                                                        np.zeros((3, 3))], dtype=bool))
     mass = np.bincount(pieces.ravel(), weights=saliency.ravel())
-    last = np.maximum.accumulate(pieces.reshape(n, -1).max(1))  # each image's pieces are (last[i - 1], last[i]]
-    best = np.zeros(n, dtype=np.int64)  # 0: no piece (the background label)
+    last = np.maximum.accumulate(pieces.reshape(n, -1).max(1))  # image i's pieces are (last[i - 1], last[i]]
+    best = np.zeros(n, dtype=np.int64)  # 0: no piece
     for i, (lo, hi) in enumerate(zip(np.r_[0, last[:-1]], last)):
         if hi > lo:
-            best[i] = lo + 1 + int(np.argmax(mass[lo + 1:hi + 1]))  # the piece holding the most saliency
-    foreground = (pieces == best[:, None, None]) & (best > 0)[:, None, None]
-    return saliency, foreground, segments
+            best[i] = lo + 1 + int(np.argmax(mass[lo + 1:hi + 1]))
+    return (pieces == best[:, None, None]) & (best > 0)[:, None, None]
 
 
 def pixel_positions(h: int, w: int) -> np.ndarray:

@@ -375,6 +375,20 @@ def test_mask_regions_keypoint_discs_and_grid_cells():
     assert regions.region_masks(grid, 4).sum() == 4
 
 
+@pytest.mark.parametrize("out_hw", [(4, 4), (40, 80), (7, 3)])
+def test_a_mask_gives_each_sample_its_pixels_region_whether_sampled_finer_or_coarser(out_hw):
+    vocab = ["crown", "beak", "background"]
+    mask = np.random.default_rng(1).integers(0, 6, size=(20, 40)).astype(np.uint8)  # ids 3-5: unnamed or unused
+    names = {1: "crown", 2: "beak", 4: "tail"}
+    labels = regions.label_map(vocab, 40, 20, out_hw, mask=mask, mask_names=names)
+    h, w = out_hw
+    rows = ((np.arange(h) + 0.5) * 20 / h).astype(int)  # each sample's pixel: the centre rule of the resize
+    cols = ((np.arange(w) + 0.5) * 40 / w).astype(int)
+    expected = np.vectorize(lambda pid: vocab.index(names[pid]) if names.get(pid) in vocab else 2)(
+        mask[rows[:, None], cols[None, :]])
+    assert labels.dtype == np.int16 and labels.tolist() == expected.tolist()
+
+
 @pytest.mark.parametrize("genus, source", [("one", "genus+confusion"), (None, "confusion")])
 def test_large_genera_and_missing_taxonomy_fall_back_to_the_most_confused_classes(
         genus, source, tiny_models, tiny_dataset, tmp_path):

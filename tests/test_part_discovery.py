@@ -125,6 +125,37 @@ def test_segment_majority_gives_each_segment_the_label_most_of_its_pixels_have()
     assert pdisc.segment_majority(segments, labels, 4).tolist() == [[[3, 3, 3, 0], [0, 0, 0, 0]]]
 
 
+def test_segment_majority_breaks_a_tie_towards_the_smaller_label_whatever_the_segment_ids():
+    segments = np.array([[[7, 7, 900, 900], [900, 900, 7, 7]]])  # sparse ids, as batches of segments have
+    labels = np.array([[[2, 1, 3, 3], [1, 1, 2, 1]]])  # segment 7: 1 x2, 2 x2; segment 900: 1 x2, 3 x2
+
+    assert pdisc.segment_majority(segments, labels, 4).tolist() == [[[1, 1, 1, 1], [1, 1, 1, 1]]]
+
+
+def test_compact_ids_gives_each_id_its_rank_among_the_distinct_ones():
+    ids = np.random.default_rng(0).choice([3, 8, 8, 40, 1000, 0], size=500)
+
+    rank, m = pdisc.compact_ids(ids)
+
+    assert m == len(np.unique(ids)) == 5
+    assert np.array_equal(rank, np.unique(ids, return_inverse=True)[1])
+
+
+def test_heaviest_top_piece_keeps_each_images_own_heaviest_piece_and_never_joins_images():
+    saliency = np.zeros((3, 6, 6))
+    saliency[0, 5, 0:3] = 1.0  # image 0: a bottom-row piece (mass 3) ...
+    saliency[0, 0, 4:6] = 0.9  # ... and a lighter one (1.8)
+    saliency[1, 0, 0:2] = 1.0  # image 1: a top-row piece just below image 0's (mass 2) ...
+    saliency[1, 3:5, 3] = 1.5  # ... and a heavier one (3.0)
+    # image 2: nothing salient
+
+    piece = pdisc.heaviest_top_piece(saliency, share=0.2)
+
+    assert np.array_equal(np.argwhere(piece[0]), [[5, 0], [5, 1], [5, 2]])
+    assert np.array_equal(np.argwhere(piece[1]), [[3, 3], [4, 3]])
+    assert not piece[2].any()
+
+
 def _birds(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rgb (n, 3, 32, 32), gradient, head (n, 32, 32) bool): a red 4 x 4 head ahead of a blue 4 x 8 body on a grey
     noisy ground, at random places and facing left or right; the gradient is strong on the head, weak on the
