@@ -576,6 +576,8 @@ def heaviest_top_piece(saliency: np.ndarray, share: float) -> np.ndarray:
     from scipy import ndimage
 
     n = len(saliency)
+    if not n:
+        return np.zeros(saliency.shape, dtype=bool)
     top = (saliency >= np.quantile(saliency.reshape(n, -1), 1 - share, axis=1)[:, None, None]) & (saliency > 0)
     # 4-connected within each image, never across: pieces are numbered image by image, in scan order
     pieces, _ = ndimage.label(top, structure=np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
